@@ -1,0 +1,3 @@
+from deployer.cli import console_main
+
+console_main()

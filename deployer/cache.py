@@ -1,0 +1,123 @@
+"""The local per-device cache (docs/design.md, section 6): layout, atomic writes, a lock, path safety.
+
+Every file is written to a temp name in its own folder, fsynced, then renamed, so a killed run never
+leaves a half file. Every path is resolved and checked to lie inside `<cache>/<device>/` before writing.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from deployer.errors import LocalStateError
+
+CACHE_FILE = "mace_cl_compiled_program.bin"
+MANIFEST_FILE = "manifest.json"
+FINGERPRINT_FILE = "fingerprint.json"
+LOGS = "logs"
+LAST_FAILURE = "last-failure"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
+
+
+def slug(text: str, limit: int = 200) -> str:
+    """A file name for a program key or remote path: unsafe characters become '_'."""
+    cleaned = SLUG_UNSAFE.sub("_", text)[:limit].lstrip(".")
+    return cleaned or "_"
+
+
+def device_dir(cache: Path, device: str) -> Path:
+    if not SAFE_NAME.match(device) or device in (".", ".."):
+        raise LocalStateError(f"device name {device!r} cannot be a cache folder name")
+    return cache / device
+
+
+def inside(root: Path, relative: str) -> Path:
+    """`root/relative`, refused if it would land outside `root` (.., absolute, symlinks)."""
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise LocalStateError(f"refusing to write {relative!r}: outside {root}")
+    return target
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(temp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(temp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise LocalStateError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+
+@contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """Hold `<cache>/.lock` for a run; a second run on the same cache is refused, never interleaved."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        handle = open(cache / ".lock", "a+")
+    except OSError as exc:
+        raise LocalStateError(f"cannot use cache folder {cache}: {exc.strerror or exc}") from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise LocalStateError(f"cannot lock {cache / '.lock'}: {exc.strerror}") from exc
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise LocalStateError(
+                f"cache {cache} is in use by another deploy run ({holder}); wait for it to finish"
+            ) from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def store_device(cache: Path, device: str, cache_bytes: bytes, manifest: Mapping[str, Any],
+                 fingerprint: Mapping[str, Any], logs: Mapping[str, str]) -> Path:
+    """Store a passed push: logs, fingerprint, the cache file, and the manifest last (it names the others)."""
+    root = device_dir(cache, device)
+    for key, text in logs.items():
+        write_atomic(inside(root, f"{LOGS}/{slug(key)}.log"), text.encode())
+    write_json(inside(root, FINGERPRINT_FILE), fingerprint)
+    target = inside(root, CACHE_FILE)
+    write_atomic(target, cache_bytes)
+    write_json(inside(root, MANIFEST_FILE), manifest)
+    return target
+
+
+def store_failure(cache: Path, device: str, error: Mapping[str, Any], logs: Mapping[str, str]) -> Path:
+    """What a failed run leaves to look at, apart from the last good cache (which stays untouched)."""
+    root = inside(device_dir(cache, device), LAST_FAILURE)
+    for key, text in logs.items():
+        write_atomic(inside(root, f"{LOGS}/{slug(key)}.log"), text.encode())
+    write_json(inside(root, "error.json"), error)
+    return root

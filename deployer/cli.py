@@ -1,0 +1,269 @@
+"""`deploy`: the command line. The only module that prints or picks an exit code.
+
+Exit codes: 0 every selected device passed; 1 some device failed (the summary says which and why);
+2 bad input, found before any device is touched; 3 the local cache could not be written;
+70 a bug (one line on screen, the traceback saved to a file); 130 interrupted.
+Heavy modules (paramiko, numpy, the pipeline) are imported inside commands: `deploy --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from deployer.errors import DeployError, InputError
+from deployer.mace import DEFAULT_MACE_VERSION
+
+if TYPE_CHECKING:
+    from deployer.inventory import Device
+    from deployer.pipeline import FleetResult
+
+DEFAULT_SIM_DIR = Path(".deploy-sim")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Push OpenCL kernels and models to a fleet of boards, compile them there, "
+                       "cache the binaries in MACE's format and smoke-test them.")
+inventory_app = typer.Typer(no_args_is_help=True, help="Check and list a device inventory.")
+sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet of real sshd servers on 127.0.0.1.")
+app.add_typer(inventory_app, name="inventory")
+app.add_typer(sim_app, name="sim")
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, soft_wrap=True)
+
+FleetOption = Annotated[Path, typer.Option("--fleet", "-f", help="Inventory YAML file.")]
+LimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices: names, groups, globs, "
+                                                 "a,b lists and !exclusions.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on stdout (docs/json.md).")]
+SimDirOption = Annotated[Path, typer.Option("--dir", help="Folder of the simulated fleet.")]
+
+
+def _select(fleet: Path, limit: str | None) -> list[Device]:
+    from deployer.inventory import load_inventory, select
+
+    return list(select(load_inventory(fleet), limit))
+
+
+@inventory_app.command("check")
+def inventory_check(fleet: FleetOption, limit: LimitOption = None, as_json: JsonOption = False) -> None:
+    """Validate an inventory (and a --limit) without touching any device."""
+    devices = _select(fleet, limit)
+    if as_json:
+        stdout.print_json(json.dumps({"ok": True, "devices": [d.name for d in devices]}))
+    else:
+        stdout.print(f"{fleet}: ok, {len(devices)} device(s) selected")
+
+
+@inventory_app.command("list")
+def inventory_list(fleet: FleetOption, limit: LimitOption = None, as_json: JsonOption = False) -> None:
+    """List the selected devices with their resolved settings (secrets hidden)."""
+    from deployer.inventory import describe
+
+    devices = _select(fleet, limit)
+    if as_json:
+        stdout.print_json(json.dumps({"devices": [describe(d) for d in devices]}))
+        return
+    table = Table("device", "address", "user", "groups", "remote dir", "python")
+    for d in devices:
+        address = "local" if d.is_local else f"{d.host}:{d.port}"
+        table.add_row(d.name, address, d.user, ",".join(d.groups), d.remote_dir, d.python)
+    stdout.print(table)
+
+
+@app.command()
+def push(
+    fleet: FleetOption,
+    limit: LimitOption = None,
+    model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="A model file to push (repeatable).")] = None,
+    kernels: Annotated[Path, typer.Option("--kernels", help="Kernel library folder (with kernels.yml).")] = Path("kernels"),
+    cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
+    mace_version: Annotated[str | None, typer.Option("--mace-version", help="MaceVersion() of the app's libmace; "
+                            f"default: the device's vars.mace_version, else {DEFAULT_MACE_VERSION}.")] = None,
+    forks: Annotated[int, typer.Option("--forks", min=1, max=256, help="Devices worked on at once.")] = 16,
+    keep: Annotated[int, typer.Option("--keep", min=1, help="Releases kept on each device.")] = 3,
+    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys", help="Trust and record the key "
+                                    "of a device never seen before (a changed key is always refused).")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it."""
+    from deployer.cache import cache_lock
+    from deployer.kernels import load_library
+    from deployer.pipeline import PushJob, release_files, run_fleet
+    from deployer.smoke import load_references, plan_smoke
+
+    devices = _select(fleet, limit)
+    library = load_library(kernels)
+    job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
+                  files=release_files(library, model or []), cache=cache, mace_version=mace_version or "",
+                  keep=keep, accept_new_host_keys=accept_new_host_keys)
+    progress = _progress_printer(quiet=False)
+    with cache_lock(cache):
+        result = run_fleet(devices, job, forks=forks, progress=progress)
+    if as_json:
+        stdout.print_json(json.dumps(_push_json(result)))
+    else:
+        _print_summary(result)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def _progress_printer(*, quiet: bool) -> Any:
+    lock = threading.Lock()
+
+    def progress(device: str, stage: str) -> None:
+        if not quiet:
+            with lock:
+                stderr.print(f"[dim]{escape(device)}[/dim] {stage}")
+
+    return progress
+
+
+PUSH_SCHEMA_VERSION = 1
+
+
+def _push_json(result: FleetResult) -> dict[str, Any]:
+    return {"schema_version": PUSH_SCHEMA_VERSION, "ok": result.ok,
+            "devices": [o.to_json() for o in result.outcomes]}
+
+
+def _human_bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    return f"{size} B"
+
+
+def _print_summary(result: FleetResult) -> None:
+    table = Table(title="deploy push", title_justify="left")
+    for column in ("device", "status", "platform / driver", "built", "smoke", "pushed", "time (s)"):
+        table.add_column(column)
+    for o in result.outcomes:
+        fingerprint = o.fingerprint or {}
+        platform = fingerprint.get("platform", {}).get("name", "-")
+        driver = fingerprint.get("device", {}).get("driver_version", "")
+        passed = sum(k.smoke == "passed" for k in o.kernels)
+        stages = " ".join(f"{k} {v:.2f}" for k, v in o.stages.items())
+        status = "[green]passed[/green]" if o.ok else f"[red]failed[/red] ({o.failed_stage})"
+        table.add_row(escape(o.name), status, escape(f"{platform} / {driver}"), str(o.built),
+                      f"{passed}/{len(o.kernels)}", _human_bytes(o.bytes_sent), stages)
+    stdout.print(table)
+    for o in result.failed:
+        stdout.print(f"[red]{escape(o.name)}[/red]: {escape(o.error or 'failed')}")
+    total = len(result.outcomes)
+    stdout.print(f"{total - len(result.failed)}/{total} device(s) passed")
+
+
+@sim_app.command("up")
+def sim_up(
+    devices: Annotated[int, typer.Option("--devices", "-n", min=1, max=128, help="How many devices.")] = 4,
+    folder: SimDirOption = DEFAULT_SIM_DIR,
+    mix: Annotated[bool, typer.Option("--mix", help="Every second device uses PoCL's 'basic' device: "
+                                      "two fingerprints in one fleet.")] = False,
+    without_python: Annotated[list[str] | None, typer.Option("--without-python", help="Device name whose "
+                              "python3 is hidden (repeatable).")] = None,
+    without_opencl: Annotated[list[str] | None, typer.Option("--without-opencl", help="Device name whose "
+                              "libOpenCL.so.1 is hidden (repeatable).")] = None,
+    disk_kib: Annotated[list[str] | None, typer.Option("--disk-kib", help="NAME=KIB: that device's remote dir "
+                        "is a tmpfs of KIB KiB (repeatable).")] = None,
+    pocl_cache: Annotated[Path | None, typer.Option("--pocl-cache", help="A PoCL kernel cache shared by all "
+                          "devices (tests only: it turns source builds into cache hits).")] = None,
+) -> None:
+    """Start N devices, each a real sshd on 127.0.0.1 with its own account home, host key and PoCL."""
+    from dataclasses import replace
+
+    from deployer.sim import fleet_specs, start_fleet
+
+    specs = {s.name: s for s in fleet_specs(devices, mix=mix)}
+    faults = _sim_faults(specs, without_python or [], without_opencl or [], disk_kib or [])
+    fleet = start_fleet(folder, [replace(s, **faults.get(n, {})) for n, s in specs.items()], pocl_cache=pocl_cache)
+    stdout.print(f"{len(fleet.devices)} device(s) up; inventory: {fleet.inventory}")
+
+
+def _sim_faults(specs: dict[str, Any], no_python: list[str], no_opencl: list[str],
+                disks: list[str]) -> dict[str, dict[str, Any]]:
+    faults: dict[str, dict[str, Any]] = {}
+
+    def mark(name: str, option: str, **change: Any) -> None:
+        if name not in specs:
+            raise InputError(None, option, f"no simulated device {name!r} (devices: {', '.join(specs)})")
+        faults.setdefault(name, {}).update(change)
+
+    for name in no_python:
+        mark(name, "--without-python", without_python=True)
+    for name in no_opencl:
+        mark(name, "--without-opencl", without_opencl=True)
+    for item in disks:
+        name, _, size = item.partition("=")
+        if not size.isdigit() or int(size) <= 0:
+            raise InputError(None, "--disk-kib", f"expected NAME=KIB with KIB > 0, got {item!r}")
+        mark(name, "--disk-kib", disk_kib=int(size))
+    return faults
+
+
+@sim_app.command("status")
+def sim_status(folder: SimDirOption = DEFAULT_SIM_DIR, as_json: JsonOption = False) -> None:
+    """Show the simulated devices and whether each is running."""
+    from deployer.sim import fleet_status
+
+    rows = fleet_status(folder)
+    if as_json:
+        stdout.print_json(json.dumps({"devices": rows}))
+        return
+    table = Table("device", "port", "pid", "running", "pocl device")
+    for row in rows:
+        table.add_row(*(str(row[k]) for k in ("name", "port", "pid", "running", "pocl_device")))
+    stdout.print(table if rows else f"no simulated fleet in {folder}")
+
+
+@sim_app.command("down")
+def sim_down(folder: SimDirOption = DEFAULT_SIM_DIR) -> None:
+    """Stop every simulated device of the folder (by the PIDs it recorded)."""
+    from deployer.sim import stop_fleet
+
+    stdout.print(f"stopped {stop_fleet(folder)} device(s)")
+
+
+def _report_bug() -> int:
+    with tempfile.NamedTemporaryFile("w", prefix="deploy-crash-", suffix=".txt", delete=False) as out:
+        traceback.print_exc(file=out)
+    kind = sys.exc_info()[0]
+    stderr.print(f"deploy: internal error ({kind.__name__ if kind else 'unknown'}); "
+                 f"traceback saved to {out.name}; please report it")
+    return 70
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        stderr.print(f"deploy: {escape(exc.format_message())}", markup=True)
+        return 2
+    except click.exceptions.Abort:
+        stderr.print("deploy: interrupted")
+        return 130
+    except KeyboardInterrupt:
+        stderr.print("deploy: interrupted")
+        return 130
+    except DeployError as exc:
+        stderr.print(f"deploy: {escape(str(exc))}")
+        return exc.exit_code
+    except Exception:
+        return _report_bug()
+    return code if isinstance(code, int) else 0
+
+
+def console_main() -> None:
+    sys.exit(main())
+

@@ -1,0 +1,30 @@
+#include "common.h"
+
+#ifndef TILE
+#define TILE 16
+#endif
+
+/* c[m x n] = a[m x k] * b[k x n], row-major; tiles of a and b staged in local memory.
+   The global size is rounded up to TILE; out-of-range threads load zeros and store nothing. */
+__kernel void matmul(__global const DATA_TYPE *a,
+                     __global const DATA_TYPE *b,
+                     __global DATA_TYPE *c,
+                     const int m, const int n, const int k) {
+  __local DATA_TYPE a_tile[TILE][TILE];
+  __local DATA_TYPE b_tile[TILE][TILE];
+  const int col = GLOBAL_ID0, row = GLOBAL_ID1;
+  const int lx = get_local_id(0), ly = get_local_id(1);
+  DATA_TYPE acc = 0;
+  for (int t = 0; t < k; t += TILE) {
+    a_tile[ly][lx] = (row < m && t + lx < k) ? a[row * k + t + lx] : (DATA_TYPE)0;
+    b_tile[ly][lx] = (col < n && t + ly < k) ? b[(t + ly) * n + col] : (DATA_TYPE)0;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int i = 0; i < TILE; ++i) {
+      acc += a_tile[ly][i] * b_tile[i][lx];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  if (row < m && col < n) {
+    c[row * n + col] = acc;
+  }
+}

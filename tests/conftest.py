@@ -1,0 +1,118 @@
+"""Shared fixtures: real sshd devices started by `deployer.sim` (the code behind `deploy sim`).
+
+- `fleet`: one shared fleet (two PoCL fingerprints) for tests that only read it.
+- `pushed`: one `deploy push` onto that fleet, its JSON and cache, shared by the tests that inspect them.
+- `make_fleet`: devices of a test's own, for tests that break things; stopped by PID afterwards.
+Every fleet uses one PoCL kernel cache, so repeated builds of the same source are cache hits (tests only;
+benchmarks never share it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import settings
+
+from deployer.cli import main
+from deployer.sim import DeviceSpec, Fleet, fleet_specs, start_fleet
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS = REPO / "kernels"
+
+settings.register_profile("ci", max_examples=200, deadline=None)
+settings.load_profile("ci")
+
+
+@dataclass
+class CliRun:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+Cli = Callable[..., CliRun]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run `deploy ARGS` in-process; returns exit code, stdout and stderr."""
+
+    def run(*args: str | os.PathLike[str]) -> CliRun:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliRun(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def pocl_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pocl-cache")
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory, pocl_cache: Path) -> Iterator[Fleet]:
+    started = start_fleet(tmp_path_factory.mktemp("fleet"), fleet_specs(3, mix=True), pocl_cache=pocl_cache)
+    yield started
+    started.stop()
+
+
+@dataclass
+class Pushed:
+    fleet: Fleet
+    cache: Path
+    run: CliRun
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads(self.run.out)
+
+
+@pytest.fixture(scope="session")
+def pushed(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
+    """One push of the kernel library and a model to the shared fleet."""
+    import contextlib
+    import io
+
+    cache = tmp_path_factory.mktemp("cache")
+    model = tmp_path_factory.mktemp("model") / "tiny.bin"
+    model.write_bytes(os.urandom(4096))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["push", "--fleet", str(fleet.inventory), "--kernels", str(KERNELS), "--cache", str(cache),
+                     "--model", str(model), "--json"])
+    return Pushed(fleet, cache, CliRun(code, out.getvalue(), err.getvalue()))
+
+
+@pytest.fixture
+def make_fleet(tmp_path: Path, pocl_cache: Path) -> Iterator[Callable[[Sequence[DeviceSpec]], Fleet]]:
+    """Start devices of the test's own; all are stopped when the test ends."""
+    started: list[Fleet] = []
+
+    def make(specs: Sequence[DeviceSpec]) -> Fleet:
+        fleet = start_fleet(tmp_path / f"fleet{len(started)}", specs, pocl_cache=pocl_cache)
+        started.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in started:
+        fleet.stop()
+
+
+@pytest.fixture
+def kernels_copy(tmp_path: Path) -> Path:
+    """A copy of the kernel library that a test may edit."""
+    target = tmp_path / "kernels"
+    shutil.copytree(KERNELS, target)
+    return target
