@@ -146,22 +146,23 @@ def _human_bytes(size: int) -> str:
 
 def _print_summary(result: FleetResult) -> None:
     table = Table(title="deploy push", title_justify="left")
-    for column in ("device", "status", "platform / driver", "built", "smoke", "pushed", "time (s)"):
-        table.add_column(column)
+    for column in ("device", "status", "platform / driver", "built", "smoke", "pushed", "compile s", "total s"):
+        table.add_column(column, no_wrap=column in ("device", "status"))
     for o in result.outcomes:
         fingerprint = o.fingerprint or {}
         platform = fingerprint.get("platform", {}).get("name", "-")
         driver = fingerprint.get("device", {}).get("driver_version", "")
         passed = sum(k.smoke == "passed" for k in o.kernels)
-        stages = " ".join(f"{k} {v:.2f}" for k, v in o.stages.items())
         status = "[green]passed[/green]" if o.ok else f"[red]failed[/red] ({o.failed_stage})"
         table.add_row(escape(o.name), status, escape(f"{platform} / {driver}"), str(o.built),
-                      f"{passed}/{len(o.kernels)}", _human_bytes(o.bytes_sent), stages)
+                      f"{passed}/{len(o.kernels)}", _human_bytes(o.bytes_sent),
+                      f"{o.stages.get('compile', 0):.2f}", f"{sum(o.stages.values()):.2f}")
     stdout.print(table)
     for o in result.failed:
         stdout.print(f"[red]{escape(o.name)}[/red]: {escape(o.error or 'failed')}")
     total = len(result.outcomes)
-    stdout.print(f"{total - len(result.failed)}/{total} device(s) passed")
+    stdout.print(f"{total - len(result.failed)}/{total} device(s) passed "
+                 "(seconds per stage: --json)")
 
 
 @sim_app.command("up")

@@ -11,7 +11,6 @@ import importlib.util
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -95,7 +94,7 @@ def _generate(arg: Arg, dtype: np.dtype[Any], sizes: Mapping[str, int], rng: np.
 def _rounded_global(spec: KernelSpec) -> list[int]:
     sizes = [_dim(d, spec.sizes) for d in spec.global_size]
     if spec.local_size:
-        sizes = [math.ceil(g / l) * l for g, l in zip(sizes, spec.local_size, strict=False)]
+        sizes = [math.ceil(g / loc) * loc for g, loc in zip(sizes, spec.local_size, strict=True)]
     return sizes
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
+import logging
 import os
 import select
 import socket
@@ -27,6 +28,12 @@ from deployer.errors import AuthError, CommandTimeout, ConnectError, HostKeyErro
 from deployer.inventory import Device
 
 READ_CHUNK = 1 << 16
+
+# Paramiko logs tracebacks of its own failures (a missing banner, a reset); ours say what happened, and
+# Python's last-resort handler would otherwise print theirs on the user's terminal.
+_paramiko_log = logging.getLogger("paramiko")
+_paramiko_log.addHandler(logging.NullHandler())
+_paramiko_log.propagate = False
 
 
 class Channel(Protocol):
@@ -270,6 +277,8 @@ class SshTransport:
             ]
         try:
             transport.start_client(timeout=timeout)
+            # start_client returns quietly when its timeout ends first: check the session exists.
+            transport.get_remote_server_key()
         except (paramiko.SSHException, EOFError, OSError) as exc:
             transport.close()
             raise ConnectError(

@@ -1,0 +1,1562 @@
+#!/usr/bin/env python3
+# This file runs on the boards' Python (>= 3.6): the pyupgrade rules for the project's 3.10 target
+# and zip(strict=) do not apply here.
+# ruff: noqa: UP031, B905
+# mypy: ignore-errors
+"""deployer agent: the one file that runs on each board.
+
+The controller starts it over one SSH exec channel and talks to it with framed messages on
+stdin/stdout (docs/design.md, sections 1 and 2):
+
+    python3 agent_main.py serve RD    the session server: begin, put, fingerprint, build, get, smoke,
+                                      commit, bye; every OpenCL step runs in a child process
+    python3 agent_main.py child       one OpenCL request in, one reply out (run by `serve`, so a
+                                      driver that segfaults kills only the child)
+    python3 -c BOOTSTRAP RD SHA12     receives this file from the controller when the board lacks it
+
+Constraints, because this file runs on whatever Python the board has: Python >= 3.6, standard library
+only, OpenCL only through ctypes and the ICD loader, nothing imported from `deployer`. The controller
+imports `BOOTSTRAP`, the framing helpers and the MACE cache encoder/decoder from here, so both sides
+share one implementation of the wire and file formats.
+
+Nothing is written outside RD: request paths are relative, without `..`, and their realpath must stay
+inside the release. Every file is written to a temp name, fsynced and renamed.
+"""
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections import namedtuple
+
+MYPY = False
+if MYPY:  # type comments only: the public API stays typed for the controller without importing typing here
+    from collections.abc import Iterable  # noqa: F401
+    from typing import IO, Any  # noqa: F401
+
+AGENT_VERSION = "1"
+
+MAX_LINE = 1 << 20  # a JSON line, both directions (design.md section 1)
+MAX_PAYLOAD = 1 << 30  # what read_message accepts by default
+MAX_MEMORY_PAYLOAD = 256 << 20  # payloads held in memory (smoke inputs); `put` streams to disk
+MAX_GET = 256 << 20  # largest file `get` sends back
+LOG_TAIL = 16 << 10  # build log text returned per program (the full log is in build/logs/)
+DEFAULT_TIMEOUT_S = 600.0
+CHUNK = 1 << 20
+
+PLATFORM_INFO_KEY = "mace_opencl_precompiled_platform_info_key"
+DEVICE_NAME_KEY = "mace_opencl_precompiled_device_name_key"
+PROGRAM_HASH_PREFIX = "program_hash_ "  # a space follows the underscore, as in MACE
+CACHE_FILE = "build/mace_cl_compiled_program.bin"
+MANIFEST_FILE = "build/manifest.json"
+
+RELEASE_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+# The bootstrap runs as `python3 -c BOOTSTRAP RD SHA12` when RD/agent/agent-SHA12.py is missing. It
+# stays tiny and 3.6-safe: ask for the agent, check its hash, store it atomically, exec it.
+BOOTSTRAP = r'''import hashlib, json, os, sys
+rd, want = sys.argv[1], sys.argv[2]
+out, inp = sys.stdout.buffer, sys.stdin.buffer
+def say(obj):
+    out.write((json.dumps(obj) + "\n").encode()); out.flush()
+def fail(kind, msg):
+    say({"ok": False, "error": {"kind": kind, "message": "bootstrap: " + msg}}); sys.exit(1)
+if len(want) != 12 or any(c not in "0123456789abcdef" for c in want):
+    fail("bad_request", "bad agent hash %r" % want)
+out.write(b'{"op":"need_agent"}\n'); out.flush()
+try:
+    msg = json.loads(inp.readline(1 << 20).decode("utf-8")); n = int(msg["payload_size"])
+except Exception as e: fail("bad_request", "expected the agent message: %s" % e)
+data = bytearray()
+while len(data) < n:
+    chunk = inp.read(n - len(data))
+    if not chunk: fail("bad_request", "input ended after %d of %d agent bytes" % (len(data), n))
+    data += chunk
+got = hashlib.sha256(bytes(data)).hexdigest()
+if got != msg.get("sha256") or got[:12] != want:
+    fail("checksum", "agent sha256 %s, expected %s (%s...)" % (got, msg.get("sha256"), want))
+path = os.path.join(rd, "agent", "agent-%s.py" % want); tmp = "%s.tmp-%d" % (path, os.getpid())
+try:
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    with open(tmp, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
+    os.chmod(tmp, 0o644); os.rename(tmp, path)
+except OSError as e: fail("io", "cannot store the agent at %s: %s" % (path, e))
+os.execv(sys.executable, [sys.executable, path, "serve", rd])
+'''
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors and framing
+# --------------------------------------------------------------------------------------------------
+
+class AgentFailure(Exception):
+    """An error reply: `kind` is one of design.md's error kinds, `message` says what and where."""
+
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.message = message
+
+    def reply(self):
+        return {"ok": False, "error": {"kind": self.kind, "message": self.message}}
+
+
+class FramingError(ValueError):
+    """A message line that is not one JSON object of at most MAX_LINE bytes, or a bad payload_size."""
+
+
+def bad_request(message):
+    return AgentFailure("bad_request", message)
+
+
+def read_exact(stream, n):
+    # type: (IO[bytes], int) -> bytes
+    """Read exactly n bytes; EOFError when the stream ends first."""
+    parts, left = [], n
+    while left > 0:
+        chunk = stream.read(min(left, CHUNK))
+        if not chunk:
+            raise EOFError("input ended %d bytes into a %d-byte payload" % (n - left, n))
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def read_header(stream, max_payload=MAX_PAYLOAD):
+    # type: (IO[bytes], int) -> tuple[dict[str, Any], int]
+    """Read one message line and return (object, payload_size).
+
+    EOFError at the end of input; FramingError for a line that is too long, not UTF-8 JSON, not an
+    object, or with a bad payload_size. The line itself is always consumed (a too-long one up to its
+    newline), so the reader can answer and go on with the next line.
+    """
+    line = stream.readline(MAX_LINE + 1)
+    if not line:
+        raise EOFError("end of input")
+    if not line.endswith(b"\n"):
+        if len(line) <= MAX_LINE:
+            raise EOFError("input ended inside a message line")
+        while line and not line.endswith(b"\n"):
+            line = stream.readline(CHUNK)
+        raise FramingError("message line longer than %d bytes" % MAX_LINE)
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+        raise FramingError("message line is not UTF-8 JSON: %s" % exc) from exc
+    if not isinstance(obj, dict):
+        raise FramingError("message is not a JSON object (got %s)" % type(obj).__name__)
+    size = obj.get("payload_size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise FramingError("payload_size must be an integer >= 0 (got %s)" % _show(size))
+    if size > max_payload:
+        raise FramingError("payload_size %d is over the limit of %d bytes" % (size, max_payload))
+    return obj, size
+
+
+def read_message(stream, max_payload=MAX_PAYLOAD):
+    # type: (IO[bytes], int) -> tuple[dict[str, Any], bytes]
+    """Read one framed message: (object, payload bytes). See read_header for the errors."""
+    obj, size = read_header(stream, max_payload)
+    return obj, read_exact(stream, size)
+
+
+def write_message(stream, obj, payload=b""):
+    # type: (IO[bytes], dict[str, Any], bytes) -> None
+    """Write one framed message and flush; payload_size is set from the payload when there is one."""
+    if payload or "payload_size" in obj:
+        obj = dict(obj, payload_size=len(payload))
+    line = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    if len(line) > MAX_LINE:
+        raise ValueError("message line of %d bytes is over the %d-byte limit" % (len(line), MAX_LINE))
+    stream.write(line + b"\n")
+    if payload:
+        stream.write(payload)
+    stream.flush()
+
+
+class Payload:
+    """The raw bytes after a request line, read on demand so that `put` can stream them to disk."""
+
+    def __init__(self, stream, size):
+        self.stream = stream
+        self.size = size
+        self.left = size
+
+    def chunks(self):
+        while self.left > 0:
+            chunk = read_exact(self.stream, min(self.left, CHUNK))
+            self.left -= len(chunk)
+            yield chunk
+
+    def read_all(self, limit=MAX_MEMORY_PAYLOAD):
+        if self.size > limit:
+            raise bad_request("payload of %d bytes is over the limit of %d for this op" % (self.size, limit))
+        return b"".join(self.chunks())
+
+    def drain(self):
+        for _ in self.chunks():
+            pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Request fields: every check raises bad_request naming the field
+# --------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _show(value):
+    """A request value quoted in an error message, cut short: the reply line has a size limit."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field(req, name, default):
+    value = req.get(name, default)
+    if value is _MISSING:
+        raise bad_request("missing field '%s'" % name)
+    return value
+
+
+def req_str(req, name, default=_MISSING, pattern=None):
+    value = _field(req, name, default)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, str) or "\0" in value:
+        raise bad_request("field '%s': expected a string (got %s)" % (name, _show(value)))
+    if pattern is not None and not pattern.fullmatch(value):
+        raise bad_request("field '%s': %r does not match %s" % (name, value, pattern.pattern))
+    return value
+
+
+def req_int(req, name, default=_MISSING, lo=None, hi=None):
+    value = _field(req, name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request("field '%s': expected an integer (got %s)" % (name, _show(value)))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad_request("field '%s': %d is out of range [%s, %s]" % (name, value, lo, hi))
+    return value
+
+
+def req_str_list(req, name, default=_MISSING):
+    value = _field(req, name, default)
+    if not isinstance(value, list) or not all(isinstance(v, str) and "\0" not in v for v in value):
+        raise bad_request("field '%s': expected a list of strings (got %s)" % (name, _show(value)))
+    return value
+
+
+def req_timeout(req):
+    value = req.get("timeout_s")
+    value = DEFAULT_TIMEOUT_S if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise bad_request("field 'timeout_s': expected seconds in (0, 86400] (got %s)" % _show(value))
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# MACE cache container (v1.1+ "pb" generation; shared/docs/mace-cache-format.md sections 2 and 4)
+# --------------------------------------------------------------------------------------------------
+
+def mace_program_key(name, options):
+    # type: (str, Iterable[str]) -> str
+    """MACE's key: the program name, then a space and each option of the (bytewise sorted) set."""
+    return name + "".join(" " + opt for opt in sorted(set(options)))
+
+
+def mace_program_hash(source_bytes, header_bytes_list):
+    # type: (bytes, Iterable[bytes]) -> str
+    """Last 10 hex digits of the source's MD5, then the last 10 of each header's, in order."""
+    return "".join(hashlib.md5(b).hexdigest()[-10:] for b in [source_bytes] + list(header_bytes_list))
+
+
+def mace_platform_info(name, profile, version, mace_version):
+    # type: (str, str, str, str) -> str
+    return "%s, %s, %s, %s" % (name, profile, version, mace_version)
+
+
+def mace_device_name(device_name, device_version):
+    # type: (str, str) -> str
+    """MACE's device-name entry: Adreno names come from CL_DEVICE_VERSION, Mali/PowerVR from
+    CL_DEVICE_NAME, every other GPU gets an empty name."""
+    if device_name == "QUALCOMM Adreno(TM)":
+        parts = device_version.split(" ", 2)  # "OpenCL 2.0 Adreno(TM) 640" -> "Adreno(TM) 640"
+        return parts[2] if len(parts) == 3 else ""
+    if "Mali" in device_name or "PowerVR" in device_name:
+        return device_name
+    return ""
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_delimited(tag, data):
+    return bytes([tag]) + _varint(len(data)) + data
+
+
+def encode_mace_pb(pairs):
+    # type: (Iterable[tuple[str, bytes]]) -> bytes
+    """Encode (key, bytes) pairs as MACE's PairContainer + CRC-32 trailer, keys in bytewise order."""
+    encoded = []
+    for key, value in pairs:
+        if not isinstance(key, str) or not isinstance(value, (bytes, bytearray)):
+            raise TypeError("pairs must be (str, bytes), got (%r, %r)" % (type(key), type(value)))
+        encoded.append((key.encode("utf-8"), bytes(value)))
+    encoded.sort(key=lambda kv: kv[0])
+    for (a, _), (b, _) in zip(encoded, encoded[1:]):
+        if a == b:
+            raise ValueError("duplicate key %r" % a.decode("utf-8"))
+    body = b"".join(
+        _length_delimited(0x0A, _length_delimited(0x0A, k) + _length_delimited(0x12, v)) for k, v in encoded
+    )
+    return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+
+def _read_varint(data, pos, end):
+    """Decode a varint at data[pos:end]; return (value, new pos). Never reads at or past `end`."""
+    value, shift = 0, 0
+    while True:
+        if pos >= end:
+            raise ValueError("varint runs past the end at offset %d" % pos)
+        if shift >= 64:
+            raise ValueError("varint longer than 10 bytes at offset %d" % pos)
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _read_bytes(data, pos, end):
+    length, pos = _read_varint(data, pos, end)
+    if length > end - pos:
+        raise ValueError("length %d at offset %d runs past the end of its message" % (length, pos))
+    return data[pos:pos + length], pos + length
+
+
+def _read_uint32(data, pos, end):
+    value, pos = _read_varint(data, pos, end)
+    if value > 0xFFFFFFFF:
+        raise ValueError("uint32 value %d out of range at offset %d" % (value, pos))
+    return value, pos
+
+
+def _decode_kv(data, pos, end):
+    """One KVPair in data[pos:end]: (key, value); uint32s come back as little-endian bytes."""
+    key, value, uints = None, None, []
+    while pos < end:
+        tag_at = pos
+        tag, pos = _read_varint(data, pos, end)
+        if tag in (0x0A, 0x12):
+            raw, pos = _read_bytes(data, pos, end)
+            if (key if tag == 0x0A else value) is not None:
+                raise ValueError("field %d repeated in one pair at offset %d" % (tag >> 3, tag_at))
+            if tag == 0x0A:
+                try:
+                    key = bytes(raw).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError("key at offset %d is not UTF-8" % tag_at) from None
+            else:
+                value = bytes(raw)
+        elif tag == 0x18:  # repeated uint32, one varint per element (proto2, not packed)
+            number, pos = _read_uint32(data, pos, end)
+            uints.append(number)
+        else:
+            raise ValueError("unexpected field/wire type 0x%x in a pair at offset %d" % (tag, tag_at))
+    if key is None:
+        raise ValueError("pair without a key ending at offset %d" % end)
+    if value is None:
+        value = struct.pack("<%dI" % len(uints), *uints)
+    return key, value
+
+
+def decode_mace_pb(data):
+    # type: (bytes) -> list[tuple[str, bytes]]
+    """Strictly decode a MACE v1.1+ container into a list of (key, bytes) in file order.
+
+    Raises ValueError with the reason on a bad CRC, a length past its bound, an unknown field, a pair
+    without key, or anything else malformed.
+    """
+    data = memoryview(bytes(data))
+    if len(data) < 4:
+        raise ValueError("file of %d bytes is too short for the CRC-32 trailer" % len(data))
+    end = len(data) - 4
+    (want,) = struct.unpack("<I", data[end:].tobytes())
+    if zlib.crc32(data[:end]) & 0xFFFFFFFF != want:
+        raise ValueError("crc mismatch")
+    pairs, pos = [], 0
+    while pos < end:
+        tag_at = pos
+        tag, pos = _read_varint(data, pos, end)
+        if tag != 0x0A:
+            raise ValueError("unexpected top-level field/wire type 0x%x at offset %d" % (tag, tag_at))
+        length, pos = _read_varint(data, pos, end)
+        if length > end - pos:
+            raise ValueError("pair of %d bytes at offset %d runs past the end" % (length, tag_at))
+        pairs.append(_decode_kv(data, pos, pos + length))
+        pos += length
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: paths kept inside a root, atomic writes
+# --------------------------------------------------------------------------------------------------
+
+def _inside(path, root):
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resolve_inside(root, rel):
+    """Join a request path onto `root` (a realpath), refusing anything that could leave it."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise bad_request("path must be a non-empty string (got %s)" % _show(rel))
+    if os.path.isabs(rel):
+        raise bad_request("path %r is absolute; paths are relative to the release" % rel)
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise bad_request("path %r has an empty, '.' or '..' component" % rel)
+    target = os.path.join(root, *parts)
+    if not _inside(os.path.realpath(target), root) or os.path.realpath(target) == root:
+        raise bad_request("path %r resolves outside %s" % (rel, root))
+    return target
+
+
+def fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory; the data was synced already
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name(path):
+    head, name = os.path.split(path)
+    return os.path.join(head, ".%s.tmp-%d" % (name, os.getpid()))
+
+
+def write_atomic(path, chunks, mode=0o644, check=None):
+    """Write an iterable of byte chunks to `path` via temp file + fsync + rename.
+
+    `check(size, sha256_hex)` runs before the rename and may raise to abandon the file. The temp file
+    never survives an error. Returns (size, sha256 hex).
+    """
+    tmp = temp_name(path)
+    digest, size = hashlib.sha256(), 0
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if check is not None:
+            check(size, digest.hexdigest())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return size, digest.hexdigest()
+
+
+def read_file_limited(path, limit, what):
+    size = os.path.getsize(path)
+    if size > limit:
+        raise bad_request("%s is %d bytes, over the limit of %d" % (what, size, limit))
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def io_failure(exc, rel):
+    return AgentFailure("io", "%s: %s" % (rel, exc.strerror or exc))
+
+
+def log_slug(key):
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", key)[:200]
+
+
+def tail_text(text, limit):
+    if len(text) <= limit:
+        return text
+    return "[... %d characters cut ...]\n" % (len(text) - limit) + text[-limit:]
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenCL through ctypes
+# --------------------------------------------------------------------------------------------------
+
+CL_ERRORS = {
+    -1: "CL_DEVICE_NOT_FOUND", -2: "CL_DEVICE_NOT_AVAILABLE", -3: "CL_COMPILER_NOT_AVAILABLE",
+    -4: "CL_MEM_OBJECT_ALLOCATION_FAILURE", -5: "CL_OUT_OF_RESOURCES", -6: "CL_OUT_OF_HOST_MEMORY",
+    -7: "CL_PROFILING_INFO_NOT_AVAILABLE", -8: "CL_MEM_COPY_OVERLAP", -9: "CL_IMAGE_FORMAT_MISMATCH",
+    -10: "CL_IMAGE_FORMAT_NOT_SUPPORTED", -11: "CL_BUILD_PROGRAM_FAILURE", -12: "CL_MAP_FAILURE",
+    -13: "CL_MISALIGNED_SUB_BUFFER_OFFSET", -14: "CL_EXEC_STATUS_ERROR_FOR_EVENTS_IN_WAIT_LIST",
+    -15: "CL_COMPILE_PROGRAM_FAILURE", -16: "CL_LINKER_NOT_AVAILABLE", -17: "CL_LINK_PROGRAM_FAILURE",
+    -18: "CL_DEVICE_PARTITION_FAILED", -19: "CL_KERNEL_ARG_INFO_NOT_AVAILABLE",
+    -30: "CL_INVALID_VALUE", -31: "CL_INVALID_DEVICE_TYPE", -32: "CL_INVALID_PLATFORM",
+    -33: "CL_INVALID_DEVICE", -34: "CL_INVALID_CONTEXT", -35: "CL_INVALID_QUEUE_PROPERTIES",
+    -36: "CL_INVALID_COMMAND_QUEUE", -37: "CL_INVALID_HOST_PTR", -38: "CL_INVALID_MEM_OBJECT",
+    -39: "CL_INVALID_IMAGE_FORMAT_DESCRIPTOR", -40: "CL_INVALID_IMAGE_SIZE", -41: "CL_INVALID_SAMPLER",
+    -42: "CL_INVALID_BINARY", -43: "CL_INVALID_BUILD_OPTIONS", -44: "CL_INVALID_PROGRAM",
+    -45: "CL_INVALID_PROGRAM_EXECUTABLE", -46: "CL_INVALID_KERNEL_NAME", -47: "CL_INVALID_KERNEL_DEFINITION",
+    -48: "CL_INVALID_KERNEL", -49: "CL_INVALID_ARG_INDEX", -50: "CL_INVALID_ARG_VALUE",
+    -51: "CL_INVALID_ARG_SIZE", -52: "CL_INVALID_KERNEL_ARGS", -53: "CL_INVALID_WORK_DIMENSION",
+    -54: "CL_INVALID_WORK_GROUP_SIZE", -55: "CL_INVALID_WORK_ITEM_SIZE", -56: "CL_INVALID_GLOBAL_OFFSET",
+    -57: "CL_INVALID_EVENT_WAIT_LIST", -58: "CL_INVALID_EVENT", -59: "CL_INVALID_OPERATION",
+    -60: "CL_INVALID_GL_OBJECT", -61: "CL_INVALID_BUFFER_SIZE", -62: "CL_INVALID_MIP_LEVEL",
+    -63: "CL_INVALID_GLOBAL_WORK_SIZE", -64: "CL_INVALID_PROPERTY", -65: "CL_INVALID_IMAGE_DESCRIPTOR",
+    -66: "CL_INVALID_COMPILER_OPTIONS", -67: "CL_INVALID_LINKER_OPTIONS",
+    -68: "CL_INVALID_DEVICE_PARTITION_COUNT", -69: "CL_INVALID_PIPE_SIZE", -70: "CL_INVALID_DEVICE_QUEUE",
+    -71: "CL_INVALID_SPEC_ID", -72: "CL_MAX_SIZE_RESTRICTION_EXCEEDED", -1001: "CL_PLATFORM_NOT_FOUND_KHR",
+}
+
+CL_DEVICE_NOT_FOUND = -1
+CL_PLATFORM_NOT_FOUND_KHR = -1001
+CL_PLATFORM_PROFILE, CL_PLATFORM_VERSION, CL_PLATFORM_NAME = 0x0900, 0x0901, 0x0902
+CL_PLATFORM_VENDOR = 0x0903
+CL_DEVICE_TYPE, CL_DEVICE_MAX_COMPUTE_UNITS, CL_DEVICE_MAX_WORK_GROUP_SIZE = 0x1000, 0x1002, 0x1004
+CL_DEVICE_IMAGE_SUPPORT, CL_DEVICE_NAME, CL_DEVICE_VENDOR = 0x1016, 0x102B, 0x102C
+CL_DRIVER_VERSION, CL_DEVICE_VERSION, CL_DEVICE_EXTENSIONS = 0x102D, 0x102F, 0x1030
+CL_DEVICE_TYPE_ALL = 0xFFFFFFFF
+DEVICE_TYPE_BITS = [(2, "CPU"), (4, "GPU"), (8, "ACCELERATOR"), (16, "CUSTOM"), (1, "DEFAULT")]
+CL_PROGRAM_BINARY_SIZES, CL_PROGRAM_BINARIES, CL_PROGRAM_BUILD_LOG = 0x1165, 0x1166, 0x1183
+CL_MEM_WRITE_ONLY, CL_MEM_READ_ONLY, CL_MEM_COPY_HOST_PTR = 1 << 1, 1 << 2, 1 << 5
+
+cl_int, cl_uint, cl_ulong = ctypes.c_int32, ctypes.c_uint32, ctypes.c_uint64
+size_t, ptr = ctypes.c_size_t, ctypes.c_void_p
+
+# name: (restype, argtypes). Pointers are plain void*: ctypes passes arrays and byref() through them.
+CL_SIGNATURES = {
+    "clGetPlatformIDs": (cl_int, [cl_uint, ptr, ptr]),
+    "clGetPlatformInfo": (cl_int, [ptr, cl_uint, size_t, ptr, ptr]),
+    "clGetDeviceIDs": (cl_int, [ptr, cl_ulong, cl_uint, ptr, ptr]),
+    "clGetDeviceInfo": (cl_int, [ptr, cl_uint, size_t, ptr, ptr]),
+    "clCreateContext": (ptr, [ptr, cl_uint, ptr, ptr, ptr, ptr]),
+    "clCreateCommandQueue": (ptr, [ptr, ptr, cl_ulong, ptr]),
+    "clCreateProgramWithSource": (ptr, [ptr, cl_uint, ptr, ptr, ptr]),
+    "clCreateProgramWithBinary": (ptr, [ptr, cl_uint, ptr, ptr, ptr, ptr, ptr]),
+    "clBuildProgram": (cl_int, [ptr, cl_uint, ptr, ctypes.c_char_p, ptr, ptr]),
+    "clGetProgramBuildInfo": (cl_int, [ptr, ptr, cl_uint, size_t, ptr, ptr]),
+    "clGetProgramInfo": (cl_int, [ptr, cl_uint, size_t, ptr, ptr]),
+    "clCreateKernel": (ptr, [ptr, ctypes.c_char_p, ptr]),
+    "clSetKernelArg": (cl_int, [ptr, cl_uint, size_t, ptr]),
+    "clCreateBuffer": (ptr, [ptr, cl_ulong, size_t, ptr, ptr]),
+    "clEnqueueNDRangeKernel": (cl_int, [ptr, ptr, cl_uint, ptr, ptr, ptr, cl_uint, ptr, ptr]),
+    "clEnqueueReadBuffer": (cl_int, [ptr, ptr, cl_uint, size_t, size_t, ptr, cl_uint, ptr, ptr]),
+    "clFinish": (cl_int, [ptr]),
+    "clReleaseMemObject": (cl_int, [ptr]),
+    "clReleaseKernel": (cl_int, [ptr]),
+    "clReleaseProgram": (cl_int, [ptr]),
+    "clReleaseCommandQueue": (cl_int, [ptr]),
+    "clReleaseContext": (cl_int, [ptr]),
+}
+
+
+def cl_error_name(code):
+    return "%s (%d)" % (CL_ERRORS.get(code, "UNKNOWN_CL_ERROR"), code)
+
+
+class ClError(AgentFailure):
+    """A CL call that returned an error code: kind `opencl`, message like
+    `CL_INVALID_KERNEL_NAME (-46) in clCreateKernel`."""
+
+    def __init__(self, code, call):
+        AgentFailure.__init__(self, "opencl", "%s in %s" % (cl_error_name(code), call))
+        self.code = code
+
+
+class OpenCL:
+    """The ICD loader, opened with ctypes, and thin checked wrappers around its calls."""
+
+    def __init__(self, library=None):
+        # DEPLOYER_OPENCL_LIBRARY lets an inventory's env: point at a board's non-standard loader.
+        library = library or os.environ.get("DEPLOYER_OPENCL_LIBRARY") or "libOpenCL.so.1"
+        try:
+            self.lib = ctypes.CDLL(library)
+        except OSError as exc:
+            raise AgentFailure("no_loader", "cannot load the OpenCL ICD loader %s: %s"
+                               % (library, exc)) from exc
+        for name, (restype, argtypes) in CL_SIGNATURES.items():
+            try:
+                fn = getattr(self.lib, name)
+            except AttributeError:
+                raise AgentFailure("no_loader", "OpenCL library %s has no %s" % (library, name)) from None
+            fn.restype, fn.argtypes = restype, argtypes
+
+    def call(self, name, *args):
+        code = getattr(self.lib, name)(*args)
+        if code != 0:
+            raise ClError(code, name)
+
+    def create(self, name, *args):
+        """Call a clCreate* function whose last argument is `cl_int *errcode_ret`."""
+        err = cl_int(0)
+        handle = getattr(self.lib, name)(*args, ctypes.byref(err))
+        if err.value != 0 or not handle:
+            raise ClError(err.value or -9999, name)
+        return handle
+
+    def info_bytes(self, fn, handles, param):
+        size = size_t(0)
+        self.call(fn, *handles, param, 0, None, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(max(size.value, 1))
+        self.call(fn, *handles, param, size.value, buf, None)
+        return buf.raw[:size.value]
+
+    def info_str(self, fn, handles, param):
+        return self.info_bytes(fn, handles, param).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def info_num(self, fn, handles, param, ctype):
+        value = ctype(0)
+        self.call(fn, *handles, param, ctypes.sizeof(value), ctypes.byref(value), None)
+        return value.value
+
+    def release(self, name, handle):
+        if handle:
+            getattr(self.lib, name)(handle)  # errors on release are not worth failing an op for
+
+
+def cl_platforms(cl):
+    """Platform handles; [] when the loader finds none (-1001 from ocl-icd, or a count of 0)."""
+    count = cl_uint(0)
+    code = cl.lib.clGetPlatformIDs(0, None, ctypes.byref(count))
+    if code == CL_PLATFORM_NOT_FOUND_KHR or (code == 0 and count.value == 0):
+        return []
+    if code != 0:
+        raise ClError(code, "clGetPlatformIDs")
+    ids = (ptr * count.value)()
+    cl.call("clGetPlatformIDs", count.value, ids, None)
+    return list(ids)
+
+
+def cl_devices(cl, platform):
+    count = cl_uint(0)
+    code = cl.lib.clGetDeviceIDs(platform, CL_DEVICE_TYPE_ALL, 0, None, ctypes.byref(count))
+    if code == CL_DEVICE_NOT_FOUND or (code == 0 and count.value == 0):
+        return []
+    if code != 0:
+        raise ClError(code, "clGetDeviceIDs")
+    ids = (ptr * count.value)()
+    cl.call("clGetDeviceIDs", platform, CL_DEVICE_TYPE_ALL, count.value, ids, None)
+    return list(ids)
+
+
+def describe_platform(cl, platform):
+    get = lambda param: cl.info_str("clGetPlatformInfo", (platform,), param)  # noqa: E731
+    return {"name": get(CL_PLATFORM_NAME), "vendor": get(CL_PLATFORM_VENDOR),
+            "version": get(CL_PLATFORM_VERSION), "profile": get(CL_PLATFORM_PROFILE)}
+
+
+def describe_device(cl, device):
+    get = lambda param: cl.info_str("clGetDeviceInfo", (device,), param)  # noqa: E731
+    num = lambda param, ctype: cl.info_num("clGetDeviceInfo", (device,), param, ctype)  # noqa: E731
+    bits = num(CL_DEVICE_TYPE, cl_ulong)
+    return {
+        "name": get(CL_DEVICE_NAME), "vendor": get(CL_DEVICE_VENDOR),
+        "type": [label for bit, label in DEVICE_TYPE_BITS if bits & bit],
+        "version": get(CL_DEVICE_VERSION), "driver_version": get(CL_DRIVER_VERSION),
+        "compute_units": num(CL_DEVICE_MAX_COMPUTE_UNITS, cl_uint),
+        "max_work_group_size": num(CL_DEVICE_MAX_WORK_GROUP_SIZE, size_t),
+        "extensions": get(CL_DEVICE_EXTENSIONS).split(),
+        "image_support": bool(num(CL_DEVICE_IMAGE_SUPPORT, cl_uint)),
+    }
+
+
+# ----- why there is no platform -------------------------------------------------------------------
+
+def icd_files():
+    """(where searched, .icd files) as the ICD loader sees them: $OCL_ICD_VENDORS (a dir or one file)
+    or /etc/OpenCL/vendors."""
+    where = os.environ.get("OCL_ICD_VENDORS") or "/etc/OpenCL/vendors"
+    label = where + (" ($OCL_ICD_VENDORS)" if os.environ.get("OCL_ICD_VENDORS") else "")
+    if os.path.isfile(where):
+        return label, [where]
+    try:
+        names = sorted(n for n in os.listdir(where) if n.endswith(".icd"))
+    except OSError:
+        names = []
+    return label, [os.path.join(where, n) for n in names]
+
+
+def diagnose_no_platform():
+    """An ICD file naming a library that does not load is the usual cause; say which one."""
+    where, files = icd_files()
+    for path in files:
+        try:
+            with open(path, "rb") as handle:
+                library = handle.read(4096).decode("utf-8", "replace").strip().split("\n")[0].strip()
+        except OSError as exc:
+            return AgentFailure("icd_missing_library", "cannot read ICD file %s: %s" % (path, exc))
+        try:
+            ctypes.CDLL(library)
+        except OSError as exc:
+            return AgentFailure("icd_missing_library",
+                                "ICD file %s names %r, which cannot be loaded: %s" % (path, library, exc))
+    if files:
+        return AgentFailure("no_platform", "no OpenCL platform: the ICD files in %s (%s) load but report no "
+                            "platform" % (where, ", ".join(os.path.basename(f) for f in files)))
+    return AgentFailure("no_platform", "no OpenCL platform: no .icd file in %s" % where)
+
+
+# ----- selecting a device -------------------------------------------------------------------------
+
+Selection = namedtuple("Selection", "platform device device_type")
+Found = namedtuple("Found", "platform_index device_index handle desc")
+Selected = namedtuple("Selected", "platform_index platform platform_desc device_index device device_desc")
+DEVICE_TYPES = ("gpu", "cpu", "accelerator", "any")
+
+
+def parse_selection(value):
+    """The inventory's `opencl:` map: platform/device by index or name substring, and a device type."""
+    value = {} if value is None else value
+    if not isinstance(value, dict):
+        raise bad_request("field 'opencl': expected an object (got %s)" % _show(value))
+    unknown = sorted(set(value) - {"platform", "device", "device_type"})
+    if unknown:
+        raise bad_request("field 'opencl': unknown keys %s" % ", ".join(unknown))
+    for name in ("platform", "device"):
+        item = value.get(name)
+        if item is not None and (isinstance(item, bool) or not isinstance(item, (int, str))
+                                 or (isinstance(item, int) and item < 0) or item == ""):
+            raise bad_request("field 'opencl.%s': expected an index >= 0 or a name (got %s)"
+                              % (name, _show(item)))
+    device_type = value.get("device_type") or "any"
+    if device_type not in DEVICE_TYPES:
+        raise bad_request("field 'opencl.device_type': expected one of %s (got %s)"
+                          % (", ".join(DEVICE_TYPES), _show(device_type)))
+    return Selection(value.get("platform"), value.get("device"), device_type)
+
+
+def _matches(spec, index, name):
+    if isinstance(spec, int):
+        return index == spec
+    return spec.lower() in name.lower()
+
+
+def _listing(platforms, found):
+    lines = []
+    for pi, desc in enumerate(platforms):
+        devs = ["%d %r (%s)" % (f.device_index, f.desc["name"], "/".join(f.desc["type"]))
+                for f in found if f.platform_index == pi]
+        lines.append("platform %d %r: %s" % (pi, desc["name"], ", ".join(devs) or "no devices"))
+    return "; ".join(lines)
+
+
+def _type_ok(desc, device_type):
+    return device_type == "any" or device_type.upper() in desc["type"]
+
+
+def select_device(cl, selection):
+    """Pick one (platform, device), or fail with no_platform / icd_missing_library / no_device /
+    no_match. Without a platform or device given, the first GPU of any platform wins, else the first
+    device of the first platform that has one."""
+    handles = cl_platforms(cl)
+    if not handles:
+        raise diagnose_no_platform()
+    platforms = [describe_platform(cl, h) for h in handles]
+    found = []
+    for pi, handle in enumerate(handles):
+        for di, dev in enumerate(cl_devices(cl, handle)):
+            found.append(Found(pi, di, dev, describe_device(cl, dev)))
+    wanted = [pi for pi, p in enumerate(platforms)
+              if selection.platform is None or _matches(selection.platform, pi, p["name"])]
+    if not wanted:
+        raise AgentFailure("no_match", "no platform matches opencl.platform %r; there are: %s"
+                           % (selection.platform, _listing(platforms, found)))
+    on_wanted = [f for f in found if f.platform_index in wanted]
+    if not on_wanted:
+        names = ", ".join(repr(platforms[pi]["name"]) for pi in wanted)
+        raise AgentFailure("no_device", "no OpenCL device on platform %s (clGetDeviceIDs: %s)"
+                           % (names, cl_error_name(CL_DEVICE_NOT_FOUND)))
+    typed = [f for f in on_wanted if _type_ok(f.desc, selection.device_type)]
+    if not typed and selection.device_type == "gpu" and all("CPU" in f.desc["type"] for f in on_wanted):
+        first = on_wanted[0]
+        raise AgentFailure("no_device", "only a CPU device (%s) on platform %s; set opencl.device_type: any "
+                           "to accept it" % (first.desc["name"], platforms[first.platform_index]["name"]))
+    if selection.device is None:
+        gpus = [f for f in typed if "GPU" in f.desc["type"]]
+        chosen = (gpus or typed or [None])[0]
+    else:
+        chosen = next((f for f in typed if _matches(selection.device, f.device_index, f.desc["name"])), None)
+    if chosen is None:
+        raise AgentFailure("no_match", "no device matches opencl %s; there are: %s"
+                           % (json.dumps(selection._asdict(), sort_keys=True), _listing(platforms, found)))
+    return Selected(chosen.platform_index, handles[chosen.platform_index], platforms[chosen.platform_index],
+                    chosen.device_index, chosen.handle, chosen.desc)
+
+
+def fingerprint_of(sel):
+    p, d = sel.platform_desc, sel.device_desc
+    ident = "|".join([p["name"], p["version"], d["name"], d["driver_version"]])
+    return {
+        "platform": dict(p), "device": dict(d),
+        "cpu_only": "CPU" in d["type"] and "GPU" not in d["type"],
+        "platform_index": sel.platform_index, "device_index": sel.device_index,
+        "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
+        "id": hashlib.sha256(ident.encode("utf-8")).hexdigest()[:16],
+    }
+
+
+class ClContext:
+    """A context and in-order queue on the selected device; released by close()."""
+
+    def __init__(self, cl, sel):
+        self.cl, self.device = cl, sel.device
+        self.devices = (ptr * 1)(sel.device)
+        self.context = cl.create("clCreateContext", None, 1, self.devices, None, None)
+        try:
+            self.queue = cl.create("clCreateCommandQueue", self.context, sel.device, 0)
+        except AgentFailure:
+            cl.release("clReleaseContext", self.context)
+            raise
+
+    def close(self):
+        self.cl.release("clReleaseCommandQueue", self.queue)
+        self.cl.release("clReleaseContext", self.context)
+
+
+# --------------------------------------------------------------------------------------------------
+# build: sources -> binaries -> MACE cache file, manifest and logs under <release>/build/
+# --------------------------------------------------------------------------------------------------
+
+def parse_build(req, root):
+    """Validate a build request; read every source and header. Returns (mace_version, specs)."""
+    mace_version = req_str(req, "mace_version")
+    programs = _field(req, "programs", _MISSING)
+    if not isinstance(programs, list):
+        raise bad_request("field 'programs': expected a list")
+    specs, keys = [], set()
+    for i, item in enumerate(programs):
+        if not isinstance(item, dict):
+            raise bad_request("programs[%d]: expected an object" % i)
+        spec = {"key": req_str(item, "key"), "name": req_str(item, "name"), "source": req_str(item, "source"),
+                "headers": req_str_list(item, "headers", []), "options": req_str_list(item, "options", []),
+                "compile_options": req_str_list(item, "compile_options", [])}
+        if spec["key"] != mace_program_key(spec["name"], spec["options"]):
+            raise bad_request("programs[%d]: key %r is not MACE's key for name and options (%r)"
+                              % (i, spec["key"], mace_program_key(spec["name"], spec["options"])))
+        if spec["key"] in keys:
+            raise bad_request("programs[%d]: key %r appears twice" % (i, spec["key"]))
+        keys.add(spec["key"])
+        for opt in spec["options"] + spec["compile_options"]:
+            if re.search(r"\s", opt):
+                raise bad_request("programs[%d]: option %r contains white space" % (i, opt))
+        _load_program_files(spec, root)
+        specs.append(spec)
+    return mace_version, specs
+
+
+def _load_program_files(spec, root):
+    source_path = resolve_inside(root, spec["source"])
+    include_dir = os.path.dirname(source_path)
+    if re.search(r"\s", include_dir):
+        raise bad_request("kernel directory %r contains white space; build options cannot quote it "
+                          "(choose a remote_dir without spaces)" % include_dir)
+    try:
+        spec["source_bytes"] = read_file_limited(source_path, MAX_GET, spec["source"])
+        spec["header_bytes"] = [read_file_limited(resolve_inside(root, h), MAX_GET, h)
+                                for h in spec["headers"]]
+    except OSError as exc:
+        raise AgentFailure("io", "program %r: cannot read %s: %s"
+                           % (spec["key"], exc.filename, exc.strerror)) from exc
+    spec["build_options"] = " ".join(spec["options"] + spec["compile_options"] + ["-I", include_dir])
+    # The driver compiles a copy (PoCL: a temp file); a #line directive makes its log name the file
+    # as the release has it, e.g. "kernels/relu.cl:3:7: error: ...". Line numbers stay the same.
+    quoted = spec["source"].replace("\\", "\\\\").replace('"', '\\"')
+    spec["compile_source"] = ('#line 1 "%s"\n' % quoted).encode("utf-8") + spec["source_bytes"]
+
+
+def program_binary(cl, program):
+    sizes = (size_t * 1)()
+    cl.call("clGetProgramInfo", program, CL_PROGRAM_BINARY_SIZES, ctypes.sizeof(sizes), sizes, None)
+    if sizes[0] == 0:
+        raise AgentFailure("opencl", "the driver returned an empty binary (CL_PROGRAM_BINARY_SIZES is 0)")
+    buf = ctypes.create_string_buffer(sizes[0])
+    pointers = (ptr * 1)(ctypes.addressof(buf))
+    cl.call("clGetProgramInfo", program, CL_PROGRAM_BINARIES, ctypes.sizeof(pointers), pointers, None)
+    return buf.raw[:sizes[0]]
+
+
+def build_one(ctx, spec):
+    """Build one program from source: a record for the reply, and its binary (None on failure)."""
+    cl = ctx.cl
+    source = ctypes.c_char_p(spec["compile_source"])
+    length = size_t(len(spec["compile_source"]))
+    program = cl.create("clCreateProgramWithSource", ctx.context, 1, ctypes.byref(source),
+                        ctypes.byref(length))
+    try:
+        start = time.perf_counter()
+        options = spec["build_options"].encode("utf-8")
+        code = cl.lib.clBuildProgram(program, 1, ctx.devices, options, None, None)
+        build_ms = round((time.perf_counter() - start) * 1000.0, 3)
+        try:
+            log = cl.info_str("clGetProgramBuildInfo", (program, ctx.device), CL_PROGRAM_BUILD_LOG)
+        except ClError as exc:
+            log = "(no build log: %s)" % exc.message
+        record = {"key": spec["key"], "ok": code == 0, "build_ms": build_ms, "binary_size": 0, "sha256": None,
+                  "log": log}
+        if code != 0:
+            record["error"] = "%s in clBuildProgram" % cl_error_name(code)
+            record["log"] = log.strip() and log or record["error"]
+            return record, None
+        binary = program_binary(cl, program)
+        record.update(binary_size=len(binary), sha256=hashlib.sha256(binary).hexdigest())
+        return record, binary
+    finally:
+        cl.release("clReleaseProgram", program)
+
+
+def cache_pairs(sel, mace_version, built):
+    """The entries of mace_cl_compiled_program.bin for the programs that built."""
+    p, d = sel.platform_desc, sel.device_desc
+    pairs = [(PLATFORM_INFO_KEY, mace_platform_info(p["name"], p["profile"], p["version"], mace_version)
+              .encode("utf-8")),
+             (DEVICE_NAME_KEY, mace_device_name(d["name"], d["version"]).encode("utf-8"))]
+    for spec, binary in built:
+        pairs.append((spec["key"], binary))
+        pairs.append((PROGRAM_HASH_PREFIX + spec["key"],
+                      mace_program_hash(spec["source_bytes"], spec["header_bytes"]).encode("ascii")))
+    return pairs
+
+
+def write_logs(build_dir, records):
+    """build/logs/<slug>.log for every program; a slug two keys share gets a hash suffix."""
+    logs_dir = os.path.join(build_dir, "logs")
+    os.makedirs(logs_dir, 0o755, exist_ok=True)
+    used = set()
+    for record in records:
+        slug = log_slug(record["key"])
+        if slug in used:
+            slug = slug[:190] + "-" + hashlib.sha256(record["key"].encode("utf-8")).hexdigest()[:8]
+        used.add(slug)
+        write_atomic(os.path.join(logs_dir, slug + ".log"), [record["log"].encode("utf-8", "replace")])
+        record["log_file"] = "build/logs/%s.log" % slug
+
+
+def manifest_of(fingerprint, mace_version, built, cache):
+    programs = [{"key": s["key"], "name": s["name"], "options": s["options"],
+                 "compile_options": s["compile_options"], "binary_size": len(b),
+                 "sha256": hashlib.sha256(b).hexdigest(),
+                 "source_sha256": hashlib.sha256(s["source_bytes"]).hexdigest(),
+                 "program_hash": mace_program_hash(s["source_bytes"], s["header_bytes"])} for s, b in built]
+    return {"schema": 1, "fingerprint": fingerprint, "mace_version": mace_version, "programs": programs,
+            "cache_sha256": hashlib.sha256(cache).hexdigest(), "cache_size": len(cache)}
+
+
+def fit_logs(reply, records):
+    """Cut each returned log to LOG_TAIL, and further if the reply line would pass MAX_LINE."""
+    limit = LOG_TAIL
+    while True:
+        for record, program in zip(records, reply["programs"]):
+            program["log"] = tail_text(record["log"], limit)
+        if len(json.dumps(reply)) < MAX_LINE - 4096 or limit < 64:
+            return reply
+        limit //= 2
+
+
+def op_build(cl, sel, req, root):
+    mace_version, specs = parse_build(req, root)
+    ctx = ClContext(cl, sel)
+    try:
+        results = [build_one(ctx, spec) for spec in specs]
+    finally:
+        ctx.close()
+    records = [r for r, _ in results]
+    built = [(spec, binary) for spec, (_, binary) in zip(specs, results) if binary is not None]
+    cache = encode_mace_pb(cache_pairs(sel, mace_version, built))
+    build_dir = os.path.join(root, "build")
+    os.makedirs(build_dir, 0o755, exist_ok=True)
+    write_logs(build_dir, records)
+    write_atomic(os.path.join(root, CACHE_FILE), [cache])
+    manifest = manifest_of(fingerprint_of(sel), mace_version, built, cache)
+    write_atomic(os.path.join(root, MANIFEST_FILE), [json.dumps(manifest, indent=1, sort_keys=True).encode()])
+    reply = {"programs": [dict(r) for r in records], "cache_file": CACHE_FILE, "manifest_file": MANIFEST_FILE,
+             "cache_sha256": manifest["cache_sha256"], "cache_size": len(cache)}
+    return fit_logs(reply, records), b""
+
+
+# --------------------------------------------------------------------------------------------------
+# smoke: verified binaries -> programs -> kernel runs
+# --------------------------------------------------------------------------------------------------
+
+def parse_expected(req):
+    expected = _field(req, "expected", _MISSING)
+    if not isinstance(expected, dict):
+        raise bad_request("field 'expected': expected an object {program key: sha256}")
+    for key, digest in expected.items():
+        if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest):
+            raise bad_request("field 'expected': %r: expected 64 lower-case hex digits (got %s)"
+                              % (key, _show(digest)))
+    return expected
+
+
+def load_checked_programs(root, cache_file, expected):
+    """Read the cache file and return {key: bytes} for every expected key, each checked against its
+    sha256. Any difference is binary_mismatch, found before a driver sees a byte."""
+    path = resolve_inside(root, cache_file)
+    try:
+        data = read_file_limited(path, MAX_GET, cache_file)
+    except OSError as exc:
+        raise io_failure(exc, cache_file) from exc
+    try:
+        pairs = decode_mace_pb(data)
+    except ValueError as exc:
+        raise AgentFailure("binary_mismatch", "cache file %s is malformed: %s" % (cache_file, exc)) from exc
+    table = {}
+    for key, value in pairs:
+        table.setdefault(key, value)  # MACE: the first pair of a key wins
+    programs = {}
+    for key in sorted(expected):
+        if key not in table:
+            raise AgentFailure("binary_mismatch", "program %r is not in %s" % (key, cache_file))
+        got = hashlib.sha256(table[key]).hexdigest()
+        if got != expected[key]:
+            raise AgentFailure("binary_mismatch", "program %r in %s has sha256 %s, expected %s"
+                               % (key, cache_file, got, expected[key]))
+        programs[key] = table[key]
+    return programs
+
+
+def _range_arg(arg, name, payload_size, where):
+    offset, size = arg.get(name), arg.get("size")
+    for label, v in ((name, offset), ("size", size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise bad_request("%s: '%s' must be an integer >= 0 (got %s)" % (where, label, _show(v)))
+    if size == 0 or offset + size > payload_size:
+        raise bad_request("%s: bytes [%d, %d) are empty or outside the %d-byte payload"
+                          % (where, offset, offset + size, payload_size))
+
+
+def _check_arg(arg, payload_size, where):
+    if not isinstance(arg, dict):
+        raise bad_request("%s: expected an object" % where)
+    kinds = [k for k in ("in", "out", "scalar", "local") if k in arg]
+    if len(kinds) != 1 or set(arg) - {kinds[0], "size"}:
+        raise bad_request("%s: expected one of {in, size}, {out}, {scalar, size}, {local} (got %s)"
+                          % (where, _show(arg)))
+    if kinds[0] in ("in", "scalar"):
+        _range_arg(arg, kinds[0], payload_size, where)
+    else:
+        n = arg[kinds[0]]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_MEMORY_PAYLOAD:
+            raise bad_request("%s: '%s' must be a size in bytes > 0 (got %s)" % (where, kinds[0], _show(n)))
+        if "size" in arg:
+            raise bad_request("%s: '%s' takes no 'size'" % (where, kinds[0]))
+
+
+def _check_sizes(case, name, where, optional):
+    value = case.get(name)
+    if value is None and optional:
+        return
+    if (not isinstance(value, list) or not 1 <= len(value) <= 3
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise bad_request("%s: '%s' must be a list of 1 to 3 integers >= 1 (got %s)"
+                          % (where, name, _show(value)))
+
+
+def parse_cases(req, payload_size, expected):
+    cases = _field(req, "cases", _MISSING)
+    if not isinstance(cases, list):
+        raise bad_request("field 'cases': expected a list")
+    total_out = 0
+    for i, case in enumerate(cases):
+        where = "cases[%d]" % i
+        if not isinstance(case, dict):
+            raise bad_request("%s: expected an object" % where)
+        if not isinstance(case.get("id"), (str, int)) or isinstance(case.get("id"), bool):
+            raise bad_request("%s: 'id' must be a string or integer" % where)
+        key, kernel = req_str(case, "program_key"), req_str(case, "kernel")
+        if key not in expected:
+            raise bad_request("%s: program_key %r is not in 'expected' (every program is checked before "
+                              "a driver loads it)" % (where, key))
+        if not kernel:
+            raise bad_request("%s: 'kernel' is empty" % where)
+        args = case.get("args")
+        if not isinstance(args, list):
+            raise bad_request("%s: 'args' must be a list" % where)
+        for j, arg in enumerate(args):
+            _check_arg(arg, payload_size, "%s.args[%d]" % (where, j))
+            total_out += arg.get("out", 0)
+        _check_sizes(case, "global", where, optional=False)
+        _check_sizes(case, "local", where, optional=True)
+        if case.get("local") is not None and len(case["local"]) != len(case["global"]):
+            raise bad_request("%s: 'local' and 'global' differ in length" % where)
+    if total_out > MAX_MEMORY_PAYLOAD:
+        raise bad_request("outputs total %d bytes, over the limit of %d" % (total_out, MAX_MEMORY_PAYLOAD))
+    return cases
+
+
+def load_program(ctx, binary):
+    """clCreateProgramWithBinary + clBuildProgram; returns (program, ms)."""
+    cl = ctx.cl
+    lengths = (size_t * 1)(len(binary))
+    holder = ctypes.create_string_buffer(binary, len(binary))
+    pointers = (ptr * 1)(ctypes.addressof(holder))
+    status = (cl_int * 1)()
+    start = time.perf_counter()
+    program = cl.create("clCreateProgramWithBinary", ctx.context, 1, ctx.devices, lengths, pointers, status)
+    try:
+        code = cl.lib.clBuildProgram(program, 1, ctx.devices, b"", None, None)
+        if code != 0:
+            raise ClError(code, "clBuildProgram (from binary)")
+    except AgentFailure:
+        cl.release("clReleaseProgram", program)
+        raise
+    return program, round((time.perf_counter() - start) * 1000.0, 3)
+
+
+def _set_args(ctx, kernel, case, payload, mems):
+    """Set every kernel argument; returns [(mem, size)] of the outputs in argument order."""
+    cl, outputs = ctx.cl, []
+    for index, arg in enumerate(case["args"]):
+        if "in" in arg or "out" in arg:
+            if "in" in arg:
+                data = payload[arg["in"]:arg["in"] + arg["size"]]
+                host = ctypes.create_string_buffer(data, len(data))
+                flags, size = CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR, len(data)
+            else:
+                host, flags, size = None, CL_MEM_WRITE_ONLY, arg["out"]
+            mem = cl.create("clCreateBuffer", ctx.context, flags, size, host)
+            mems.append(mem)
+            cl.call("clSetKernelArg", kernel, index, ctypes.sizeof(ptr), ctypes.byref(ptr(mem)))
+            if "out" in arg:
+                outputs.append((mem, size))
+        elif "scalar" in arg:
+            data = payload[arg["scalar"]:arg["scalar"] + arg["size"]]
+            cl.call("clSetKernelArg", kernel, index, len(data), ctypes.create_string_buffer(data, len(data)))
+        else:
+            cl.call("clSetKernelArg", kernel, index, arg["local"], None)
+    return outputs
+
+
+def run_case(ctx, program, case, payload):
+    """Run one case: (record, output bytes). A CL error fails only this case."""
+    cl, kernel, mems = ctx.cl, None, []
+    record = {"id": case["id"], "ok": False, "error": None, "outputs": [], "run_ms": None}
+    try:
+        kernel = cl.create("clCreateKernel", program, case["kernel"].encode("utf-8"))
+        outputs = _set_args(ctx, kernel, case, payload, mems)
+        dims = len(case["global"])
+        global_size = (size_t * dims)(*case["global"])
+        local_size = (size_t * dims)(*case["local"]) if case.get("local") else None
+        start = time.perf_counter()
+        cl.call("clEnqueueNDRangeKernel", ctx.queue, kernel, dims, None, global_size, local_size,
+                0, None, None)
+        cl.call("clFinish", ctx.queue)
+        run_ms = round((time.perf_counter() - start) * 1000.0, 3)
+        chunks = []
+        for mem, size in outputs:
+            host = ctypes.create_string_buffer(size)
+            cl.call("clEnqueueReadBuffer", ctx.queue, mem, 1, 0, size, host, 0, None, None)
+            chunks.append(host.raw[:size])
+        record.update(ok=True, outputs=[{"size": len(c)} for c in chunks], run_ms=run_ms)
+        return record, b"".join(chunks)
+    except AgentFailure as exc:
+        record["error"] = exc.message
+        return record, b""
+    finally:
+        for mem in mems:
+            cl.release("clReleaseMemObject", mem)
+        cl.release("clReleaseKernel", kernel)
+
+
+def op_smoke(cl, sel, req, root, payload):
+    expected = parse_expected(req)
+    cases = parse_cases(req, len(payload), expected)
+    binaries = load_checked_programs(root, req_str(req, "cache_file"), expected)
+    ctx = ClContext(cl, sel)
+    programs, load_ms, load_errors = {}, {}, {}
+    try:
+        for key in sorted(binaries):
+            try:
+                programs[key], load_ms[key] = load_program(ctx, binaries[key])
+            except AgentFailure as exc:
+                load_errors[key] = exc.message
+        records, outputs = [], []
+        for case in cases:
+            key = case["program_key"]
+            if key in load_errors:
+                record = {"id": case["id"], "ok": False, "outputs": [], "run_ms": None,
+                          "error": "program %r did not load from its binary: %s" % (key, load_errors[key])}
+                data = b""
+            else:
+                record, data = run_case(ctx, programs[key], case, payload)
+            records.append(record)
+            outputs.append(data)
+    finally:
+        for program in programs.values():
+            cl.release("clReleaseProgram", program)
+        ctx.close()
+    data = b"".join(outputs)
+    return {"load_ms": load_ms, "load_errors": load_errors, "cases": records, "payload_size": len(data)}, data
+
+
+# --------------------------------------------------------------------------------------------------
+# child: one OpenCL request, one reply
+# --------------------------------------------------------------------------------------------------
+
+CHILD_OPS = ("fingerprint", "build", "smoke")
+
+
+def run_child_request(req, payload):
+    op = req.get("op")
+    if op not in CHILD_OPS:
+        raise bad_request("the child runs %s, not %r" % (", ".join(CHILD_OPS), op))
+    root = req_str(req, "root")
+    if not os.path.isabs(root) or not os.path.isdir(root):
+        raise bad_request("field 'root': %r is not an absolute directory" % root)
+    root = os.path.realpath(root)
+    selection = parse_selection(req.get("opencl"))
+    cl = OpenCL()
+    sel = select_device(cl, selection)
+    if op == "fingerprint":
+        return {"fingerprint": fingerprint_of(sel)}, b""
+    if op == "build":
+        return op_build(cl, sel, req, root)
+    return op_smoke(cl, sel, req, root, payload)
+
+
+def child_main():
+    # Drivers may print to stdout; keep the real stdout for the reply and send fd 1 to stderr.
+    reply_stream = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    try:
+        req, payload = read_message(sys.stdin.buffer)
+        reply, out = run_child_request(req, payload)
+        reply = dict(reply, ok=True)
+    except AgentFailure as exc:
+        reply, out = exc.reply(), b""
+    except (FramingError, EOFError) as exc:
+        reply, out = bad_request("child request: %s" % exc).reply(), b""
+    except OSError as exc:
+        reply, out = io_failure(exc, exc.filename or "(file)").reply(), b""
+    except Exception as exc:  # the agent never answers with a traceback
+        reply, out = AgentFailure("internal", "%s: %s" % (type(exc).__name__, exc)).reply(), b""
+    write_message(reply_stream, reply, out)
+    # Skip interpreter and driver teardown: a driver crashing in its destructors after a complete
+    # reply must not turn a good result into driver_crash.
+    os._exit(0)
+
+
+def stderr_tail(data, lines=12, chars=2000):
+    text = data.decode("utf-8", "replace").strip()
+    return "\n".join(text.splitlines()[-lines:])[-chars:]
+
+
+def run_child(req, payload, root, timeout):
+    """Run one OpenCL op in `agent_main.py child`: (reply, payload). A child killed by a signal is
+    driver_crash, one past `timeout` seconds is killed and reported as timeout."""
+    op = req.get("op")
+    request = io.BytesIO()
+    write_message(request, dict(req, root=root), payload)
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "child"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = child.communicate(request.getvalue(), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        out, err = child.communicate()
+        tail = stderr_tail(err)
+        raise AgentFailure("timeout", "OpenCL %s did not finish within %g s; the child was killed%s"
+                           % (op, timeout, "; stderr: " + tail if tail else "")) from None
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if child.returncode < 0:
+        try:
+            name = signal.Signals(-child.returncode).name
+        except ValueError:
+            name = "signal %d" % -child.returncode
+        tail = stderr_tail(err)
+        raise AgentFailure("driver_crash", "OpenCL driver crashed (%s) during %s%s"
+                           % (name, op, "; stderr: " + tail if tail else ""))
+    try:
+        reply, reply_payload = read_message(io.BytesIO(out))
+    except (FramingError, EOFError) as exc:
+        raise AgentFailure("internal", "the OpenCL child exited with status %d and no valid reply (%s); "
+                           "stderr: %s" % (child.returncode, exc, stderr_tail(err))) from exc
+    if reply.pop("ok", None) is not True:
+        error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+        raise AgentFailure(str(error.get("kind", "internal")), str(error.get("message", reply)))
+    return reply, reply_payload
+
+
+# --------------------------------------------------------------------------------------------------
+# serve: the session
+# --------------------------------------------------------------------------------------------------
+
+class SessionEnd(Exception):
+    """Input ended or the agent was told to stop (SIGTERM/SIGHUP): abandon an uncommitted release."""
+
+
+def _on_signal(signum, frame):
+    raise SessionEnd("stopped by %s" % signal.Signals(signum).name)
+
+
+class Session:
+    """One controller session: at most one begun release, and the lock while writing it."""
+
+    def __init__(self, rd):
+        self.rd = rd
+        self.lock_fd = None
+        self.release_id = None
+        self.ops = {"begin": self.op_begin, "put": self.op_put, "fingerprint": self.op_opencl,
+                    "build": self.op_opencl, "smoke": self.op_opencl, "get": self.op_get,
+                    "commit": self.op_commit, "bye": self.op_bye}
+
+    # ----- helpers -----
+
+    def release_dir(self, release_id=None):
+        return os.path.join(self.rd, "releases", release_id or self.release_id)
+
+    def need_release(self):
+        if self.release_id is None:
+            raise bad_request("no release begun in this session (send begin first)")
+        return self.release_dir()
+
+    def unlock(self):
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # closing the descriptor drops the flock
+            self.lock_fd = None
+
+    def abandon(self):
+        """Delete the begun, uncommitted release (so `current` stays as it was) and drop the lock.
+
+        A signal can land between commit's rename and its bookkeeping: a release that `current`
+        already points to is never deleted."""
+        if self.release_id is not None and self.previous() != self.release_id:
+            shutil.rmtree(self.release_dir(), ignore_errors=True)
+        self.release_id = None
+        self.unlock()
+
+    def previous(self):
+        try:
+            target = os.readlink(os.path.join(self.rd, "current"))
+        except OSError:
+            return None
+        return os.path.basename(target.rstrip("/")) or None
+
+    # ----- ops: each returns (reply fields, payload bytes) -----
+
+    def op_begin(self, req, payload):
+        release_id = req_str(req, "release", pattern=RELEASE_ID_RE)
+        if release_id in (".", "..") or len(release_id) > 200:
+            raise bad_request("field 'release': %r is not a usable id" % release_id)
+        if self.release_id is not None:
+            raise bad_request("release %r is already begun in this session" % self.release_id)
+        lock_path = os.path.join(self.rd, ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise AgentFailure("locked", "another deploy is writing this device (lock %s)"
+                                   % lock_path) from exc
+            raise
+        self.lock_fd = fd
+        try:
+            os.makedirs(os.path.join(self.rd, "releases"), 0o755, exist_ok=True)
+            os.mkdir(self.release_dir(release_id), 0o755)
+        except FileExistsError:
+            self.unlock()
+            raise bad_request("release %r already exists in %s/releases" % (release_id, self.rd)) from None
+        except OSError:
+            self.unlock()
+            raise
+        self.release_id = release_id
+        return {"release": release_id, "previous": self.previous()}, b""
+
+    def op_put(self, req, payload):
+        rel = req_str(req, "path")
+        size = req_int(req, "size", lo=0)
+        want = req_str(req, "sha256", pattern=SHA256_RE)
+        mode = req_int(req, "mode", 0o644, lo=0, hi=0o777)
+        root = self.need_release()
+        target = resolve_inside(root, rel)
+
+        def check(got_size, got_sha):
+            if got_size != size or got_sha != want:
+                raise AgentFailure("checksum", "%s: got %d bytes with sha256 %s, expected %d with sha256 %s"
+                                   % (rel, got_size, got_sha, size, want))
+
+        try:
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            if not _inside(os.path.realpath(os.path.dirname(target)), root):  # checked again once created
+                raise bad_request("path %r resolves outside the release" % rel)
+            write_atomic(target, payload.chunks(), mode, check)
+        except OSError as exc:
+            raise io_failure(exc, rel) from exc
+        return {"path": rel, "size": size}, b""
+
+    def op_get(self, req, payload):
+        rel = req_str(req, "path")
+        path = resolve_inside(self.need_release(), rel)
+        try:
+            if not os.path.isfile(path):
+                raise AgentFailure("io", "%s: no such file in the release" % rel)
+            data = read_file_limited(path, MAX_GET, rel)
+        except OSError as exc:
+            raise io_failure(exc, rel) from exc
+        return {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "payload_size": len(data)}, data
+
+    def op_opencl(self, req, payload):
+        """fingerprint, build, smoke: checked here, run in a child process."""
+        op = req["op"]
+        timeout = req_timeout(req)
+        parse_selection(req.get("opencl"))
+        if op == "fingerprint":
+            root = self.release_dir() if self.release_id else self.rd
+            return run_child(req, b"", root, timeout)
+        root = self.need_release()
+        data = b""
+        if op == "smoke":
+            data = payload.read_all()
+            expected = parse_expected(req)
+            parse_cases(req, len(data), expected)
+            load_checked_programs(root, req_str(req, "cache_file"), expected)  # before any driver runs
+        return run_child(req, data, root, timeout)
+
+    def op_commit(self, req, payload):
+        keep = req_int(req, "keep", 3, lo=0)
+        release = self.need_release()
+        release_id = self.release_id
+        for dirpath, _, _ in os.walk(release):
+            fsync_dir(dirpath)
+        fsync_dir(os.path.dirname(release))
+        tmp = os.path.join(self.rd, ".current.tmp-%d" % os.getpid())
+        try:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.symlink("releases/" + release_id, tmp)
+            os.rename(tmp, os.path.join(self.rd, "current"))
+        except OSError as exc:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise io_failure(exc, "current") from exc
+        self.release_id = None  # committed: no longer ours to delete
+        fsync_dir(self.rd)
+        pruned = self.prune(keep, release_id)
+        self.unlock()
+        return {"current": release_id, "pruned": pruned}, b""
+
+    def prune(self, keep, current):
+        """Delete releases beyond the newest `keep` (ids sort by time); never the current one."""
+        base = os.path.join(self.rd, "releases")
+        names = sorted((n for n in os.listdir(base)
+                        if RELEASE_ID_RE.fullmatch(n) and os.path.isdir(os.path.join(base, n))), reverse=True)
+        pruned = [n for n in names[keep:] if n != current]
+        for name in pruned:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        return pruned
+
+    def op_bye(self, req, payload):
+        # Clean up before answering: once the controller hears "ok", nothing uncommitted is left.
+        dropped = self.release_id
+        self.abandon()  # an orderly end without commit also leaves `current` as it was
+        return {"dropped": dropped}, b""
+
+    # ----- the loop -----
+
+    def dispatch(self, req, payload):
+        """Answer one request: (reply object, payload); never raises for a bad request or a failed op."""
+        op = req.get("op")
+        handler = self.ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return bad_request("unknown op %r (known: %s)" % (op, ", ".join(sorted(self.ops)))).reply(), b""
+        try:
+            reply, out = handler(req, payload)
+            return dict(reply, ok=True), out
+        except AgentFailure as exc:
+            return exc.reply(), b""
+        except OSError as exc:
+            return io_failure(exc, exc.filename or op).reply(), b""
+        except (EOFError, SessionEnd):
+            raise
+        except Exception as exc:  # an agent bug becomes a reply; the session goes on
+            return AgentFailure("internal", "%s in %s: %s" % (type(exc).__name__, op, exc)).reply(), b""
+
+    def serve(self, inp, out):
+        """Answer requests until bye (exit 0) or end of input (exit 1 if a begun release was dropped)."""
+        try:
+            write_message(out, {"op": "hello", "agent_version": AGENT_VERSION,
+                                "python": "%d.%d.%d" % tuple(sys.version_info[:3]), "pid": os.getpid()})
+            while True:
+                try:
+                    req, size = read_header(inp)
+                except FramingError as exc:
+                    write_message(out, bad_request(str(exc)).reply())
+                    continue
+                payload = Payload(inp, size)
+                reply, data = self.dispatch(req, payload)
+                payload.drain()  # keep the stream in step even when an op ignored its payload
+                try:
+                    write_message(out, reply, data)
+                except ValueError as exc:  # reply line too long: report it rather than die
+                    write_message(out, AgentFailure("internal", str(exc)).reply())
+                if req.get("op") == "bye":
+                    return 0
+        except (EOFError, SessionEnd, BrokenPipeError, KeyboardInterrupt):
+            dropped = self.release_id is not None
+            self.abandon()
+            return 1 if dropped else 0
+
+
+def serve_main(rd):
+    out = sys.stdout.buffer
+    try:
+        os.makedirs(os.path.expanduser(rd), 0o755, exist_ok=True)
+    except OSError as exc:
+        write_message(out, AgentFailure("io", "cannot create remote dir %s: %s" % (rd, exc.strerror)).reply())
+        return 1
+    rd = os.path.realpath(os.path.expanduser(rd))  # every containment check compares realpaths
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    return Session(rd).serve(sys.stdin.buffer, out)
+
+
+def main(argv):
+    if len(argv) == 3 and argv[1] == "serve":
+        return serve_main(argv[2])
+    if len(argv) == 2 and argv[1] == "child":
+        child_main()
+        return 0
+    sys.stderr.write("usage: %s serve REMOTE_DIR | child\n" % os.path.basename(argv[0]))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,242 @@
+"""Faults, each made real on devices of the test's own: every one fails only its device, with a clear reason.
+
+Connection faults use real listeners on 127.0.0.1 (refusing, stalled accept queue, silent server);
+device faults are real too: a hidden python3 or libOpenCL.so.1, a broken ICD file, a full tmpfs.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deployer.sim import DeviceSpec, Fleet
+from tests.conftest import KERNELS, Cli
+
+MakeFleet = Callable[[Sequence[DeviceSpec]], Fleet]
+
+
+def edit_inventory(fleet: Fleet, change: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the fleet's inventory, changed by `change`; returns its path."""
+    document = yaml.safe_load(fleet.inventory.read_text())
+    change(document)
+    path = fleet.folder / "edited.yml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def device_entry(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(d for d in document["devices"] if d["name"] == name)
+
+
+def push(cli: Cli, inventory: Path, tmp_path: Path, *extra: str | Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    run = cli("push", "--fleet", inventory, "--kernels", KERNELS, "--cache", tmp_path / "cache", "--json", *extra)
+    assert "Traceback" not in run.err
+    report = run.json()
+    return run.code, {d["name"]: d for d in report["devices"]}
+
+
+def test_no_python_fails_only_that_device(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01"), DeviceSpec("sim-02", without_python=True)])
+    code, devices = push(cli, fleet.inventory, tmp_path)
+    assert code == 1
+    assert devices["sim-01"]["ok"] is True
+    bad = devices["sim-02"]
+    assert bad["ok"] is False and bad["failed_stage"] == "connect"
+    assert "no python on the device" in bad["error"] and "'python3' not found" in bad["error"]
+    assert not (tmp_path / "cache" / "sim-02" / "mace_cl_compiled_program.bin").exists()
+    assert (tmp_path / "cache" / "sim-02" / "last-failure" / "error.json").exists()
+
+
+def test_no_opencl_loader(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01", without_opencl=True)])
+    code, devices = push(cli, fleet.inventory, tmp_path)
+    assert code == 1
+    assert devices["sim-01"]["failed_stage"] == "fingerprint"
+    assert "[no_loader]" in devices["sim-01"]["error"] and "libOpenCL.so.1" in devices["sim-01"]["error"]
+
+
+def _with_icd_folder(fleet: Fleet, icd_text: str | None) -> Path:
+    """Give sim-01 an OCL_ICD_VENDORS folder in its home: empty, or with one .icd file."""
+    folder = Path(fleet.device("sim-01").folder) / "home" / "vendors"
+    folder.mkdir()
+    if icd_text is not None:
+        (folder / "gpu.icd").write_text(icd_text)
+    return edit_inventory(fleet, lambda doc: device_entry(doc, "sim-01").update(
+        env={"OCL_ICD_VENDORS": "/home/deploysim/vendors"}))
+
+
+def test_icd_file_naming_a_missing_library(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    inventory = _with_icd_folder(fleet, "libmali-not-here.so\n")
+    code, devices = push(cli, inventory, tmp_path)
+    error = devices["sim-01"]["error"]
+    assert code == 1 and "[icd_missing_library]" in error
+    assert "gpu.icd" in error and "libmali-not-here.so" in error
+
+
+def test_no_platform(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    inventory = _with_icd_folder(fleet, None)
+    code, devices = push(cli, inventory, tmp_path)
+    assert code == 1 and "[no_platform]" in devices["sim-01"]["error"]
+
+
+def test_gpu_required_but_only_cpu(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    inventory = edit_inventory(fleet, lambda doc: device_entry(doc, "sim-01").update(
+        opencl={"device_type": "gpu"}))
+    code, devices = push(cli, inventory, tmp_path)
+    assert code == 1 and "only a CPU device" in devices["sim-01"]["error"]
+
+
+def test_kernel_that_fails_to_compile(make_fleet: MakeFleet, cli: Cli, tmp_path: Path, kernels_copy: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    source = kernels_copy / "relu.cl"
+    source.write_text(source.read_text().replace("fmax(x[i], (DATA_TYPE)0)", "fmax(x[i], undeclared_thing)"))
+    run = cli("push", "--fleet", fleet.inventory, "--kernels", kernels_copy, "--cache", tmp_path / "cache", "--json")
+    device = run.json()["devices"][0]
+    assert run.code == 1 and device["failed_stage"] == "compile"
+    assert "relu -DDATA_TYPE=float" in device["error"]
+    assert "relu.cl:" in device["error"] and "undeclared_thing" in device["error"]
+    line = next(i for i, text in enumerate(source.read_text().splitlines(), 1) if "undeclared_thing" in text)
+    assert f"relu.cl:{line}:" in device["error"]
+    built = {k["name"]: k["built"] for k in device["kernels"]}
+    assert built == {"saxpy[f32]": True, "relu[f32]": False, "matmul[f32]": True}
+    home = Path(fleet.device("sim-01").folder) / "home" / ".deployer"
+    assert not (home / "current").exists()  # nothing was committed
+    assert not list((home / "releases").iterdir())  # and the begun release was removed
+
+
+def test_remote_disk_full(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01", disk_kib=256), DeviceSpec("sim-02")])
+    model = tmp_path / "big.bin"
+    model.write_bytes(b"\1" * (1 << 20))
+    code, devices = push(cli, fleet.inventory, tmp_path, "--model", model)
+    assert code == 1 and devices["sim-02"]["ok"] is True
+    error = devices["sim-01"]["error"]
+    assert devices["sim-01"]["failed_stage"] == "upload" and "No space left on device" in error
+    remote = Path(fleet.device("sim-01").folder) / "home" / ".deployer"
+    leftovers = [p for p in remote.rglob("*") if ".tmp-" in p.name or p.parent.name == "releases"]
+    assert leftovers == []
+
+
+# --- connection faults: real sockets on 127.0.0.1 --------------------------------------------------------
+
+
+@pytest.fixture
+def listener() -> Iterator[Callable[..., int]]:
+    """Start a TCP listener on 127.0.0.1 that behaves badly; returns its port."""
+    sockets: list[socket.socket] = []
+    stop = threading.Event()
+
+    def start(*, backlog: int, accept: bool = False, fill_queue: bool = False) -> int:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(backlog)
+        sockets.append(server)
+        port: int = server.getsockname()[1]
+        if accept:  # accept and say nothing: TCP works, SSH never starts
+            def serve() -> None:
+                server.settimeout(0.2)
+                while not stop.is_set():
+                    try:
+                        sockets.append(server.accept()[0])
+                    except OSError:
+                        continue
+            threading.Thread(target=serve, daemon=True).start()
+        if fill_queue:  # never accepted: once the queue is full, further connects hang in SYN
+            for _ in range(8):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+                sockets.append(filler)
+            time.sleep(0.1)
+        return port
+
+    yield start
+    stop.set()
+    for sock in sockets:
+        sock.close()
+
+
+def _point_at(fleet: Fleet, port: int, **timeouts: int) -> Path:
+    def change(doc: dict[str, Any]) -> None:
+        device_entry(doc, "sim-01")["port"] = port
+        device_entry(doc, "sim-01")["timeouts"] = {"connect": 1, **timeouts}
+    return edit_inventory(fleet, change)
+
+
+def test_connection_refused(fleet: Fleet, cli: Cli, tmp_path: Path) -> None:
+    code, devices = _push_limited(cli, _point_at(fleet, _unused_port()), tmp_path)
+    assert code == 1 and "refused" in devices["sim-01"]["error"]
+
+
+def _push_limited(cli: Cli, inventory: Path, tmp_path: Path) -> tuple[int, dict[str, Any]]:
+    """Push to the broken sim-01 and the healthy sim-02: sim-02 passes, and is not held up."""
+    start = time.monotonic()
+    code, devices = push(cli, inventory, tmp_path, "--limit", "sim-01,sim-02")
+    assert time.monotonic() - start < 30
+    assert devices["sim-02"]["ok"] is True
+    return code, devices
+
+
+def _unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_connect_timeout(fleet: Fleet, cli: Cli, tmp_path: Path, listener: Callable[..., int]) -> None:
+    port = listener(backlog=0, fill_queue=True)
+    code, devices = _push_limited(cli, _point_at(fleet, port), tmp_path)
+    assert code == 1 and "timed out after 1 s" in devices["sim-01"]["error"]
+
+
+def test_server_that_never_speaks_ssh(fleet: Fleet, cli: Cli, tmp_path: Path, listener: Callable[..., int]) -> None:
+    port = listener(backlog=8, accept=True)
+    code, devices = _push_limited(cli, _point_at(fleet, port), tmp_path)
+    error = devices["sim-01"]["error"]
+    assert code == 1 and "accepted the TCP connection but the SSH handshake failed" in error
+
+
+def test_authentication_failure(fleet: Fleet, cli: Cli, tmp_path: Path) -> None:
+    import subprocess
+
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    inventory = edit_inventory(fleet, lambda doc: device_entry(doc, "sim-01").update(identity_file=str(key)))
+    code, devices = _push_limited(cli, inventory, tmp_path)
+    assert code == 1 and "refused every key for user 'deploysim'" in devices["sim-01"]["error"]
+    assert devices["sim-01"]["failed_stage"] == "connect"
+
+
+def test_unknown_host_key_is_refused_then_accepted_on_request(fleet: Fleet, cli: Cli, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    inventory = edit_inventory(fleet, lambda doc: doc["defaults"]["ssh"].update(known_hosts=str(known)))
+    code, devices = push(cli, inventory, tmp_path, "--limit", "sim-01")
+    error = devices["sim-01"]["error"]
+    assert code == 1 and "unknown host key for [127.0.0.1]:" in error and "SHA256:" in error
+    assert "--accept-new-host-keys" in error and known.read_text() == ""
+    code, devices = push(cli, inventory, tmp_path, "--limit", "sim-01", "--accept-new-host-keys")
+    assert code == 0, devices
+    assert f"[127.0.0.1]:{fleet.device('sim-01').port} ssh-ed25519 " in known.read_text()
+
+
+def test_changed_host_key_is_always_refused(fleet: Fleet, cli: Cli, tmp_path: Path) -> None:
+    port = fleet.device("sim-01").port
+    other_key = (Path(fleet.device("sim-02").folder) / "host_ed25519.pub").read_text().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {other_key[0]} {other_key[1]}\n")
+    inventory = edit_inventory(fleet, lambda doc: doc["defaults"]["ssh"].update(known_hosts=str(known)))
+    code, devices = push(cli, inventory, tmp_path, "--limit", "sim-01", "--accept-new-host-keys")
+    error = devices["sim-01"]["error"]
+    assert code == 1 and "CHANGED" in error and "ssh-keygen -R" in error
