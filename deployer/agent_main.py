@@ -391,19 +391,20 @@ def _decode_kv(data, pos, end):
     return key, value
 
 
-def decode_mace_pb(data):
-    # type: (bytes) -> list[tuple[str, bytes]]
+def decode_mace_pb(data, check_crc=True):
+    # type: (bytes, bool) -> list[tuple[str, bytes]]
     """Strictly decode a MACE v1.1+ container into a list of (key, bytes) in file order.
 
     Raises ValueError with the reason on a bad CRC, a length past its bound, an unknown field, a pair
-    without key, or anything else malformed.
+    without key, or anything else malformed. `check_crc=False` only serves to say which entry differs
+    in a file whose CRC already failed; its entries are never trusted.
     """
     data = memoryview(bytes(data))
     if len(data) < 4:
         raise ValueError("file of %d bytes is too short for the CRC-32 trailer" % len(data))
     end = len(data) - 4
     (want,) = struct.unpack("<I", data[end:].tobytes())
-    if zlib.crc32(data[:end]) & 0xFFFFFFFF != want:
+    if check_crc and zlib.crc32(data[:end]) & 0xFFFFFFFF != want:
         raise ValueError("crc mismatch")
     pairs, pos = [], 0
     while pos < end:
@@ -1021,6 +1022,16 @@ def parse_expected(req):
     return expected
 
 
+def _differing_programs(data, expected):
+    """For a file whose CRC fails: which expected programs differ from the controller's copy."""
+    try:
+        table = dict(reversed(decode_mace_pb(data, check_crc=False)))  # the first pair of a key wins
+    except ValueError:
+        return ""
+    differ = sorted(k for k in expected if hashlib.sha256(table.get(k, b"")).hexdigest() != expected[k])
+    return "; program(s) differing from the pulled copy: %s" % ", ".join(repr(k) for k in differ) if differ else ""
+
+
 def load_checked_programs(root, cache_file, expected):
     """Read the cache file and return {key: bytes} for every expected key, each checked against its
     sha256. Any difference is binary_mismatch, found before a driver sees a byte."""
@@ -1032,7 +1043,8 @@ def load_checked_programs(root, cache_file, expected):
     try:
         pairs = decode_mace_pb(data)
     except ValueError as exc:
-        raise AgentFailure("binary_mismatch", "cache file %s is malformed: %s" % (cache_file, exc)) from exc
+        raise AgentFailure("binary_mismatch", "cache file %s is malformed: %s%s"
+                           % (cache_file, exc, _differing_programs(data, expected))) from exc
     table = {}
     for key, value in pairs:
         table.setdefault(key, value)  # MACE: the first pair of a key wins

@@ -39,7 +39,7 @@ sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet of real sshd
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(sim_app, name="sim")
 
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
 
 FleetOption = Annotated[Path, typer.Option("--fleet", "-f", help="Inventory YAML file.")]

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from deployer import agent_main
-from deployer.agent import AgentSession, Reply, field as reply_field, printable, raise_for_failed_programs
+from deployer.agent import AgentSession, Reply, printable, raise_for_failed_programs
+from deployer.agent import field as reply_field
 from deployer.cache import CACHE_FILE, store_device, store_failure
 from deployer.errors import AgentError, DeviceError, InputError, LocalStateError, SmokeMismatch, Where
 from deployer.inventory import Device
@@ -282,7 +283,8 @@ def _fingerprint(reply: Reply) -> dict[str, Any]:
         reply_field(record, "name", str)
     reply_field(fingerprint["device"], "driver_version", str)
     reply_field(fingerprint, "cpu_only", bool)
-    return _printable_tree(fingerprint)
+    clean: dict[str, Any] = _printable_tree(fingerprint)
+    return clean
 
 
 def _printable_tree(value: Any, depth: int = 0) -> Any:

@@ -1,0 +1,125 @@
+"""The command line: input errors, the local transport, the sim commands, a corrupted binary on a device."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import yaml
+
+from deployer.inventory import load_inventory
+from deployer.kernels import load_library
+from deployer.pipeline import PushJob, release_files, run_fleet
+from deployer.sim import DeviceSpec, Fleet, fleet_status
+from deployer.smoke import load_references, plan_smoke
+from tests.conftest import KERNELS, Cli
+from tests.test_faults import MakeFleet
+
+
+def test_missing_inventory(cli: Cli, tmp_path: Path) -> None:
+    run = cli("push", "--fleet", tmp_path / "nope.yml", "--cache", tmp_path / "cache")
+    assert run.code == 2 and "nope.yml" in run.err and "Traceback" not in run.err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_yaml_syntax_error_names_file_and_line(cli: Cli, tmp_path: Path) -> None:
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text("devices:\n  - name: a\n    host: [unclosed\n")
+    run = cli("inventory", "check", "--fleet", inventory)
+    assert run.code == 2 and f"{inventory}:" in run.err and "Traceback" not in run.err
+
+
+def test_misspelt_field_is_named_with_a_suggestion(cli: Cli, tmp_path: Path) -> None:
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text("devices:\n  - name: a\n    host: 10.0.0.1\n    prot: 22\n")
+    run = cli("inventory", "check", "--fleet", inventory)
+    assert run.code == 2
+    assert f"{inventory}:4" in run.err and "'prot'" in run.err and "port" in run.err
+
+
+def test_bad_kernel_manifest_stops_before_any_device(cli: Cli, fleet: Fleet, tmp_path: Path,
+                                                     kernels_copy: Path) -> None:
+    manifest = kernels_copy / "kernels.yml"
+    manifest.write_text(manifest.read_text().replace("    source: relu.cl", "    sourse: relu.cl"))
+    line = next(i for i, t in enumerate(manifest.read_text().splitlines(), 1) if "sourse" in t)
+    run = cli("push", "--fleet", fleet.inventory, "--kernels", kernels_copy, "--cache", tmp_path / "cache")
+    assert run.code == 2 and f"kernels.yml:{line}" in run.err and "did you mean 'source'" in run.err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missing_model_is_an_input_error(cli: Cli, fleet: Fleet, tmp_path: Path) -> None:
+    run = cli("push", "--fleet", fleet.inventory, "--model", tmp_path / "absent.bin", "--cache", tmp_path / "c")
+    assert run.code == 2 and "absent.bin" in run.err and "Traceback" not in run.err
+
+
+def test_inventory_list_json_hides_env_values(cli: Cli, fleet: Fleet, tmp_path: Path) -> None:
+    document = yaml.safe_load(fleet.inventory.read_text())
+    document["devices"][0]["env"] = {"API_TOKEN": "s3cret-value"}
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text(yaml.safe_dump(document))
+    run = cli("inventory", "list", "--fleet", inventory, "--json")
+    assert run.code == 0 and "s3cret-value" not in run.out
+    assert [d["name"] for d in run.json()["devices"]] == ["sim-01", "sim-02", "sim-03"]
+
+
+def test_local_transport(cli: Cli, tmp_path: Path, pocl_cache: Path) -> None:
+    """`host: local`: the controller itself is a device, through the same agent and protocol."""
+    inventory = tmp_path / "local.yml"
+    inventory.write_text(yaml.safe_dump({"devices": [{
+        "name": "controller", "host": "local", "remote_dir": str(tmp_path / "remote"),
+        "env": {"POCL_CACHE_DIR": str(pocl_cache)}}]}))
+    run = cli("push", "--fleet", inventory, "--kernels", KERNELS, "--cache", tmp_path / "cache", "--json")
+    device = run.json()["devices"][0]
+    assert run.code == 0, device["error"]
+    assert device["fingerprint"]["platform"]["name"] == "Portable Computing Language"
+    assert (tmp_path / "remote" / "current").is_symlink()
+    assert (tmp_path / "cache" / "controller" / "mace_cl_compiled_program.bin").exists()
+
+
+def test_sim_commands(cli: Cli, tmp_path: Path) -> None:
+    folder = tmp_path / "sim"
+    run = cli("sim", "up", "--devices", "2", "--dir", folder, "--without-python", "sim-02")
+    try:
+        assert run.code == 0 and (folder / "inventory.yml").exists()
+        devices = load_inventory(folder / "inventory.yml").devices
+        assert [d.name for d in devices] == ["sim-01", "sim-02"]
+        # written exactly as a healthy board would be: the fault is in the device, not the inventory
+        assert devices[0].python == devices[1].python
+        status = cli("sim", "status", "--dir", folder, "--json").json()["devices"]
+        assert [d["running"] for d in status] == [True, True]
+    finally:
+        down = cli("sim", "down", "--dir", folder)
+    assert down.code == 0 and "stopped 2 device(s)" in down.out
+    assert fleet_status(folder) == []
+
+
+def test_sim_up_rejects_unknown_device(cli: Cli, tmp_path: Path) -> None:
+    run = cli("sim", "up", "--devices", "2", "--dir", tmp_path / "sim", "--without-opencl", "sim-07")
+    assert run.code == 2 and "sim-07" in run.err
+
+
+def test_flipped_byte_on_the_device_fails_that_device(make_fleet: MakeFleet, tmp_path: Path) -> None:
+    """A byte of the device's cache file flips between pull and smoke: the device refuses it, naming the
+    program, before any driver sees it; the other device passes."""
+    fleet = make_fleet([DeviceSpec("sim-01"), DeviceSpec("sim-02")])
+    library = load_library(KERNELS)
+    job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
+                  files=release_files(library, []), cache=tmp_path / "cache", mace_version="")
+    release_dir = Path(fleet.device("sim-01").folder) / "home" / ".deployer" / "releases"
+    flipped: list[str] = []
+
+    def flip_before_smoke(device: str, stage: str) -> None:
+        if device == "sim-01" and stage == "smoke":
+            cache_file = next(release_dir.glob("*/build/mace_cl_compiled_program.bin"))
+            data = bytearray(cache_file.read_bytes())
+            binary = data.find(b"poclbin")  # the first program's binary: flip a byte inside it
+            data[binary + 200] ^= 0x01
+            cache_file.write_bytes(bytes(data))
+            flipped.append(hashlib.sha256(data).hexdigest())
+
+    result = run_fleet(load_inventory(fleet.inventory).devices, job, forks=2, progress=flip_before_smoke)
+    assert flipped
+    bad, good = result.outcomes
+    assert good.ok and not bad.ok and bad.failed_stage == "smoke"
+    assert "[binary_mismatch]" in (bad.error or "") and "-DDATA_TYPE=float" in (bad.error or "")
+    assert not (tmp_path / "cache" / "sim-01" / "mace_cl_compiled_program.bin").exists()
