@@ -247,6 +247,10 @@ class SshTransport:
 
     def _open_socket(self) -> socket.socket:
         device, timeout = self._device, self._device.timeouts.connect
+        if device.proxy_jump:
+            # Connecting directly instead would bypass what the user's ssh config asks for.
+            raise ConnectError(f"{self._what} is reached through ProxyJump {device.proxy_jump!r}, "
+                               "which deploy does not support yet")
         try:
             sock = socket.create_connection((device.host, device.port), timeout=timeout)
         except TimeoutError as exc:
