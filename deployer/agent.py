@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from deployer import agent_main
 from deployer.errors import AgentError, CompileError, TransportError
 from deployer.inventory import Device
-from deployer.transport import Channel, Transport
+from deployer.transport import Channel, Transport, open_transport
 
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 512 << 20
@@ -193,10 +194,29 @@ class AgentSession:
         self.close()
 
 
+@contextmanager
+def open_session(device: Device, *, accept_new_host_keys: bool = False) -> Iterator[AgentSession]:
+    """One connection and one agent session on a device, closed (with a `bye`) however the block ends."""
+    transport = open_transport(device, accept_new_host_keys=accept_new_host_keys)
+    try:
+        session = AgentSession.start(transport, device)
+        try:
+            yield session
+        finally:
+            session.bye()
+    finally:
+        transport.close()
+
+
 def printable(text: str, limit: int) -> str:
     """Device-sent text made safe to show: no control characters, bounded length."""
     clean = "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+def printable_line(text: str, limit: int) -> str:
+    """Device-sent names and paths: one line, control characters escaped, bounded length."""
+    return printable(text.encode("unicode_escape", "backslashreplace").decode("ascii"), limit)
 
 
 def raise_for_failed_programs(programs: Sequence[Mapping[str, Any]]) -> None:

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,10 @@ MANIFEST_FILE = "manifest.json"
 FINGERPRINT_FILE = "fingerprint.json"
 LOGS = "logs"
 LAST_FAILURE = "last-failure"
+COLLECTED = "collected"
+RECORD_FILE = "record.json"
+CONTENT_FILE = "content.bin"
+HISTORY_FILE = "fingerprints.jsonl"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
 
@@ -101,10 +106,55 @@ def cache_lock(cache: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file of the cache, or None if it is missing or unreadable (reported by `cache verify`)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def collected_entries(root: Path) -> list[dict[str, Any]]:
+    """The records of every file collected from one device."""
+    folder = root / COLLECTED
+    records = [read_json(p / RECORD_FILE) for p in sorted(folder.iterdir())] if folder.is_dir() else []
+    return [r for r in records if isinstance(r, dict)]
+
+
+def fingerprint_history(root: Path) -> list[dict[str, Any]]:
+    """Every fingerprint the device has shown, oldest first: {"seen_at", "id", "fingerprint"}."""
+    try:
+        lines = (root / HISTORY_FILE).read_text().splitlines()
+    except OSError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def record_fingerprint(root: Path, fingerprint: Mapping[str, Any] | None) -> None:
+    """Append the fingerprint to the device's history when it differs from the last one seen."""
+    if not fingerprint or not fingerprint.get("id"):
+        return
+    history = fingerprint_history(root)
+    if history and history[-1].get("id") == fingerprint["id"]:
+        return
+    history.append({"seen_at": time.time(), "id": fingerprint["id"], "fingerprint": dict(fingerprint)})
+    text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in history)
+    write_atomic(inside(root, HISTORY_FILE), text.encode())
+
+
 def store_device(cache: Path, device: str, cache_bytes: bytes, manifest: Mapping[str, Any],
                  fingerprint: Mapping[str, Any], logs: Mapping[str, str]) -> Path:
     """Store a passed push: logs, fingerprint, the cache file, and the manifest last (it names the others)."""
     root = device_dir(cache, device)
+    record_fingerprint(root, fingerprint)
     for key, text in logs.items():
         write_atomic(inside(root, f"{LOGS}/{slug(key)}.log"), text.encode())
     write_json(inside(root, FINGERPRINT_FILE), fingerprint)

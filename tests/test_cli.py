@@ -12,7 +12,7 @@ from deployer.kernels import load_library
 from deployer.pipeline import PushJob, release_files, run_fleet
 from deployer.sim import DeviceSpec, Fleet, fleet_status
 from deployer.smoke import load_references, plan_smoke
-from tests.conftest import KERNELS, Cli
+from tests.conftest import KERNELS, REPO, Cli
 from tests.test_faults import MakeFleet
 
 
@@ -62,12 +62,14 @@ def test_inventory_list_json_hides_env_values(cli: Cli, fleet: Fleet, tmp_path: 
     assert [d["name"] for d in run.json()["devices"]] == ["sim-01", "sim-02", "sim-03"]
 
 
-def test_local_transport(cli: Cli, tmp_path: Path, pocl_cache: Path) -> None:
+def test_local_transport(cli: Cli, tmp_path: Path) -> None:
     """`host: local`: the controller itself is a device, through the same agent and protocol."""
     inventory = tmp_path / "local.yml"
+    # A PoCL cache of its own: this device runs as root, whose cache folders (mode 700) in the fleet's
+    # shared cache would make the simulated devices' builds fail when a hash prefix folder collides.
     inventory.write_text(yaml.safe_dump({"devices": [{
         "name": "controller", "host": "local", "remote_dir": str(tmp_path / "remote"),
-        "env": {"POCL_CACHE_DIR": str(pocl_cache)}}]}))
+        "env": {"POCL_CACHE_DIR": str(tmp_path / "pocl-cache")}}]}))
     run = cli("push", "--fleet", inventory, "--kernels", KERNELS, "--cache", tmp_path / "cache", "--json")
     device = run.json()["devices"][0]
     assert run.code == 0, device["error"]
@@ -123,3 +125,42 @@ def test_flipped_byte_on_the_device_fails_that_device(make_fleet: MakeFleet, tmp
     assert good.ok and not bad.ok and bad.failed_stage == "smoke"
     assert "[binary_mismatch]" in (bad.error or "") and "-DDATA_TYPE=float" in (bad.error or "")
     assert not (tmp_path / "cache" / "sim-01" / "mace_cl_compiled_program.bin").exists()
+
+
+def test_usage_errors_exit_2(cli: Cli) -> None:
+    missing = cli("push")
+    assert missing.code == 2 and "--fleet" in missing.err and "Traceback" not in missing.err
+    assert cli("push", "--fleet", "x.yml", "--forks", "0").code == 2
+
+
+def test_ctrl_c_exits_130(tmp_path: Path) -> None:
+    """SIGINT while a device is still connecting: the run stops, says so, and exits 130."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)
+    fillers = [socket.socket() for _ in range(8)]
+    for filler in fillers:  # fill the accept queue: later connects hang
+        filler.setblocking(False)
+        filler.connect_ex(stalled.getsockname())
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text(yaml.safe_dump({"devices": [{"name": "slow", "host": "127.0.0.1",
+                                                      "port": stalled.getsockname()[1], "timeouts": {"connect": 5}}]}))
+    process = subprocess.Popen([sys.executable, "-m", "deployer", "push", "--fleet", str(inventory), "--kernels",
+                                str(KERNELS), "--cache", str(tmp_path / "cache")], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        time.sleep(2.0)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+        for sock in [stalled, *fillers]:
+            sock.close()
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
