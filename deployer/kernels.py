@@ -2,7 +2,9 @@
 
 Pure: reads files, touches no device. A program's key in the MACE cache is MACE's rule applied to its
 name and one variant's options (`agent_main.mace_program_key`); its headers are found by following
-`#include "..."` lines, so they travel with the source and count in its hash.
+`#include "..."` lines, so they travel with the source and count in its hash. A variant may require a
+device feature (`requires: [cl_khr_fp16]`, `[images]`): `unmet_requirement` says, from a device's
+fingerprint, why such a variant is skipped there.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ MANIFEST = "kernels.yml"
 DTYPES = ("float32", "float16", "int32", "uint32", "int8", "uint8")
 INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ROLES = ("in", "out", "scalar", "local", "image")
+IMAGES = "images"  # a requirement met by CL_DEVICE_IMAGE_SUPPORT; any other one names an extension
+EXTENSION = re.compile(r"^cl_[A-Za-z0-9_]+$")
 
 
 @dataclass(frozen=True, slots=True)
 class Arg:
-    role: str  # "in" | "out" | "scalar" | "local"
+    role: str  # "in" | "out" | "scalar" | "local" | "image" (an RGBA float image2d_t input, shape [h, w, 4])
     name: str
     dtype: str
     shape: tuple[str | int, ...] = ()
@@ -42,8 +47,11 @@ class KernelSpec:
     local_size: tuple[int, ...] | None
     args: tuple[Arg, ...]
     reference: str | None
-    tolerance: Mapping[str, float]
+    tolerance: Mapping[str, float]  # by dtype, or by variant name (which wins)
     where: Where
+
+    def tolerance_for(self, variant: str, dtype: str) -> float | None:
+        return self.tolerance.get(variant, self.tolerance.get(dtype))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,21 @@ class Variant:
     name: str
     dtype: str
     options: tuple[str, ...]
+    requires: tuple[str, ...] = ()  # "images" or extension names, e.g. "cl_khr_fp16"
+
+
+def unmet_requirement(requires: Sequence[str], fingerprint: Mapping[str, Any]) -> str | None:
+    """Why a device whose fingerprint is given cannot run a variant with these requirements, or None."""
+    device = fingerprint.get("device")
+    device = device if isinstance(device, Mapping) else {}
+    extensions = device.get("extensions")
+    extensions = set(extensions) if isinstance(extensions, list) else set()
+    for need in requires:
+        if need == IMAGES and device.get("image_support") is not True:
+            return "needs images; the device has no image support (CL_DEVICE_IMAGE_SUPPORT is false)"
+        if need != IMAGES and need not in extensions:
+            return f"needs {need}, which the device does not list in CL_DEVICE_EXTENSIONS"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +87,9 @@ class Program:
 
     def key(self, variant: Variant) -> str:
         return mace_program_key(self.name, list(variant.options))
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +107,19 @@ class Library:
     def program_hash(self, program: Program) -> str:
         read = (self.folder / program.source).read_bytes
         return mace_program_hash(read(), [(self.folder / h).read_bytes() for h in program.headers])
+
+    def program(self, name: str) -> Program | None:
+        return next((p for p in self.programs if p.name == name), None)
+
+    def skipped(self, fingerprint: Mapping[str, Any]) -> dict[str, str]:
+        """{program key: why} for every variant whose `requires` this device does not meet."""
+        skipped = {}
+        for program in self.programs:
+            for variant in program.variants:
+                reason = unmet_requirement(variant.requires, fingerprint)
+                if reason is not None:
+                    skipped[program.key(variant)] = reason
+        return skipped
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -150,10 +189,10 @@ def _dims(reader: _Reader, key: str, sizes: Mapping[str, int], *, required: bool
 
 
 def _arg(file: str, node: Any, what: str, sizes: Mapping[str, int]) -> Arg:
-    reader = _Reader(file, node, what, ["in", "out", "scalar", "local", "shape", "dtype", "value"])
-    roles = [r for r in ("in", "out", "scalar", "local") if r in node]
+    reader = _Reader(file, node, what, [*ROLES, "shape", "dtype", "value"])
+    roles = [r for r in ROLES if r in node]
     if len(roles) != 1:
-        raise InputError(reader.where(), what, "needs exactly one of in, out, scalar, local")
+        raise InputError(reader.where(), what, f"needs exactly one of {', '.join(ROLES)}")
     role = roles[0]
     name = reader.get(role, str, required=True)
     dtype = reader.get("dtype", str, "")
@@ -163,10 +202,12 @@ def _arg(file: str, node: Any, what: str, sizes: Mapping[str, int]) -> Arg:
     if role == "scalar" and value is None and name not in sizes:
         raise reader.error(role, f"scalar {name!r} needs a value or a size of that name")
     shape = _dims(reader, "shape", sizes, required=role != "scalar")
+    if role == "image" and (len(shape) != 3 or shape[2] != 4 or dtype not in ("", "float32")):
+        raise reader.error("shape", "an image is [height, width, 4] (RGBA) of float32")
     return Arg(role, name, dtype, shape, value)
 
 
-def _kernel(file: str, node: Any, what: str) -> KernelSpec:
+def _kernel(file: str, node: Any, what: str, variants: Sequence[str]) -> KernelSpec:
     allowed = ["entry", "sizes", "global", "local", "args", "reference", "tolerance"]
     reader = _Reader(file, node, what, allowed)
     entry = reader.get("entry", str, required=True)
@@ -179,8 +220,9 @@ def _kernel(file: str, node: Any, what: str) -> KernelSpec:
         raise reader.error("local", "expected a list of positive integers")
     tolerance = {k: v for k, v in reader.get("tolerance", dict, {}).items() if k != "__lines__"}
     for dtype, value in tolerance.items():
-        if dtype not in DTYPES or isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise reader.error("tolerance", f"{dtype}: expected a known dtype and a number >= 0")
+        known = dtype in DTYPES or dtype in variants
+        if not known or isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e30:
+            raise reader.error("tolerance", f"{dtype}: expected a known dtype or variant name and a number >= 0")
     return KernelSpec(
         entry, sizes, _dims(reader, "global", sizes), tuple(local) if local else None, args,
         reader.get("reference", str), {k: float(v) for k, v in tolerance.items()}, reader.where(),
@@ -217,12 +259,18 @@ def _program(folder: Path, file: str, name: str, node: Any) -> Program:
     for vname, vnode in reader.get("variants", dict, required=True).items():
         if vname == "__lines__":
             continue
-        vreader = _Reader(file, vnode, f"{what}.variants.{vname}", ["dtype", "options"])
+        vreader = _Reader(file, vnode, f"{what}.variants.{vname}", ["dtype", "options", "requires"])
         dtype = vreader.get("dtype", str, "float32")
         if dtype not in DTYPES:
             raise vreader.error("dtype", f"unknown dtype {dtype!r}")
-        variants.append(Variant(str(vname), dtype, _strings(vreader, "options")))
-    kernels = tuple(_kernel(file, k, f"{what}.kernels[{i}]") for i, k in enumerate(reader.get("kernels", list, [])))
+        requires = _strings(vreader, "requires")
+        bad = [r for r in requires if r != IMAGES and not EXTENSION.match(r)]
+        if bad:
+            raise vreader.error("requires", f"{bad[0]!r} is neither {IMAGES!r} nor an extension name (cl_...)")
+        variants.append(Variant(str(vname), dtype, _strings(vreader, "options"), requires))
+    names = [v.name for v in variants]
+    kernels = tuple(_kernel(file, k, f"{what}.kernels[{i}]", names)
+                    for i, k in enumerate(reader.get("kernels", list, [])))
     return Program(name, source, _headers(folder, source, reader.where("source")), tuple(variants), kernels,
                    reader.where())
 

@@ -19,15 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from deployer import agent_main
 from deployer.agent import AgentSession, Reply, printable, raise_for_failed_programs
 from deployer.agent import field as reply_field
 from deployer.cache import CACHE_FILE, store_device, store_failure
 from deployer.errors import AgentError, DeviceError, InputError, LocalStateError, SmokeMismatch, Where
 from deployer.inventory import Device
 from deployer.kernels import Library
-from deployer.mace import DEFAULT_MACE_VERSION
-from deployer.smoke import KernelResult, SmokePlan, compare, split_outputs
+from deployer.mace import DEFAULT_MACE_VERSION, parse_cache
+from deployer.model import ModelPlan, ModelResult, check_models, skipped_model, wire_models
+from deployer.smoke import KernelResult, SmokePlan, Startup, compare, parse_startup, split_outputs
 from deployer.transport import open_transport
 
 STAGES = ("connect", "upload", "fingerprint", "compile", "pull", "smoke", "commit", "store")
@@ -46,6 +46,8 @@ class PushJob:
     mace_version: str  # "" = each device's vars.mace_version, else DEFAULT_MACE_VERSION
     keep: int = 3
     accept_new_host_keys: bool = False
+    mace_format: str = "pb"  # "legacy" for apps on MACE v1.0.x
+    models: tuple[ModelPlan, ...] = ()  # models of the deployer's format: their forward pass is smoked too
 
 
 def release_files(library: Library, models: Sequence[Path]) -> tuple[tuple[str, bytes], ...]:
@@ -69,6 +71,8 @@ class DeviceOutcome:
     cache_file: str | None = None
     stages: dict[str, float] = field(default_factory=dict)
     kernels: list[KernelResult] = field(default_factory=list)
+    models: list[ModelResult] = field(default_factory=list)
+    startup: Startup | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
     release: str | None = None
@@ -82,7 +86,8 @@ class DeviceOutcome:
             "name": self.name, "ok": self.ok, "error": self.error, "failed_stage": self.failed_stage,
             "fingerprint": self.fingerprint, "cache_file": self.cache_file,
             "stages": {k: round(v, 4) for k, v in self.stages.items()},
-            "kernels": [k.to_json() for k in self.kernels], "release": self.release,
+            "kernels": [k.to_json() for k in self.kernels], "models": [m.to_json() for m in self.models],
+            "startup": self.startup.to_json() if self.startup else None, "release": self.release,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
         }
 
@@ -113,6 +118,7 @@ class _DeviceRun:
         self.outcome = DeviceOutcome(device.name)
         self.logs: dict[str, str] = {}
         self.stage = "connect"
+        self.skipped: dict[str, str] = {}  # program key -> why this device skips it (unmet `requires`)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -161,6 +167,7 @@ class _DeviceRun:
         with self.timed("fingerprint"):
             reply = session.request("fingerprint", opencl=self._selection())
             self.outcome.fingerprint = _fingerprint(reply)
+            self.skipped = self.job.library.skipped(self.outcome.fingerprint)
         with self.timed("compile"):
             build = self._compile(session)
         with self.timed("pull"):
@@ -190,16 +197,22 @@ class _DeviceRun:
             session.request("put", data, path=remote, size=len(data),
                             sha256=hashlib.sha256(data).hexdigest(), mode=0o644)
 
-    def _compile(self, session: AgentSession) -> Reply:
+    def _program_specs(self) -> list[dict[str, Any]]:
+        """Every program variant this device builds (those whose `requires` it meets)."""
         library = self.job.library
-        programs = [
+        return [
             {"key": program.key(variant), "name": program.name, "source": f"kernels/{program.source}",
              "headers": [f"kernels/{h}" for h in program.headers], "options": list(variant.options),
              "compile_options": list(library.compile_options)}
             for program in library.programs for variant in program.variants
+            if program.key(variant) not in self.skipped
         ]
+
+    def _compile(self, session: AgentSession) -> Reply:
+        programs = self._program_specs()
         reply = session.request("build", opencl=self._selection(), mace_version=self._mace_version(),
-                                programs=programs, timeout_s=self.device.timeouts.command)
+                                programs=programs, mace_format=self.job.mace_format,
+                                timeout_s=self.device.timeouts.command)
         results = reply.get("programs", list)
         for result in results:
             key = str(reply_field(result, "key", str))
@@ -207,7 +220,7 @@ class _DeviceRun:
         built = {str(reply_field(r, "key", str)) for r in results if reply_field(r, "ok", bool)}
         self.outcome.kernels = [
             KernelResult(c.id, c.program_key, c.program_key in built, "skipped",
-                         detail=None if c.program_key in built else "build failed")
+                         detail=self.skipped.get(c.program_key) or (None if c.program_key in built else "build failed"))
             for c in self.job.smoke.cases
         ]
         raise_for_failed_programs(results)
@@ -219,12 +232,11 @@ class _DeviceRun:
         manifest_reply = session.request("get", path=build.get("manifest_file", str))
         manifest = _parse_manifest(manifest_reply.payload)
         try:
-            pairs = agent_main.decode_mace_pb(cache_bytes)
+            entries = parse_cache(cache_bytes, fmt=self.job.mace_format).programs
         except ValueError as exc:
-            raise AgentError(f"the pulled cache file is not a valid MACE container: {exc}",
+            raise AgentError(f"the pulled cache file is not a valid MACE {self.job.mace_format} container: {exc}",
                              kind="bad_cache") from exc
-        entries = dict(pairs)
-        keys = {c.program_key for c in self.job.smoke.cases}
+        keys = {p["key"] for p in self._program_specs()}
         missing = sorted(k for k in keys if k not in entries)
         if missing:
             raise AgentError(f"the pulled cache file lacks program(s) {missing}", kind="bad_cache")
@@ -234,12 +246,28 @@ class _DeviceRun:
         plan = self.job.smoke
         expected = {key: hashlib.sha256(data).hexdigest() for key, data in programs.items()}
         reply = session.request("smoke", bytes(plan.payload), opencl=self._selection(),
-                                cache_file=f"build/{CACHE_FILE}", expected=expected, cases=plan.requests(),
-                                timeout_s=self.device.timeouts.command)
-        self.outcome.kernels = check_cases(plan, reply)
-        failed = [k for k in self.outcome.kernels if k.smoke == "failed"]
+                                cache_file=f"build/{CACHE_FILE}", expected=expected,
+                                cases=plan.requests(self.skipped), timeout_s=self.device.timeouts.command)
+        self.outcome.kernels = check_cases(plan, reply, self.skipped)
+        self._startup(session, expected)
+        failed = [f"{k.name}: {k.detail}" for k in self.outcome.kernels if k.smoke == "failed"]
+        failed += [f"model {m.name}: {m.detail}" for m in self.outcome.models if m.ok is False]
         if failed:
-            raise SmokeMismatch("; ".join(f"{k.name}: {k.detail}" for k in failed))
+            raise SmokeMismatch("; ".join(failed))
+
+    def _startup(self, session: AgentSession, expected: Mapping[str, str]) -> None:
+        """Start-up figures (each program from source vs from its binary, in a child of the agent whose
+        driver cache is off) and the models' forward pass from the binaries, checked against numpy."""
+        skips = [skipped_model(plan, self.skipped) for plan in self.job.models]
+        plans = [plan for plan, skip in zip(self.job.models, skips, strict=True) if skip is None]
+        models, payload = wire_models(plans)
+        specs = self._program_specs()
+        reply = session.request("startup", payload, opencl=self._selection(), cache_file=f"build/{CACHE_FILE}",
+                                expected=expected, programs=specs, models=models,
+                                timeout_s=self.device.timeouts.command)
+        self.outcome.startup = parse_startup(reply, [s["key"] for s in specs])
+        checked = iter(check_models(plans, reply))
+        self.outcome.models = [skip or next(checked) for skip in skips]
 
     def _store(self, cache_bytes: bytes, manifest: dict[str, Any]) -> Path:
         try:
@@ -300,8 +328,10 @@ def _printable_tree(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def check_cases(plan: SmokePlan, reply: Reply) -> list[KernelResult]:
-    """Each case's verdict from the agent's reply: device errors, output sizes, numpy comparison."""
+def check_cases(plan: SmokePlan, reply: Reply, skipped: Mapping[str, str] | None = None) -> list[KernelResult]:
+    """Each case's verdict from the agent's reply: device errors, output sizes, numpy comparison. Cases of
+    the programs in `skipped` (key -> why) were not sent: they are skipped, not built, with the reason."""
+    skipped = skipped or {}
     results_by_id = {}
     for record in reply.get("cases", list):
         results_by_id[str(reply_field(record, "id", str))] = record
@@ -310,6 +340,9 @@ def check_cases(plan: SmokePlan, reply: Reply) -> list[KernelResult]:
     for case in plan.cases:
         if case.skip_reason is not None:
             verdicts.append(KernelResult(case.id, case.program_key, True, "skipped", detail=case.skip_reason))
+            continue
+        if case.program_key in skipped:
+            verdicts.append(KernelResult(case.id, case.program_key, False, "skipped", detail=skipped[case.program_key]))
             continue
         record = results_by_id.get(case.id)
         if record is None:
