@@ -9,7 +9,7 @@ The controller starts it over one SSH exec channel and talks to it with framed m
 stdin/stdout (docs/design.md, sections 1 and 2):
 
     python3 agent_main.py serve RD    the session server: begin, put, fingerprint, build, get, smoke,
-                                      commit, bye; every OpenCL step runs in a child process
+                                      startup, commit, bye; every OpenCL step runs in a child process
     python3 agent_main.py child       one OpenCL request in, one reply out (run by `serve`, so a
                                       driver that segfaults kills only the child)
     python3 -c BOOTSTRAP RD SHA12     receives this file from the controller when the board lacks it
@@ -26,6 +26,7 @@ inside the release. Every file is written to a temp name, fsynced and renamed.
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -33,6 +34,8 @@ import os
 import re
 import shutil
 import signal
+import stat
+import statistics
 import struct
 import subprocess
 import sys
@@ -420,6 +423,50 @@ def decode_mace_pb(data, check_crc=True):
     return pairs
 
 
+def decode_mace_legacy(data):
+    # type: (bytes) -> list[tuple[str, bytes]]
+    """Strictly decode a legacy container: every length within bounds, nothing left over (MACE v1.0
+    itself aborts on overruns)."""
+    data = bytes(data)
+    if len(data) < 8:
+        raise ValueError("%d bytes: too short for the legacy count" % len(data))
+    (count,) = struct.unpack_from("<q", data, 0)
+    if not 0 <= count <= (len(data) - 8) // 8:
+        raise ValueError("legacy count %d does not fit in %d bytes" % (count, len(data)))
+    pairs, pos = [], 8
+    for index in range(count):
+        fields = []
+        for what in ("key", "value"):
+            if pos + 4 > len(data):
+                raise ValueError("entry %d: %s length runs past the end" % (index, what))
+            (size,) = struct.unpack_from("<i", data, pos)
+            pos += 4
+            if size < 0 or pos + size > len(data):
+                raise ValueError("entry %d: %s of %d bytes runs past the end" % (index, what, size))
+            fields.append(data[pos:pos + size])
+            pos += size
+        try:
+            pairs.append((fields[0].decode("utf-8"), fields[1]))
+        except UnicodeDecodeError as exc:
+            raise ValueError("entry %d: key is not UTF-8" % index) from exc
+    if pos != len(data):
+        raise ValueError("%d bytes left over after %d entries" % (len(data) - pos, count))
+    return pairs
+
+
+def decode_any(data):
+    # type: (bytes) -> tuple[str, list[tuple[str, bytes]]]
+    """(format, pairs) of either generation. No magic number tells them apart: a valid CRC-32 trailer
+    says pb, an exact legacy parse says legacy; ValueError naming both reasons otherwise."""
+    try:
+        return "pb", decode_mace_pb(data)
+    except ValueError as pb_error:
+        try:
+            return "legacy", decode_mace_legacy(data)
+        except ValueError as legacy_error:
+            raise ValueError("not a MACE container (pb: %s; legacy: %s)" % (pb_error, legacy_error)) from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Files: paths kept inside a root, atomic writes
 # --------------------------------------------------------------------------------------------------
@@ -552,7 +599,8 @@ CL_DRIVER_VERSION, CL_DEVICE_VERSION, CL_DEVICE_EXTENSIONS = 0x102D, 0x102F, 0x1
 CL_DEVICE_TYPE_ALL = 0xFFFFFFFF
 DEVICE_TYPE_BITS = [(2, "CPU"), (4, "GPU"), (8, "ACCELERATOR"), (16, "CUSTOM"), (1, "DEFAULT")]
 CL_PROGRAM_BINARY_SIZES, CL_PROGRAM_BINARIES, CL_PROGRAM_BUILD_LOG = 0x1165, 0x1166, 0x1183
-CL_MEM_WRITE_ONLY, CL_MEM_READ_ONLY, CL_MEM_COPY_HOST_PTR = 1 << 1, 1 << 2, 1 << 5
+CL_MEM_READ_WRITE, CL_MEM_WRITE_ONLY, CL_MEM_READ_ONLY, CL_MEM_COPY_HOST_PTR = 1, 1 << 1, 1 << 2, 1 << 5
+CL_RGBA, CL_FLOAT = 0x10B5, 0x10DE
 
 cl_int, cl_uint, cl_ulong = ctypes.c_int32, ctypes.c_uint32, ctypes.c_uint64
 size_t, ptr = ctypes.c_size_t, ctypes.c_void_p
@@ -575,6 +623,7 @@ CL_SIGNATURES = {
     "clCreateBuffer": (ptr, [ptr, cl_ulong, size_t, ptr, ptr]),
     "clEnqueueNDRangeKernel": (cl_int, [ptr, ptr, cl_uint, ptr, ptr, ptr, cl_uint, ptr, ptr]),
     "clEnqueueReadBuffer": (cl_int, [ptr, ptr, cl_uint, size_t, size_t, ptr, cl_uint, ptr, ptr]),
+    "clEnqueueWriteBuffer": (cl_int, [ptr, ptr, cl_uint, size_t, size_t, ptr, cl_uint, ptr, ptr]),
     "clFinish": (cl_int, [ptr]),
     "clReleaseMemObject": (cl_int, [ptr]),
     "clReleaseKernel": (cl_int, [ptr]),
@@ -582,6 +631,17 @@ CL_SIGNATURES = {
     "clReleaseCommandQueue": (cl_int, [ptr]),
     "clReleaseContext": (cl_int, [ptr]),
 }
+
+
+# Looked up only when a case needs them: a loader without them still runs everything else.
+# clCreateImage2D (deprecated in 1.2, exported by every loader) also serves OpenCL 1.1 boards.
+CL_OPTIONAL_SIGNATURES = {
+    "clCreateImage2D": (ptr, [ptr, cl_ulong, ptr, size_t, size_t, size_t, ptr, ptr]),
+}
+
+
+class ClImageFormat(ctypes.Structure):
+    _fields_ = [("image_channel_order", cl_uint), ("image_channel_data_type", cl_uint)]
 
 
 def cl_error_name(code):
@@ -614,6 +674,15 @@ class OpenCL:
             except AttributeError:
                 raise AgentFailure("no_loader", "OpenCL library %s has no %s" % (library, name)) from None
             fn.restype, fn.argtypes = restype, argtypes
+
+    def optional(self, name):
+        """A function of CL_OPTIONAL_SIGNATURES; an `opencl` failure naming it when the loader lacks it."""
+        try:
+            fn = getattr(self.lib, name)
+        except AttributeError:
+            raise AgentFailure("opencl", "the OpenCL library has no %s" % name) from None
+        fn.restype, fn.argtypes = CL_OPTIONAL_SIGNATURES[name]
+        return fn
 
     def call(self, name, *args):
         code = getattr(self.lib, name)(*args)
@@ -853,7 +922,11 @@ class ClContext:
 
 def parse_build(req, root):
     """Validate a build request; read every source and header. Returns (mace_version, specs)."""
-    mace_version = req_str(req, "mace_version")
+    return req_str(req, "mace_version"), parse_program_specs(req, root)
+
+
+def parse_program_specs(req, root):
+    """The request's `programs` (build and startup): checked, with their sources and headers read."""
     programs = _field(req, "programs", _MISSING)
     if not isinstance(programs, list):
         raise bad_request("field 'programs': expected a list")
@@ -875,12 +948,14 @@ def parse_build(req, root):
                 raise bad_request("programs[%d]: option %r contains white space" % (i, opt))
         _load_program_files(spec, root)
         specs.append(spec)
-    return mace_version, specs
+    return specs
 
 
 def _load_program_files(spec, root):
     source_path = resolve_inside(root, spec["source"])
-    include_dir = os.path.dirname(source_path)
+    # Relative to the release root, the child's working directory: the same options in every release,
+    # so a driver's own kernel cache (PoCL hashes the preprocessed source) still hits across releases.
+    include_dir = os.path.dirname(os.path.relpath(source_path, root)) or "."
     if re.search(r"\s", include_dir):
         raise bad_request("kernel directory %r contains white space; build options cannot quote it "
                           "(choose a remote_dir without spaces)" % include_dir)
@@ -938,17 +1013,31 @@ def build_one(ctx, spec):
         cl.release("clReleaseProgram", program)
 
 
-def cache_pairs(sel, mace_version, built):
-    """The entries of mace_cl_compiled_program.bin for the programs that built."""
+def cache_pairs(sel, mace_version, built, mace_format="pb"):
+    """The entries of mace_cl_compiled_program.bin for the programs that built. MACE v1.0 (legacy)
+    knows no device-name or program_hash_ entries."""
     p, d = sel.platform_desc, sel.device_desc
     pairs = [(PLATFORM_INFO_KEY, mace_platform_info(p["name"], p["profile"], p["version"], mace_version)
-              .encode("utf-8")),
-             (DEVICE_NAME_KEY, mace_device_name(d["name"], d["version"]).encode("utf-8"))]
+              .encode("utf-8"))]
+    if mace_format == "pb":
+        pairs.append((DEVICE_NAME_KEY, mace_device_name(d["name"], d["version"]).encode("utf-8")))
     for spec, binary in built:
         pairs.append((spec["key"], binary))
-        pairs.append((PROGRAM_HASH_PREFIX + spec["key"],
-                      mace_program_hash(spec["source_bytes"], spec["header_bytes"]).encode("ascii")))
+        if mace_format == "pb":
+            pairs.append((PROGRAM_HASH_PREFIX + spec["key"],
+                          mace_program_hash(spec["source_bytes"], spec["header_bytes"]).encode("ascii")))
     return pairs
+
+
+def encode_mace_legacy(pairs):
+    # type: (list[tuple[str, bytes]]) -> bytes
+    """MACE v0.6.1 to v1.0.4: int64 count, then (int32 key length, key, int32 value length, value),
+    little-endian, no checksum. Pairs in ascending key order, as MACE's std::map writes them."""
+    out = [struct.pack("<q", len(pairs))]
+    for key, value in sorted(pairs):
+        raw = key.encode("utf-8")
+        out += [struct.pack("<i", len(raw)), raw, struct.pack("<i", len(value)), value]
+    return b"".join(out)
 
 
 def write_logs(build_dir, records):
@@ -995,7 +1084,11 @@ def op_build(cl, sel, req, root):
         ctx.close()
     records = [r for r, _ in results]
     built = [(spec, binary) for spec, (_, binary) in zip(specs, results) if binary is not None]
-    cache = encode_mace_pb(cache_pairs(sel, mace_version, built))
+    mace_format = req_str(req, "mace_format", "pb")
+    if mace_format not in ("pb", "legacy"):
+        raise bad_request("mace_format must be pb or legacy (got %s)" % _show(mace_format))
+    pairs = cache_pairs(sel, mace_version, built, mace_format)
+    cache = encode_mace_pb(pairs) if mace_format == "pb" else encode_mace_legacy(pairs)
     build_dir = os.path.join(root, "build")
     os.makedirs(build_dir, 0o755, exist_ok=True)
     write_logs(build_dir, records)
@@ -1041,7 +1134,7 @@ def load_checked_programs(root, cache_file, expected):
     except OSError as exc:
         raise io_failure(exc, cache_file) from exc
     try:
-        pairs = decode_mace_pb(data)
+        pairs = decode_any(data)[1]
     except ValueError as exc:
         raise AgentFailure("binary_mismatch", "cache file %s is malformed: %s%s"
                            % (cache_file, exc, _differing_programs(data, expected))) from exc
@@ -1070,13 +1163,33 @@ def _range_arg(arg, name, payload_size, where):
                           % (where, offset, offset + size, payload_size))
 
 
+def _positive(arg, name, where, limit=MAX_MEMORY_PAYLOAD):
+    n = arg.get(name)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= limit:
+        raise bad_request("%s: '%s' must be an integer in [1, %d] (got %s)" % (where, name, limit, _show(n)))
+    return n
+
+
+def _check_image_arg(arg, payload_size, where):
+    """{image: offset, size, width, height}: an RGBA float image2d_t made from payload bytes."""
+    if set(arg) != {"image", "size", "width", "height"}:
+        raise bad_request("%s: an image takes image, size, width and height (got %s)" % (where, _show(arg)))
+    _range_arg(arg, "image", payload_size, where)
+    width, height = _positive(arg, "width", where, 1 << 16), _positive(arg, "height", where, 1 << 16)
+    if arg["size"] != width * height * 16:
+        raise bad_request("%s: %d bytes is not a %dx%d RGBA float image (%d bytes)"
+                          % (where, arg["size"], width, height, width * height * 16))
+
+
 def _check_arg(arg, payload_size, where):
     if not isinstance(arg, dict):
         raise bad_request("%s: expected an object" % where)
+    if "image" in arg:
+        return _check_image_arg(arg, payload_size, where)
     kinds = [k for k in ("in", "out", "scalar", "local") if k in arg]
     if len(kinds) != 1 or set(arg) - {kinds[0], "size"}:
-        raise bad_request("%s: expected one of {in, size}, {out}, {scalar, size}, {local} (got %s)"
-                          % (where, _show(arg)))
+        raise bad_request("%s: expected one of {in, size}, {out}, {scalar, size}, {local}, "
+                          "{image, size, width, height} (got %s)" % (where, _show(arg)))
     if kinds[0] in ("in", "scalar"):
         _range_arg(arg, kinds[0], payload_size, where)
     else:
@@ -1148,11 +1261,29 @@ def load_program(ctx, binary):
     return program, round((time.perf_counter() - start) * 1000.0, 3)
 
 
+def create_image(ctx, data, width, height):
+    """A read-only CL_RGBA / CL_FLOAT image2d made from `data` (width * height * 16 bytes)."""
+    host = ctypes.create_string_buffer(data, len(data))
+    image_format = ClImageFormat(CL_RGBA, CL_FLOAT)
+    err = cl_int(0)
+    create = ctx.cl.optional("clCreateImage2D")
+    mem = create(ctx.context, CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR, ctypes.byref(image_format),
+                 width, height, 0, host, ctypes.byref(err))
+    if err.value != 0 or not mem:
+        raise ClError(err.value or -9999, "clCreateImage2D")
+    return mem
+
+
 def _set_args(ctx, kernel, case, payload, mems):
     """Set every kernel argument; returns [(mem, size)] of the outputs in argument order."""
     cl, outputs = ctx.cl, []
     for index, arg in enumerate(case["args"]):
-        if "in" in arg or "out" in arg:
+        if "image" in arg:
+            data = payload[arg["image"]:arg["image"] + arg["size"]]
+            mem = create_image(ctx, data, arg["width"], arg["height"])
+            mems.append(mem)
+            cl.call("clSetKernelArg", kernel, index, ctypes.sizeof(ptr), ctypes.byref(ptr(mem)))
+        elif "in" in arg or "out" in arg:
             if "in" in arg:
                 data = payload[arg["in"]:arg["in"] + arg["size"]]
                 host = ctypes.create_string_buffer(data, len(data))
@@ -1235,10 +1366,249 @@ def op_smoke(cl, sel, req, root, payload):
 
 
 # --------------------------------------------------------------------------------------------------
+# startup: what an app pays at start, with the driver's own kernel cache off; the models' forward pass
+# --------------------------------------------------------------------------------------------------
+
+# `startup` runs in a child whose environment turns the drivers' own kernel caches off before the OpenCL
+# library loads: otherwise "built from source" would be a cache hit (PoCL) or a JIT-cache hit (NVIDIA).
+NO_DRIVER_CACHE_ENV = {"POCL_KERNEL_CACHE": "0", "CUDA_CACHE_DISABLE": "1"}
+MAX_MODELS = 16
+MAX_MODEL_STEPS = 4096
+MAX_MODEL_RUNS = 1000
+WARM_UP_SOURCE = b"__kernel void deployer_warm_up(__global int *x) { x[get_global_id(0)] = 0; }\n"
+
+
+def _tensor_name(value, where):
+    if not isinstance(value, str) or not value or len(value) > 200:
+        raise bad_request("%s: expected a tensor name (got %s)" % (where, _show(value)))
+    return value
+
+
+def _parse_tensors(model, payload_size, where):
+    """{name: has data} of a model's tensors; data is a payload range of exactly the tensor's size."""
+    tensors = model.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        raise bad_request("%s: 'tensors' must be a non-empty list" % where)
+    names, total = {}, 0
+    for j, tensor in enumerate(tensors):
+        at = "%s.tensors[%d]" % (where, j)
+        if not isinstance(tensor, dict) or "name" not in tensor or set(tensor) - {"name", "size", "data"}:
+            raise bad_request("%s: expected {name, size, data} (got %s)" % (at, _show(tensor)))
+        name = _tensor_name(tensor["name"], at)
+        if name in names:
+            raise bad_request("%s: tensor %r appears twice" % (at, name))
+        total += _positive(tensor, "size", at)
+        if tensor.get("data") is not None:
+            _range_arg({"data": tensor["data"], "size": tensor["size"]}, "data", payload_size, at)
+        names[name] = tensor.get("data") is not None
+    if total > MAX_MEMORY_PAYLOAD:
+        raise bad_request("%s: tensors total %d bytes, over the limit of %d" % (where, total, MAX_MEMORY_PAYLOAD))
+    return names
+
+
+def _parse_step(step, names, payload_size, expected, at):
+    if not isinstance(step, dict):
+        raise bad_request("%s: expected an object" % at)
+    key = req_str(step, "program_key")
+    if key not in expected:
+        raise bad_request("%s: program_key %r is not in 'expected'" % (at, key))
+    if not req_str(step, "kernel"):
+        raise bad_request("%s: 'kernel' is empty" % at)
+    args = step.get("args")
+    if not isinstance(args, list):
+        raise bad_request("%s: 'args' must be a list" % at)
+    for k, arg in enumerate(args):
+        arg_at = "%s.args[%d]" % (at, k)
+        if isinstance(arg, dict) and set(arg) == {"tensor"}:
+            if arg["tensor"] not in names:
+                raise bad_request("%s: no tensor %s" % (arg_at, _show(arg["tensor"])))
+        elif isinstance(arg, dict) and ("scalar" in arg or "local" in arg):
+            _check_arg(arg, payload_size, arg_at)
+        else:
+            raise bad_request("%s: expected {tensor}, {scalar, size} or {local} (got %s)" % (arg_at, _show(arg)))
+    _check_sizes(step, "global", at, optional=False)
+    _check_sizes(step, "local", at, optional=True)
+    if step.get("local") is not None and len(step["local"]) != len(step["global"]):
+        raise bad_request("%s: 'local' and 'global' differ in length" % at)
+
+
+def parse_models(req, payload_size, expected):
+    """The request's `models`: named tensors (weights and input are payload ranges), steps that launch
+    the library's kernels on them, the input tensor (uploaded again before every run), the outputs."""
+    models = req.get("models", [])
+    if not isinstance(models, list) or len(models) > MAX_MODELS:
+        raise bad_request("field 'models': expected a list of at most %d models" % MAX_MODELS)
+    for i, model in enumerate(models):
+        where = "models[%d]" % i
+        if not isinstance(model, dict):
+            raise bad_request("%s: expected an object" % where)
+        req_str(model, "name")
+        req_int(model, "runs", 10, lo=0, hi=MAX_MODEL_RUNS)
+        names = _parse_tensors(model, payload_size, where)
+        if not names.get(_tensor_name(model.get("input"), where + ".input")):
+            raise bad_request("%s: input %s is not a tensor with data" % (where, _show(model.get("input"))))
+        outputs = model.get("outputs")
+        if not isinstance(outputs, list) or not outputs or any(o not in names for o in outputs):
+            raise bad_request("%s: 'outputs' must be a non-empty list of tensor names" % where)
+        steps = model.get("steps")
+        if not isinstance(steps, list) or not 0 < len(steps) <= MAX_MODEL_STEPS:
+            raise bad_request("%s: 'steps' must be a list of 1 to %d steps" % (where, MAX_MODEL_STEPS))
+        for j, step in enumerate(steps):
+            _parse_step(step, names, payload_size, expected, "%s.steps[%d]" % (where, j))
+    return models
+
+
+def _read_buffer(ctx, mem, size):
+    """A blocking read: on the in-order queue it also waits for every kernel enqueued before it."""
+    host = ctypes.create_string_buffer(size)
+    ctx.cl.call("clEnqueueReadBuffer", ctx.queue, mem, 1, 0, size, host, 0, None, None)
+    return host.raw[:size]
+
+
+def _model_kernel(ctx, programs, step, mems, payload):
+    """Create one step's kernel and set its arguments: (kernel, dims, global, local)."""
+    cl, key = ctx.cl, step["program_key"]
+    if key not in programs:
+        raise AgentFailure("opencl", "program %r did not load from its binary" % key)
+    kernel = cl.create("clCreateKernel", programs[key], step["kernel"].encode("utf-8"))
+    try:
+        for index, arg in enumerate(step["args"]):
+            if "tensor" in arg:
+                cl.call("clSetKernelArg", kernel, index, ctypes.sizeof(ptr), ctypes.byref(ptr(mems[arg["tensor"]])))
+            elif "scalar" in arg:
+                data = payload[arg["scalar"]:arg["scalar"] + arg["size"]]
+                cl.call("clSetKernelArg", kernel, index, len(data), ctypes.create_string_buffer(data, len(data)))
+            else:
+                cl.call("clSetKernelArg", kernel, index, arg["local"], None)
+    except AgentFailure as exc:
+        cl.release("clReleaseKernel", kernel)
+        raise AgentFailure(exc.kind, "%s (kernel %s)" % (exc.message, step["kernel"])) from exc
+    dims = len(step["global"])
+    local = (size_t * dims)(*step["local"]) if step.get("local") else None
+    return kernel, dims, (size_t * dims)(*step["global"]), local
+
+
+def _forward(ctx, launches, outputs):
+    for kernel, dims, global_size, local_size in launches:
+        ctx.cl.call("clEnqueueNDRangeKernel", ctx.queue, kernel, dims, None, global_size, local_size,
+                    0, None, None)
+    return [_read_buffer(ctx, mem, size) for mem, size in outputs]
+
+
+def run_model(ctx, programs, model, payload):
+    """One model from programs already loaded: the first inference (buffers, weights upload, kernels,
+    run, read back: what an app's first call pays), then `runs` steady ones (upload the input, run, read;
+    each must give the first one's bytes). Returns (record, output bytes); a CL error fails the model only."""
+    cl = ctx.cl
+    record = {"name": model["name"], "ok": False, "error": None, "first_inference_ms": None,
+              "steady_ms": None, "runs": 0, "outputs": []}
+    mems, launches = {}, []
+    sizes = dict((t["name"], t["size"]) for t in model["tensors"])
+    try:
+        start = time.perf_counter()
+        for tensor in model["tensors"]:
+            offset, size = tensor.get("data"), tensor["size"]
+            host = None if offset is None else ctypes.create_string_buffer(payload[offset:offset + size], size)
+            flags = CL_MEM_READ_WRITE | (0 if host is None else CL_MEM_COPY_HOST_PTR)
+            mems[tensor["name"]] = cl.create("clCreateBuffer", ctx.context, flags, size, host)
+        for step in model["steps"]:
+            launches.append(_model_kernel(ctx, programs, step, mems, payload))
+        outputs = [(mems[name], sizes[name]) for name in model["outputs"]]
+        first = _forward(ctx, launches, outputs)
+        first_ms = (time.perf_counter() - start) * 1000.0
+        offset = next(t["data"] for t in model["tensors"] if t["name"] == model["input"])
+        size = sizes[model["input"]]
+        input_host = ctypes.create_string_buffer(payload[offset:offset + size], size)
+        times = []
+        for run in range(model.get("runs", 10)):
+            start = time.perf_counter()
+            cl.call("clEnqueueWriteBuffer", ctx.queue, mems[model["input"]], 1, 0, size, input_host, 0, None, None)
+            again = _forward(ctx, launches, outputs)
+            times.append((time.perf_counter() - start) * 1000.0)
+            if again != first:
+                raise AgentFailure("nondeterministic", "run %d of model %r gave other bytes than the first"
+                                   % (run + 2, model["name"]))
+        record.update(ok=True, first_inference_ms=round(first_ms, 3), runs=len(times),
+                      steady_ms=round(statistics.median(times), 3) if times else None,
+                      outputs=[{"size": len(o)} for o in first])
+        return record, b"".join(first)
+    except AgentFailure as exc:
+        record["error"] = exc.message
+        return record, b""
+    finally:
+        for launch in launches:
+            cl.release("clReleaseKernel", launch[0])
+        for mem in mems.values():
+            cl.release("clReleaseMemObject", mem)
+
+
+def time_source_build(ctx, spec):
+    """clCreateProgramWithSource + clBuildProgram of one program, in ms (load_program's counterpart). The
+    program is released without asking for its binary: on PoCL that generates code an app building from
+    source would only generate at its first run."""
+    cl = ctx.cl
+    source = ctypes.c_char_p(spec["compile_source"])
+    length = size_t(len(spec["compile_source"]))
+    start = time.perf_counter()
+    program = cl.create("clCreateProgramWithSource", ctx.context, 1, ctypes.byref(source), ctypes.byref(length))
+    try:
+        code = cl.lib.clBuildProgram(program, 1, ctx.devices, spec["build_options"].encode("utf-8"), None, None)
+        elapsed = round((time.perf_counter() - start) * 1000.0, 3)
+    finally:
+        cl.release("clReleaseProgram", program)
+    if code != 0:
+        raise ClError(code, "clBuildProgram (from source)")
+    return elapsed
+
+
+def op_startup(cl, sel, req, root, payload):
+    """Start-up figures and models, in this order: (1) every program from its cached binary, as an app
+    starts; (2) each model's first and steady inferences; (3) a throw-away build (the compiler's own
+    start-up), then every program built from source. Run with NO_DRIVER_CACHE_ENV set."""
+    expected = parse_expected(req)
+    specs = parse_program_specs(req, root)
+    missing = [s["key"] for s in specs if s["key"] not in expected]
+    if missing:
+        raise bad_request("programs %s are not in 'expected'" % ", ".join(repr(k) for k in missing))
+    models = parse_models(req, len(payload), expected)
+    binaries = load_checked_programs(root, req_str(req, "cache_file"), expected)
+    ctx = ClContext(cl, sel)
+    programs, load_ms, build_ms, errors, records, outputs = {}, {}, {}, {}, [], []
+    try:
+        for key in sorted(binaries):
+            try:
+                programs[key], load_ms[key] = load_program(ctx, binaries[key])
+            except AgentFailure as exc:
+                errors[key] = "from binary: %s" % exc.message
+        for model in models:
+            record, data = run_model(ctx, programs, model, payload)
+            records.append(record)
+            outputs.append(data)
+        try:
+            warm_up = time_source_build(ctx, {"compile_source": WARM_UP_SOURCE, "build_options": ""})
+        except AgentFailure:
+            warm_up = None
+        for spec in specs:
+            try:
+                build_ms[spec["key"]] = time_source_build(ctx, spec)
+            except AgentFailure as exc:
+                errors[spec["key"]] = "from source: %s" % exc.message
+    finally:
+        for program in programs.values():
+            cl.release("clReleaseProgram", program)
+        ctx.close()
+    figures = [{"key": s["key"], "load_from_binary_ms": load_ms.get(s["key"]),
+                "build_from_source_ms": build_ms.get(s["key"]), "error": errors.get(s["key"])} for s in specs]
+    data = b"".join(outputs)
+    return {"programs": figures, "compiler_start_ms": warm_up, "models": records,
+            "payload_size": len(data)}, data
+
+
+# --------------------------------------------------------------------------------------------------
 # child: one OpenCL request, one reply
 # --------------------------------------------------------------------------------------------------
 
-CHILD_OPS = ("fingerprint", "build", "smoke")
+CHILD_OPS = ("fingerprint", "build", "smoke", "startup")
 
 
 def run_child_request(req, payload):
@@ -1249,6 +1619,7 @@ def run_child_request(req, payload):
     if not os.path.isabs(root) or not os.path.isdir(root):
         raise bad_request("field 'root': %r is not an absolute directory" % root)
     root = os.path.realpath(root)
+    os.chdir(root)  # build options name include folders relative to it
     selection = parse_selection(req.get("opencl"))
     cl = OpenCL()
     sel = select_device(cl, selection)
@@ -1256,6 +1627,8 @@ def run_child_request(req, payload):
         return {"fingerprint": fingerprint_of(sel)}, b""
     if op == "build":
         return op_build(cl, sel, req, root)
+    if op == "startup":
+        return op_startup(cl, sel, req, root, payload)
     return op_smoke(cl, sel, req, root, payload)
 
 
@@ -1286,13 +1659,14 @@ def stderr_tail(data, lines=12, chars=2000):
     return "\n".join(text.splitlines()[-lines:])[-chars:]
 
 
-def run_child(req, payload, root, timeout):
+def run_child(req, payload, root, timeout, env=None):
     """Run one OpenCL op in `agent_main.py child`: (reply, payload). A child killed by a signal is
-    driver_crash, one past `timeout` seconds is killed and reported as timeout."""
+    driver_crash, one past `timeout` seconds is killed and reported as timeout. `env`: the child's
+    environment (default: the agent's)."""
     op = req.get("op")
     request = io.BytesIO()
     write_message(request, dict(req, root=root), payload)
-    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "child"],
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "child"], env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = child.communicate(request.getvalue(), timeout=timeout)
@@ -1329,6 +1703,112 @@ def run_child(req, payload, root, timeout):
 # serve: the session
 # --------------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------------
+# Collect: finding, reading and installing app caches outside the remote dir (deploy collect, cache install)
+# --------------------------------------------------------------------------------------------------
+
+MAX_FIND_FILES = 100000
+FIND_TIME_S = 30.0
+
+
+def _found(path, max_size):
+    """What `find` says of one match: regular files only, never followed through a symlink."""
+    entry = {"path": path}
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        entry.update(kind="error", error=exc.strerror or str(exc))
+        return entry
+    entry.update(size=st.st_size, mtime=st.st_mtime)
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        entry.update(kind="symlink", error="a symbolic link (to %s): not followed" % target)
+    elif not stat.S_ISREG(st.st_mode):
+        entry.update(kind="other", error="not a regular file")
+    elif st.st_size > max_size:
+        entry.update(kind="too_big", error="%d bytes, over the %d-byte cap" % (st.st_size, max_size))
+    else:
+        try:
+            entry.update(kind="file", sha256=_hash_nofollow(path))
+        except OSError as exc:
+            entry.update(kind="denied" if exc.errno in (errno.EACCES, errno.EPERM) else "error",
+                         error=exc.strerror or str(exc))
+    return entry
+
+
+def _hash_nofollow(path):
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def op_find(req, payload):
+    """Files matching glob patterns (`~` allowed, `**` recursive), bounded in count and time."""
+    patterns = req_str_list(req, "patterns")
+    max_files = req_int(req, "max_files", 1000, lo=1, hi=MAX_FIND_FILES)
+    max_size = req_int(req, "max_size", MAX_GET, lo=0)
+    deadline = time.time() + FIND_TIME_S
+    files, seen, truncated = [], set(), False
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if not os.path.isabs(expanded):
+            raise bad_request("pattern %s is not an absolute path" % _show(pattern))
+        for path in glob.iglob(expanded, recursive=True):
+            if len(files) >= max_files or time.time() > deadline:
+                truncated = True
+                break
+            if path not in seen:
+                seen.add(path)
+                files.append(_found(path, max_size))
+    return {"files": files, "truncated": truncated}, b""
+
+
+def op_read(req, payload):
+    """One file found by `find`, re-checked: still a regular file, still the size and hash it had."""
+    path = req_str(req, "path")
+    size = req_int(req, "size", lo=0, hi=MAX_GET)
+    want = req_str(req, "sha256", pattern=SHA256_RE)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise AgentFailure("io", "%s: not a regular file" % path)
+            data = f.read(size + 1)
+    except OSError as exc:
+        raise io_failure(exc, path) from exc
+    got = hashlib.sha256(data).hexdigest()
+    if len(data) != size or got != want:
+        raise AgentFailure("changed", "%s changed while being read (was %d bytes, now %s%d)"
+                           % (path, size, "over " if len(data) > size else "", len(data)))
+    return {"path": path, "size": len(data), "sha256": got, "payload_size": len(data)}, data
+
+
+def op_install(req, payload):
+    """Write a file where an app reads it: a plain writable copy (temp, fsync, rename), never a link."""
+    to = os.path.expanduser(req_str(req, "to"))
+    size = req_int(req, "size", lo=0, hi=MAX_GET)
+    want = req_str(req, "sha256", pattern=SHA256_RE)
+    if not os.path.isabs(to) or "\0" in to:
+        raise bad_request("install target %s is not an absolute path" % _show(to))
+    data = payload.read_all()
+    if len(data) != size or hashlib.sha256(data).hexdigest() != want:
+        raise AgentFailure("checksum", "install payload does not match its size/sha256")
+    try:
+        if os.path.islink(to):
+            raise AgentFailure("io", "%s is a symbolic link: refusing to write through it" % to)
+        os.makedirs(os.path.dirname(to), exist_ok=True)
+        write_atomic(to, [data], mode=0o644)
+    except OSError as exc:
+        raise io_failure(exc, to) from exc
+    return {"to": to, "size": size}, b""
+
+
 class SessionEnd(Exception):
     """Input ended or the agent was told to stop (SIGTERM/SIGHUP): abandon an uncommitted release."""
 
@@ -1345,8 +1825,9 @@ class Session:
         self.lock_fd = None
         self.release_id = None
         self.ops = {"begin": self.op_begin, "put": self.op_put, "fingerprint": self.op_opencl,
-                    "build": self.op_opencl, "smoke": self.op_opencl, "get": self.op_get,
-                    "commit": self.op_commit, "bye": self.op_bye}
+                    "build": self.op_opencl, "smoke": self.op_opencl, "startup": self.op_opencl, "get": self.op_get,
+                    "commit": self.op_commit, "bye": self.op_bye,
+                    "find": op_find, "read": op_read, "install": op_install}
 
     # ----- helpers -----
 
@@ -1446,7 +1927,8 @@ class Session:
                 "payload_size": len(data)}, data
 
     def op_opencl(self, req, payload):
-        """fingerprint, build, smoke: checked here, run in a child process."""
+        """fingerprint, build, smoke, startup: checked here, run in a child process (startup's with the
+        drivers' kernel caches off)."""
         op = req["op"]
         timeout = req_timeout(req)
         parse_selection(req.get("opencl"))
@@ -1455,12 +1937,17 @@ class Session:
             return run_child(req, b"", root, timeout)
         root = self.need_release()
         data = b""
-        if op == "smoke":
+        if op in ("smoke", "startup"):
             data = payload.read_all()
             expected = parse_expected(req)
-            parse_cases(req, len(data), expected)
+            if op == "smoke":
+                parse_cases(req, len(data), expected)
+            else:
+                parse_program_specs(req, root)
+                parse_models(req, len(data), expected)
             load_checked_programs(root, req_str(req, "cache_file"), expected)  # before any driver runs
-        return run_child(req, data, root, timeout)
+        env = dict(os.environ, **NO_DRIVER_CACHE_ENV) if op == "startup" else None
+        return run_child(req, data, root, timeout, env)
 
     def op_commit(self, req, payload):
         keep = req_int(req, "keep", 3, lo=0)

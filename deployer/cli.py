@@ -9,14 +9,15 @@ Heavy modules (paramiko, numpy, the pipeline) are imported inside commands: `dep
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 import threading
 import traceback
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -27,7 +28,7 @@ from deployer.mace import DEFAULT_MACE_VERSION
 
 if TYPE_CHECKING:
     from deployer.inventory import Device
-    from deployer.pipeline import FleetResult
+    from deployer.pipeline import DeviceOutcome, FleetResult
 
 DEFAULT_SIM_DIR = Path(".deploy-sim")
 
@@ -38,6 +39,11 @@ inventory_app = typer.Typer(no_args_is_help=True, help="Check and list a device 
 sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet of real sshd servers on 127.0.0.1.")
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(sim_app, name="sim")
+
+class MaceFormat(str, Enum):
+    pb = "pb"
+    legacy = "legacy"
+
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
@@ -85,13 +91,17 @@ def inventory_list(fleet: FleetOption, limit: LimitOption = None, as_json: JsonO
 def push(
     fleet: FleetOption,
     limit: LimitOption = None,
-    model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="A model file to push (repeatable).")] = None,
-    kernels: Annotated[Path, typer.Option("--kernels", help="Kernel library folder (with kernels.yml).")] = Path("kernels"),
+    model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="A model file to push (repeatable); a "
+                     "model of the deployer's format (docs/models.md) is also run on each device.")] = None,
+    kernels: Annotated[Path, typer.Option("--kernels", help="Kernel library folder (with kernels.yml).")] = Path(
+        "kernels"),
     cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
     mace_version: Annotated[str | None, typer.Option("--mace-version", help="MaceVersion() of the app's libmace; "
                             f"default: the device's vars.mace_version, else {DEFAULT_MACE_VERSION}.")] = None,
     forks: Annotated[int, typer.Option("--forks", min=1, max=256, help="Devices worked on at once.")] = 16,
     keep: Annotated[int, typer.Option("--keep", min=1, help="Releases kept on each device.")] = 3,
+    mace_format: Annotated[MaceFormat, typer.Option("--mace-format", help="Cache container: pb (MACE v1.1+) "
+                           "or legacy (v1.0.x apps).")] = MaceFormat.pb,
     accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys", help="Trust and record the key "
                                     "of a device never seen before (a changed key is always refused).")] = False,
     as_json: JsonOption = False,
@@ -99,14 +109,17 @@ def push(
     """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it."""
     from deployer.cache import cache_lock
     from deployer.kernels import load_library
+    from deployer.model import load_models, plan_model
     from deployer.pipeline import PushJob, release_files, run_fleet
     from deployer.smoke import load_references, plan_smoke
 
     devices = _select(fleet, limit)
     library = load_library(kernels)
+    model_files, models = load_models(model or [])  # a model of our format: its graph and weights travel
     job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
-                  files=release_files(library, model or []), cache=cache, mace_version=mace_version or "",
-                  keep=keep, accept_new_host_keys=accept_new_host_keys)
+                  files=release_files(library, model_files), cache=cache, mace_version=mace_version or "",
+                  keep=keep, accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
+                  models=tuple(plan_model(m, library) for m in models))
     progress = _progress_printer(quiet=False)
     with cache_lock(cache):
         result = run_fleet(devices, job, forks=forks, progress=progress)
@@ -144,6 +157,23 @@ def _human_bytes(size: int) -> str:
     return f"{size} B"
 
 
+def _device_lines(o: DeviceOutcome) -> list[str]:
+    """Below the table: each model's verdict and latency, and the start-up figures of the device."""
+    lines = []
+    for m in o.models:
+        verdict = {True: "passed", False: "failed", None: "not run"}[m.ok]
+        error = f", max abs error {m.max_abs_error:.2g}" if m.max_abs_error is not None else ""
+        times = (f", first inference {m.first_inference_ms:.0f} ms, steady {m.steady_ms:.2f} ms"
+                 if m.first_inference_ms is not None and m.steady_ms is not None else "")
+        lines.append(f"{o.name}: model {m.name} {verdict}{error}{times}")
+    figures = o.startup.to_json() if o.startup else {}
+    source, binary = figures.get("build_from_source_ms"), figures.get("load_from_binary_ms")
+    if source is not None and binary is not None:
+        lines.append(f"{o.name}: start-up of {len(figures['programs'])} programs: {source:.0f} ms from source, "
+                     f"{binary:.0f} ms from the cached binaries")
+    return lines
+
+
 def _print_summary(result: FleetResult) -> None:
     table = Table(title="deploy push", title_justify="left")
     for column in ("device", "status", "platform / driver", "built", "smoke", "pushed", "compile s", "total s"):
@@ -153,16 +183,176 @@ def _print_summary(result: FleetResult) -> None:
         platform = fingerprint.get("platform", {}).get("name", "-")
         driver = fingerprint.get("device", {}).get("driver_version", "")
         passed = sum(k.smoke == "passed" for k in o.kernels)
+        skipped = sum(k.smoke == "skipped" for k in o.kernels)
+        smoke = f"{passed}/{len(o.kernels) - skipped}" + (f" +{skipped} skipped" if skipped else "")
         status = "[green]passed[/green]" if o.ok else f"[red]failed[/red] ({o.failed_stage})"
-        table.add_row(escape(o.name), status, escape(f"{platform} / {driver}"), str(o.built),
-                      f"{passed}/{len(o.kernels)}", _human_bytes(o.bytes_sent),
+        table.add_row(escape(o.name), status, escape(f"{platform} / {driver}"), str(o.built), smoke,
+                      _human_bytes(o.bytes_sent),
                       f"{o.stages.get('compile', 0):.2f}", f"{sum(o.stages.values()):.2f}")
     stdout.print(table)
+    for o in result.outcomes:
+        for line in _device_lines(o):
+            stdout.print(escape(line))
     for o in result.failed:
         stdout.print(f"[red]{escape(o.name)}[/red]: {escape(o.error or 'failed')}")
     total = len(result.outcomes)
     stdout.print(f"{total - len(result.failed)}/{total} device(s) passed "
                  "(seconds per stage: --json)")
+
+
+CacheOption = Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")]
+
+
+@app.command()
+def collect(
+    fleet: FleetOption,
+    limit: LimitOption = None,
+    path: Annotated[list[str] | None, typer.Option("--path", "-p", help="Glob of cache files on the devices "
+                    "(repeatable; `~` and `**` allowed); default: vars.collect_paths, else MACE's usual "
+                    "places.")] = None,
+    cache: CacheOption = Path("cache"),
+    max_size: Annotated[int, typer.Option("--max-size", min=1, help="Refuse files larger than this (bytes), "
+                        "before pulling.")] = 256 << 20,
+    max_files: Annotated[int, typer.Option("--max-files", min=1, max=100000, help="Stop listing a device "
+                         "after this many files.")] = 1000,
+    forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
+    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Gather the cache files apps wrote on the devices; say which are stale and whether MACE would use them."""
+    from deployer.cache import cache_lock
+    from deployer.collect import CollectJob, collect_fleet
+
+    devices = _select(fleet, limit)
+    job = CollectJob(cache=cache, patterns=tuple(path or ()), max_size=max_size, max_files=max_files,
+                     accept_new_host_keys=accept_new_host_keys)
+    with cache_lock(cache):
+        outcomes = collect_fleet(devices, job, forks=forks, progress=_progress_printer(quiet=False))
+    ok = all(o.ok for o in outcomes)
+    if as_json:
+        stdout.print_json(json.dumps({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]}))
+    else:
+        _print_collect(outcomes)
+    raise typer.Exit(0 if ok else 1)
+
+
+def _print_collect(outcomes: list[Any]) -> None:
+    table = Table("device", "file", "status", "format", "programs", "MACE", "drift", title="deploy collect",
+                  title_justify="left")
+    for o in outcomes:
+        if o.error:
+            table.add_row(escape(o.name), "-", "[red]failed[/red]", "", "", "", escape(o.error))
+        for f in o.files:
+            record = f.record or {}
+            verdict = record.get("verdict") or {}
+            status = f.status if f.ok else f"[red]{f.status}[/red]: {escape(f.detail or '')}"
+            table.add_row(escape(o.name), escape(f.remote_path), status, record.get("format", ""),
+                          str(len(record.get("programs", []))) if record else "", verdict.get("mace", ""),
+                          "yes" if verdict.get("drift") else ("no" if verdict else ""))
+        if o.truncated:
+            table.add_row(escape(o.name), "...", "[yellow]listing truncated[/yellow] (--max-files)", "", "", "", "")
+    stdout.print(table)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The local per-device cache: list, show, verify, prune, "
+                        "export; install on devices.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(cache: CacheOption = Path("cache"), as_json: JsonOption = False) -> None:
+    """List devices in the cache: fingerprint, programs, size and age, collected files."""
+    from deployer.cache_admin import summary
+
+    rows = summary(cache)
+    if as_json:
+        stdout.print_json(json.dumps({"devices": rows}))
+        return
+    table = Table("device", "fingerprint", "seen", "programs", "bytes", "age s", "collected")
+    for r in rows:
+        table.add_row(*(escape(str(r[k])) for k in ("name", "fingerprint_id", "fingerprints_seen", "programs",
+                                                    "cache_bytes", "age_s", "collected")))
+    stdout.print(table if rows else f"no devices in {cache}")
+
+
+@cache_app.command("show")
+def cache_show(device: Annotated[str, typer.Argument(help="Device name.")], cache: CacheOption = Path("cache")) -> None:
+    """One device's fingerprint history, programs and collected files (JSON)."""
+    from deployer.cache_admin import show
+
+    stdout.print_json(json.dumps(show(cache, device)))
+
+
+@cache_app.command("verify")
+def cache_verify(cache: CacheOption = Path("cache")) -> None:
+    """Check every hash against its manifest or record and parse every file; exit 1 on any problem."""
+    from deployer.cache_admin import device_names, verify
+
+    problems = verify(cache)
+    for problem in problems:
+        stdout.print(f"[red]problem[/red] {escape(problem)}")
+    stdout.print(f"{len(device_names(cache))} device(s) checked, {len(problems)} problem(s)")
+    raise typer.Exit(1 if problems else 0)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    cache: CacheOption = Path("cache"),
+    older_than: Annotated[float | None, typer.Option("--older-than", help="Days.")] = None,
+    stale: Annotated[bool, typer.Option("--stale", help="Collected files MACE would not use, or whose driver "
+                     "changed since they were written.")] = False,
+) -> None:
+    """Remove collected files that are old or stale."""
+    from deployer.cache_admin import prune
+
+    if older_than is None and not stale:
+        raise InputError(None, "--older-than/--stale", "say what to prune")
+    for line in (removed := prune(cache, older_than_days=older_than, stale=stale)):
+        stdout.print(f"removed {escape(line)}")
+    stdout.print(f"{len(removed)} collected file(s) removed")
+
+
+@cache_app.command("export")
+def cache_export(
+    cache: CacheOption = Path("cache"),
+    device: Annotated[str | None, typer.Option("--device", help="Export this device's cache file.")] = None,
+    to: Annotated[Path, typer.Option("--to", help="File or folder to write.")] = Path("."),
+    tarballs: Annotated[bool, typer.Option("--tarballs", help="One tarball per device model into --to.")] = False,
+    mace_format: Annotated[MaceFormat | None, typer.Option("--mace-format", help="Convert to this container "
+                           "(legacy: for apps on MACE v1.0.x).")] = None,
+) -> None:
+    """Export one device's `mace_cl_compiled_program.bin`, or a tarball per device model."""
+    from deployer.cache_admin import export_file, export_tarballs
+
+    if tarballs == (device is not None):
+        raise InputError(None, "--device/--tarballs", "give exactly one of --device NAME and --tarballs")
+    if device is not None:
+        fmt = mace_format.value if mace_format else None
+        stdout.print(f"wrote {export_file(cache, device, to, fmt)}")
+        return
+    for item in export_tarballs(cache, to):
+        stdout.print(f"wrote {item['tarball']} ({len(item['devices'])} device(s), "
+                     f"{item['distinct_files']} distinct file(s))")
+
+
+@cache_app.command("install")
+def cache_install(
+    fleet: FleetOption,
+    to: Annotated[str, typer.Option("--to", help="Path on each device where the app reads its cache file.")],
+    limit: LimitOption = None,
+    cache: CacheOption = Path("cache"),
+    forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
+    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+) -> None:
+    """Copy each device's cache file to where its app reads it, on devices whose driver still matches."""
+    from deployer.collect import install_fleet
+
+    outcomes = install_fleet(_select(fleet, limit), cache, to, forks=forks,
+                             accept_new_host_keys=accept_new_host_keys)
+    for o in outcomes:
+        color = {"installed": "green", "skipped": "yellow"}.get(o.status, "red")
+        stdout.print(f"{escape(o.name)}: [{color}]{o.status}[/{color}] {escape(o.detail or '')}")
+    raise typer.Exit(1 if any(o.status == "failed" for o in outcomes) else 0)
 
 
 @sim_app.command("up")
@@ -244,17 +434,25 @@ def _report_bug() -> int:
     return 70
 
 
+class Interrupted(BaseException):
+    """Ctrl-C, raised past Typer's own handling (which would exit 1) so that we exit 130."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
+    """Run the CLI; returns the exit code (the console script passes it to sys.exit).
+
+    Typer runs in standalone mode: it prints usage errors itself and exits 2, as Click does."""
+    previous = signal.signal(signal.SIGINT, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        code = app(args=argv, standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        stderr.print(f"deploy: {escape(exc.format_message())}", markup=True)
-        return 2
-    except click.exceptions.Abort:
-        stderr.print("deploy: interrupted")
-        return 130
-    except KeyboardInterrupt:
+        app(args=argv, prog_name="deploy")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Interrupted:
         stderr.print("deploy: interrupted")
         return 130
     except DeployError as exc:
@@ -262,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except Exception:
         return _report_bug()
-    return code if isinstance(code, int) else 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return 0
 
 
 def console_main() -> None:

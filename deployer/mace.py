@@ -7,7 +7,7 @@ re-used here, so both sides follow one definition. Format: ../shared/docs/mace-c
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
