@@ -953,9 +953,10 @@ def parse_program_specs(req, root):
 
 def _load_program_files(spec, root):
     source_path = resolve_inside(root, spec["source"])
-    # Relative to the release root, the child's working directory: the same options in every release,
-    # so a driver's own kernel cache (PoCL hashes the preprocessed source) still hits across releases.
-    include_dir = os.path.dirname(os.path.relpath(source_path, root)) or "."
+    # Absolute, so each release's builds are its own: with one path for all releases, two processes
+    # building the same program at once into one PoCL cache raced, and PoCL later aborted loading the
+    # binary one of them got (pocl_binary_get_kernels_metadata: `len > 0').
+    include_dir = os.path.dirname(source_path)
     if re.search(r"\s", include_dir):
         raise bad_request("kernel directory %r contains white space; build options cannot quote it "
                           "(choose a remote_dir without spaces)" % include_dir)
@@ -1619,7 +1620,6 @@ def run_child_request(req, payload):
     if not os.path.isabs(root) or not os.path.isdir(root):
         raise bad_request("field 'root': %r is not an absolute directory" % root)
     root = os.path.realpath(root)
-    os.chdir(root)  # build options name include folders relative to it
     selection = parse_selection(req.get("opencl"))
     cl = OpenCL()
     sel = select_device(cl, selection)

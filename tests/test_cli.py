@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from deployer.inventory import load_inventory
@@ -133,6 +134,7 @@ def test_usage_errors_exit_2(cli: Cli) -> None:
     assert cli("push", "--fleet", "x.yml", "--forks", "0").code == 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130(tmp_path: Path) -> None:
     """SIGINT while a device is still connecting: the run stops, says so, and exits 130."""
     import os

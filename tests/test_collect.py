@@ -126,6 +126,7 @@ def test_hostile_files(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
     assert len(list((cache / "sim-01" / "collected").iterdir())) == 3  # ok, odd, legacy
 
 
+@pytest.mark.slow
 def test_thousands_of_files_are_bounded(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
     fleet = make_fleet([DeviceSpec("sim-01")])
     for i in range(1500):

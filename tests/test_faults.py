@@ -196,6 +196,7 @@ def _unused_port() -> int:
     return port
 
 
+@pytest.mark.slow
 def test_connect_timeout(fleet: Fleet, cli: Cli, tmp_path: Path, listener: Callable[..., int]) -> None:
     port = listener(backlog=0, fill_queue=True)
     code, devices = _push_limited(cli, _point_at(fleet, port), tmp_path)

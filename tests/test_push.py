@@ -21,8 +21,8 @@ PROTO = Path(__file__).parent / "mace.proto"
 
 
 def test_every_device_passes(pushed: Pushed) -> None:
-    assert pushed.run.code == 0, pushed.run.err
     report = pushed.report
+    assert pushed.run.code == 0, [(d["name"], d["error"]) for d in report["devices"] if not d["ok"]]
     assert report["schema_version"] == 1 and report["ok"] is True
     assert [d["name"] for d in report["devices"]] == ["sim-01", "sim-02", "sim-03"]
     for device in report["devices"]:
@@ -92,15 +92,28 @@ def test_program_hash_covers_included_header(pushed: Pushed) -> None:
     assert cache.hashes["saxpy -DDATA_TYPE=float"] == want
 
 
-def test_cache_file_decodes_with_protoc(pushed: Pushed, tmp_path: Path) -> None:
-    data = (pushed.cache / "sim-01" / "mace_cl_compiled_program.bin").read_bytes()
-    decoded = subprocess.run(
+def protoc_decode(data: bytes) -> str:
+    """`protoc --decode=mace.PairContainer` of a cache file, its 4-byte CRC trailer stripped."""
+    return subprocess.run(
         ["protoc", f"--proto_path={PROTO.parent}", "--decode=mace.PairContainer", PROTO.name],
         input=data[:-4], capture_output=True, check=True,
     ).stdout.decode("utf-8", "replace")
-    assert decoded.count("pairs {") == len(parse_cache(data).programs) * 2 + 2
-    assert 'key: "mace_opencl_precompiled_platform_info_key"' in decoded
-    assert 'key: "program_hash_ matmul -DDATA_TYPE=float -DTILE=16"' in decoded
+
+
+def test_every_cache_file_decodes_with_protoc(pushed: Pushed) -> None:
+    written = sorted(pushed.cache.glob("*/mace_cl_compiled_program.bin"))
+    assert [p.parent.name for p in written] == ["sim-01", "sim-02", "sim-03"]
+    for path in written:
+        data = path.read_bytes()
+        decoded = protoc_decode(data)
+        assert decoded.count("pairs {") == len(parse_cache(data).programs) * 2 + 2, path
+        assert 'key: "mace_opencl_precompiled_platform_info_key"' in decoded
+        assert 'key: "program_hash_ matmul -DDATA_TYPE=float -DTILE=16"' in decoded
+
+
+def test_golden_pair_decodes_with_protoc() -> None:
+    decoded = protoc_decode(encode_mace_pb([("a", b"xy")]))
+    assert decoded.split() == ["pairs", "{", "key:", '"a"', "bytes_value:", '"xy"', "}"]
 
 
 def test_golden_bytes_of_the_format_note() -> None:
