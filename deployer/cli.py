@@ -46,7 +46,8 @@ class MaceFormat(str, Enum):
 
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-stdout = Console(highlight=False, soft_wrap=True)
+# Off a terminal (logs, CI, pipes) Rich would assume 80 columns and fold the summary table.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 FleetOption = Annotated[Path, typer.Option("--fleet", "-f", help="Inventory YAML file.")]
 LimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices: names, groups, globs, "
