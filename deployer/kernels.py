@@ -289,6 +289,9 @@ def load_library(folder: Path) -> Library:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 0
         raise InputError(Where(file, line), None, f"YAML syntax error: {getattr(exc, 'problem', exc)}") from exc
+    except (ValueError, TypeError, RecursionError) as exc:
+        # A tag PyYAML cannot construct (`!!int abc`) or nesting deep enough to exhaust the stack.
+        raise InputError(Where(file), None, f"not a valid kernel manifest: {type(exc).__name__}: {exc}") from exc
     reader = _Reader(file, document, "kernels", ["seed", "compile_options", "programs"])
     programs = tuple(
         _program(folder, file, str(name), node)

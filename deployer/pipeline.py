@@ -13,13 +13,13 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from deployer.agent import AgentSession, Reply, printable, raise_for_failed_programs
+from deployer.agent import AgentSession, Reply, open_session, printable, raise_for_failed_programs
 from deployer.agent import field as reply_field
 from deployer.cache import CACHE_FILE, store_device, store_failure
 from deployer.errors import AgentError, DeviceError, InputError, LocalStateError, SmokeMismatch, Where
@@ -28,7 +28,6 @@ from deployer.kernels import Library
 from deployer.mace import DEFAULT_MACE_VERSION, parse_cache
 from deployer.model import ModelPlan, ModelResult, check_models, skipped_model, wire_models
 from deployer.smoke import KernelResult, SmokePlan, Startup, compare, parse_startup, split_outputs
-from deployer.transport import open_transport
 
 STAGES = ("connect", "upload", "fingerprint", "compile", "pull", "smoke", "commit", "store")
 MAX_PULL = 256 << 20
@@ -131,22 +130,18 @@ class _DeviceRun:
             self.outcome.stages[stage] = self.outcome.stages.get(stage, 0.0) + time.perf_counter() - start
 
     def run(self) -> DeviceOutcome:
-        session: AgentSession | None = None
-        transport = None
         try:
-            with self.timed("connect"):
-                transport = open_transport(self.device, accept_new_host_keys=self.job.accept_new_host_keys)
-                session = AgentSession.start(transport, self.device)
-            self._push(session)
+            with ExitStack() as stack:
+                with self.timed("connect"):
+                    session = stack.enter_context(
+                        open_session(self.device, accept_new_host_keys=self.job.accept_new_host_keys))
+                try:
+                    self._push(session)
+                finally:
+                    self.outcome.bytes_sent = session.bytes_sent
+                    self.outcome.bytes_received = session.bytes_received
         except DeviceError as exc:
             self._fail(exc)
-        finally:
-            if session is not None:
-                self.outcome.bytes_sent = session.bytes_sent
-                self.outcome.bytes_received = session.bytes_received
-                session.bye()
-            if transport is not None:
-                transport.close()
         return self.outcome
 
     def _fail(self, exc: DeviceError) -> None:

@@ -313,3 +313,15 @@ def test_variant_erring_by_twice_its_tolerance_fails_the_device(make_fleet: Make
     assert device["error"].startswith(f"smoke: {twice}: output 'c': max abs error")
     assert half not in device["error"]
     assert not (tmp_path / "cache" / "sim-01" / "mace_cl_compiled_program.bin").exists()
+
+
+@pytest.mark.parametrize("text", [
+    "seed: !!int abc\nprograms: {}\n",
+    "programs: " + "[" * 5000 + "]" * 5000 + "\n",
+    "programs: !!python/object:os.system ls\n",
+])
+def test_manifest_that_yaml_cannot_construct_is_an_input_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "kernels.yml").write_text(text)
+    with pytest.raises(InputError) as caught:
+        load_library(tmp_path)
+    assert str(caught.value).startswith(str(tmp_path / "kernels.yml"))
