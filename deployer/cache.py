@@ -28,6 +28,7 @@ COLLECTED = "collected"
 RECORD_FILE = "record.json"
 CONTENT_FILE = "content.bin"
 HISTORY_FILE = "fingerprints.jsonl"
+LAST_RUN_FILE = "last-run.json"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
 
@@ -148,6 +149,24 @@ def record_fingerprint(root: Path, fingerprint: Mapping[str, Any] | None) -> Non
     history.append({"seen_at": time.time(), "id": fingerprint["id"], "fingerprint": dict(fingerprint)})
     text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in history)
     write_atomic(inside(root, HISTORY_FILE), text.encode())
+
+
+def record_run(cache: Path, command: str, fleet: str, outcomes: Mapping[str, str | None]) -> None:
+    """`<cache>/last-run.json`: each device of the last run and its error (None: passed), for `@failed`."""
+    write_json(cache / LAST_RUN_FILE, {"command": command, "fleet": fleet, "finished_at": time.time(),
+                                       "devices": {name: {"ok": error is None, "error": error}
+                                                   for name, error in outcomes.items()}})
+
+
+def last_run_sets(cache: Path) -> dict[str, list[str]]:
+    """`--limit` sets from the last run on this cache: `@failed` and `@passed` (empty if none ran)."""
+    record = read_json(cache / LAST_RUN_FILE)
+    devices = record.get("devices") if isinstance(record, dict) else None
+    if not isinstance(devices, dict):
+        return {}
+    entries = [(name, d) for name, d in devices.items() if isinstance(d, dict)]
+    return {"failed": [name for name, d in entries if d.get("ok") is False],
+            "passed": [name for name, d in entries if d.get("ok") is True]}
 
 
 def store_device(cache: Path, device: str, cache_bytes: bytes, manifest: Mapping[str, Any],

@@ -51,15 +51,18 @@ stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatt
 
 FleetOption = Annotated[Path, typer.Option("--fleet", "-f", help="Inventory YAML file.")]
 LimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices: names, groups, globs, "
-                                                 "a,b lists and !exclusions.")]
+                                                 "a,b lists, !exclusions; @failed: those that failed the "
+                                                 "last push on this cache.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on stdout (docs/json.md).")]
 SimDirOption = Annotated[Path, typer.Option("--dir", help="Folder of the simulated fleet.")]
 
 
-def _select(fleet: Path, limit: str | None) -> list[Device]:
+def _select(fleet: Path, limit: str | None, cache: Path | None = None) -> list[Device]:
+    """The devices of `--limit`; with a cache, `@failed`/`@passed` name the devices of its last run."""
+    from deployer.cache import last_run_sets
     from deployer.inventory import load_inventory, select
 
-    return list(select(load_inventory(fleet), limit))
+    return list(select(load_inventory(fleet), limit, named_sets=last_run_sets(cache) if cache else None))
 
 
 @inventory_app.command("check")
@@ -108,13 +111,13 @@ def push(
     as_json: JsonOption = False,
 ) -> None:
     """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it."""
-    from deployer.cache import cache_lock
+    from deployer.cache import cache_lock, record_run
     from deployer.kernels import load_library
     from deployer.model import load_models, plan_model
     from deployer.pipeline import PushJob, release_files, run_fleet
     from deployer.smoke import load_references, plan_smoke
 
-    devices = _select(fleet, limit)
+    devices = _select(fleet, limit, cache)
     library = load_library(kernels)
     model_files, models = load_models(model or [])  # a model of our format: its graph and weights travel
     job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
@@ -124,6 +127,7 @@ def push(
     progress = _progress_printer(quiet=False)
     with cache_lock(cache):
         result = run_fleet(devices, job, forks=forks, progress=progress)
+        record_run(cache, "push", str(fleet), {o.name: o.error for o in result.outcomes})
     if as_json:
         stdout.print_json(json.dumps(_push_json(result)))
     else:

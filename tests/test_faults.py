@@ -243,3 +243,16 @@ def test_changed_host_key_is_always_refused(fleet: Fleet, cli: Cli, tmp_path: Pa
     code, devices = push(cli, inventory, tmp_path, "--limit", "sim-01", "--accept-new-host-keys")
     error = devices["sim-01"]["error"]
     assert code == 1 and "CHANGED" in error and "ssh-keygen -R" in error
+
+
+def test_limit_failed_reruns_only_the_failed_devices(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01"), DeviceSpec("sim-02", without_python=True)])
+    cache = tmp_path / "cache"
+    early = cli("push", "--fleet", fleet.inventory, "--cache", cache, "--limit", "@failed")
+    assert early.code == 2 and "unknown set '@failed'" in early.err  # no run on this cache yet
+    code, _ = push(cli, fleet.inventory, tmp_path)
+    assert code == 1
+    record = yaml.safe_load((cache / "last-run.json").read_text())
+    assert record["devices"]["sim-01"]["ok"] is True and "no python" in record["devices"]["sim-02"]["error"]
+    code, devices = push(cli, fleet.inventory, tmp_path, "--limit", "@failed")
+    assert code == 1 and list(devices) == ["sim-02"]
