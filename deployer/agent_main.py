@@ -1827,7 +1827,7 @@ class Session:
         self.ops = {"begin": self.op_begin, "put": self.op_put, "fingerprint": self.op_opencl,
                     "build": self.op_opencl, "smoke": self.op_opencl, "startup": self.op_opencl, "get": self.op_get,
                     "commit": self.op_commit, "bye": self.op_bye,
-                    "find": op_find, "read": op_read, "install": op_install}
+                    "find": op_find, "read": op_read, "install": op_install, "rollback": self.op_rollback}
 
     # ----- helpers -----
 
@@ -1863,12 +1863,8 @@ class Session:
 
     # ----- ops: each returns (reply fields, payload bytes) -----
 
-    def op_begin(self, req, payload):
-        release_id = req_str(req, "release", pattern=RELEASE_ID_RE)
-        if release_id in (".", "..") or len(release_id) > 200:
-            raise bad_request("field 'release': %r is not a usable id" % release_id)
-        if self.release_id is not None:
-            raise bad_request("release %r is already begun in this session" % self.release_id)
+    def take_lock(self):
+        """RD/.lock, held until the session commits or ends: two controllers never race on `current`."""
         lock_path = os.path.join(self.rd, ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -1880,6 +1876,28 @@ class Session:
                                    % lock_path) from exc
             raise
         self.lock_fd = fd
+
+    def switch_current(self, release_id):
+        """Point `current` at releases/<id> with one rename of a temp symlink, then fsync RD."""
+        tmp = os.path.join(self.rd, ".current.tmp-%d" % os.getpid())
+        try:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.symlink("releases/" + release_id, tmp)
+            os.rename(tmp, os.path.join(self.rd, "current"))
+        except OSError as exc:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise io_failure(exc, "current") from exc
+        fsync_dir(self.rd)
+
+    def op_begin(self, req, payload):
+        release_id = req_str(req, "release", pattern=RELEASE_ID_RE)
+        if release_id in (".", "..") or len(release_id) > 200:
+            raise bad_request("field 'release': %r is not a usable id" % release_id)
+        if self.release_id is not None:
+            raise bad_request("release %r is already begun in this session" % self.release_id)
+        self.take_lock()
         try:
             os.makedirs(os.path.join(self.rd, "releases"), 0o755, exist_ok=True)
             os.mkdir(self.release_dir(release_id), 0o755)
@@ -1956,21 +1974,42 @@ class Session:
         for dirpath, _, _ in os.walk(release):
             fsync_dir(dirpath)
         fsync_dir(os.path.dirname(release))
-        tmp = os.path.join(self.rd, ".current.tmp-%d" % os.getpid())
-        try:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            os.symlink("releases/" + release_id, tmp)
-            os.rename(tmp, os.path.join(self.rd, "current"))
-        except OSError as exc:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            raise io_failure(exc, "current") from exc
+        self.switch_current(release_id)
         self.release_id = None  # committed: no longer ours to delete
-        fsync_dir(self.rd)
         pruned = self.prune(keep, release_id)
         self.unlock()
         return {"current": release_id, "pruned": pruned}, b""
+
+    def op_rollback(self, req, payload):
+        """Switch `current` back to the newest release older than it; reply with that release's cache file
+        (payload) and manifest, so the controller's cache follows `current`."""
+        if self.release_id is not None:
+            raise bad_request("cannot roll back while release %r is begun" % self.release_id)
+        self.take_lock()
+        try:
+            current = self.previous()
+            base = os.path.join(self.rd, "releases")
+            names = sorted(n for n in (os.listdir(base) if os.path.isdir(base) else [])
+                           if RELEASE_ID_RE.fullmatch(n) and os.path.isdir(os.path.join(base, n)))
+            if current is None:
+                raise AgentFailure("no_release", "nothing is deployed here: %s/current does not exist" % self.rd)
+            older = [n for n in names if n < current]
+            if not older:
+                raise AgentFailure("no_previous", "no release older than %s to roll back to (releases kept: %s)"
+                                   % (current, ", ".join(names) or "none"))
+            target = older[-1]
+            self.switch_current(target)
+        finally:
+            self.unlock()
+        release = os.path.join(base, target)
+        try:
+            data = read_file_limited(os.path.join(release, CACHE_FILE), MAX_GET, CACHE_FILE)
+            manifest = json.loads(read_file_limited(os.path.join(release, MANIFEST_FILE), MAX_GET,
+                                                    MANIFEST_FILE).decode("utf-8"))
+        except (OSError, ValueError):
+            data, manifest = b"", None  # switched all the same; the controller says the cache is absent
+        return {"current": target, "previous": current, "manifest": manifest,
+                "cache_sha256": hashlib.sha256(data).hexdigest(), "payload_size": len(data)}, data
 
     def prune(self, keep, current):
         """Delete releases beyond the newest `keep` (ids sort by time); never the current one."""

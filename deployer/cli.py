@@ -135,6 +135,36 @@ def push(
     raise typer.Exit(0 if result.ok else 1)
 
 
+@app.command()
+def rollback(
+    fleet: FleetOption,
+    limit: LimitOption = None,
+    cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
+    forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
+    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Switch each device back to its previous release; the local cache follows."""
+    from deployer.cache import cache_lock, record_run
+    from deployer.pipeline import rollback_fleet
+
+    devices = _select(fleet, limit, cache)
+    with cache_lock(cache):
+        outcomes = rollback_fleet(devices, cache, forks=forks, accept_new_host_keys=accept_new_host_keys)
+        record_run(cache, "rollback", str(fleet), {o.name: None if o.ok else o.error for o in outcomes})
+    ok = all(o.ok for o in outcomes)
+    if as_json:
+        stdout.print_json(json.dumps({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]}))
+    else:
+        for o in outcomes:
+            if o.ok:
+                stdout.print(f"{escape(o.name)}: [green]rolled back[/green] {escape(str(o.previous))} -> "
+                             f"{escape(str(o.current))}" + (f" ({escape(o.error)})" if o.error else ""))
+            else:
+                stdout.print(f"{escape(o.name)}: [red]failed[/red] {escape(o.error or '')}")
+    raise typer.Exit(0 if ok else 1)
+
+
 def _progress_printer(*, quiet: bool) -> Any:
     lock = threading.Lock()
 

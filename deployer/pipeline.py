@@ -378,3 +378,51 @@ def run_fleet(devices: Sequence[Device], job: PushJob, *, forks: int, progress: 
         futures = {pool.submit(run_device, d, job, progress): d.name for d in devices}
         outcomes = {futures[f]: f.result() for f in as_completed(futures)}
     return FleetResult(tuple(outcomes[d.name] for d in devices))
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackOutcome:
+    name: str
+    ok: bool
+    current: str | None = None
+    previous: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "current": self.current, "previous": self.previous,
+                "error": self.error}
+
+
+def _rollback_device(device: Device, cache: Path, accept_new_host_keys: bool) -> RollbackOutcome:
+    """Switch the device back one release, then make the local cache match what is now `current`."""
+    try:
+        with open_session(device, accept_new_host_keys=accept_new_host_keys) as session:
+            reply = session.request("rollback")
+        current, previous = reply.get("current", str), reply.get("previous", str)
+        manifest = reply.get("manifest", dict, optional=True)
+        data = reply.payload
+        if hashlib.sha256(data).hexdigest() != reply.get("cache_sha256", str):
+            raise AgentError("the rolled-back cache file arrived corrupted", kind="checksum")
+        if manifest is None or not data:
+            return RollbackOutcome(device.name, True, current, previous,
+                                   error="rolled back, but that release has no cache file: local cache unchanged")
+        try:
+            parse_cache(data)
+        except ValueError as exc:
+            raise AgentError(f"the rolled-back cache file is not a MACE container: {exc}", kind="bad_cache") from exc
+        fingerprint = manifest.get("fingerprint")
+        store_device(cache, device.name, data, manifest, fingerprint if isinstance(fingerprint, dict) else {}, {})
+        return RollbackOutcome(device.name, True, printable(current, 80), printable(previous, 80))
+    except DeviceError as exc:
+        kind = f" [{exc.kind}]" if isinstance(exc, AgentError) else ""
+        return RollbackOutcome(device.name, False, error=exc.message + kind)
+    except LocalStateError as exc:
+        return RollbackOutcome(device.name, False, error=f"rolled back, but the local cache: {exc}")
+
+
+def rollback_fleet(devices: Sequence[Device], cache: Path, *, forks: int,
+                   accept_new_host_keys: bool = False) -> list[RollbackOutcome]:
+    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(devices))), thread_name_prefix="rollback") as pool:
+        futures = {pool.submit(_rollback_device, d, cache, accept_new_host_keys): d.name for d in devices}
+        outcomes = {futures[f]: f.result() for f in as_completed(futures)}
+    return [outcomes[d.name] for d in devices]

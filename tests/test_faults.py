@@ -6,6 +6,7 @@ device faults are real too: a hidden python3 or libOpenCL.so.1, a broken ICD fil
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -256,3 +257,38 @@ def test_limit_failed_reruns_only_the_failed_devices(make_fleet: MakeFleet, cli:
     assert record["devices"]["sim-01"]["ok"] is True and "no python" in record["devices"]["sim-02"]["error"]
     code, devices = push(cli, fleet.inventory, tmp_path, "--limit", "@failed")
     assert code == 1 and list(devices) == ["sim-02"]
+
+
+def _saxpy_only(tmp_path: Path, scale: str) -> Path:
+    """A one-program library (fast to build) whose saxpy source differs by `scale`."""
+    folder = tmp_path / f"lib-{scale}"
+    folder.mkdir()
+    for name in ("common.h", "reference.py"):
+        (folder / name).write_bytes((KERNELS / name).read_bytes())
+    (folder / "saxpy.cl").write_text((KERNELS / "saxpy.cl").read_text() + f"\n/* build {scale} */\n")
+    manifest = (KERNELS / "kernels.yml").read_text()
+    (folder / "kernels.yml").write_text(manifest[: manifest.index("\n  relu:")] + "\n")
+    return folder
+
+
+def test_rollback(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    cache = tmp_path / "cache"
+    nothing = cli("rollback", "--fleet", fleet.inventory, "--cache", cache, "--json")
+    assert nothing.code == 1 and "nothing is deployed here" in nothing.json()["devices"][0]["error"]
+    cache_file = cache / "sim-01" / "mace_cl_compiled_program.bin"
+    pushed = []
+    for scale in ("one", "two"):
+        run = cli("push", "--fleet", fleet.inventory, "--kernels", _saxpy_only(tmp_path, scale), "--cache", cache,
+                  "--json")
+        assert run.code == 0, run.out
+        pushed.append((run.json()["devices"][0]["release"], cache_file.read_bytes()))
+    assert pushed[0][1] != pushed[1][1]
+    back = cli("rollback", "--fleet", fleet.inventory, "--cache", cache, "--json").json()["devices"][0]
+    assert back["ok"] and back["previous"] == pushed[1][0] and back["current"] == pushed[0][0]
+    current = Path(fleet.device("sim-01").folder) / "home" / ".deployer" / "current"
+    assert os.readlink(current) == f"releases/{pushed[0][0]}"
+    assert cache_file.read_bytes() == pushed[0][1]  # the local cache follows `current`
+    again = cli("rollback", "--fleet", fleet.inventory, "--cache", cache, "--json")
+    assert again.code == 1 and "no release older than" in again.json()["devices"][0]["error"]
+    assert os.readlink(current) == f"releases/{pushed[0][0]}"
