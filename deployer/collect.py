@@ -14,7 +14,6 @@ import json
 import posixpath
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from deployer.cache import (
     write_json,
 )
 from deployer.errors import AgentError, DeviceError, LocalStateError
+from deployer.fleet import fan_out
 from deployer.inventory import Device
 from deployer.mace import binary_kind, mace_verdict, parse_cache
 
@@ -247,10 +247,7 @@ def collect_device(device: Device, job: CollectJob, progress: Progress) -> Colle
 
 def collect_fleet(devices: Sequence[Device], job: CollectJob, *, forks: int,
                   progress: Progress) -> list[CollectOutcome]:
-    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(devices))), thread_name_prefix="collect") as pool:
-        futures = {pool.submit(collect_device, d, job, progress): d.name for d in devices}
-        outcomes = {futures[f]: f.result() for f in as_completed(futures)}
-    return [outcomes[d.name] for d in devices]
+    return fan_out(devices, lambda d: collect_device(d, job, progress), forks=forks, label="collect")
 
 
 @dataclass(slots=True)
@@ -285,7 +282,5 @@ def _install_one(device: Device, cache: Path, to: str, accept_new: bool) -> Inst
 
 def install_fleet(devices: Sequence[Device], cache: Path, to: str, *, forks: int,
                   accept_new_host_keys: bool = False) -> list[InstallOutcome]:
-    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(devices))), thread_name_prefix="install") as pool:
-        futures = {pool.submit(_install_one, d, cache, to, accept_new_host_keys): d.name for d in devices}
-        outcomes = {futures[f]: f.result() for f in as_completed(futures)}
-    return [outcomes[d.name] for d in devices]
+    return fan_out(devices, lambda d: _install_one(d, cache, to, accept_new_host_keys), forks=forks,
+                   label="install")

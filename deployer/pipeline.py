@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +21,7 @@ from deployer.agent import AgentSession, Reply, open_session, printable, raise_f
 from deployer.agent import field as reply_field
 from deployer.cache import CACHE_FILE, store_device, store_failure
 from deployer.errors import AgentError, DeviceError, InputError, LocalStateError, SmokeMismatch, Where
+from deployer.fleet import fan_out
 from deployer.inventory import Device
 from deployer.kernels import Library
 from deployer.mace import DEFAULT_MACE_VERSION, parse_cache
@@ -373,11 +372,7 @@ def run_device(device: Device, job: PushJob, progress: Progress) -> DeviceOutcom
 
 def run_fleet(devices: Sequence[Device], job: PushJob, *, forks: int, progress: Progress) -> FleetResult:
     """Every device in parallel (at most `forks` at once); outcomes in inventory order."""
-    workers = max(1, min(forks, len(devices), os.cpu_count() and 64 or 64))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="device") as pool:
-        futures = {pool.submit(run_device, d, job, progress): d.name for d in devices}
-        outcomes = {futures[f]: f.result() for f in as_completed(futures)}
-    return FleetResult(tuple(outcomes[d.name] for d in devices))
+    return FleetResult(tuple(fan_out(devices, lambda d: run_device(d, job, progress), forks=forks, label="device")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +417,5 @@ def _rollback_device(device: Device, cache: Path, accept_new_host_keys: bool) ->
 
 def rollback_fleet(devices: Sequence[Device], cache: Path, *, forks: int,
                    accept_new_host_keys: bool = False) -> list[RollbackOutcome]:
-    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(devices))), thread_name_prefix="rollback") as pool:
-        futures = {pool.submit(_rollback_device, d, cache, accept_new_host_keys): d.name for d in devices}
-        outcomes = {futures[f]: f.result() for f in as_completed(futures)}
-    return [outcomes[d.name] for d in devices]
+    return fan_out(devices, lambda d: _rollback_device(d, cache, accept_new_host_keys), forks=forks,
+                   label="rollback")
