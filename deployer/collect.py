@@ -156,15 +156,9 @@ def describe_file(data: bytes, remote_path: str, fingerprint: Mapping[str, Any] 
     return record
 
 
-def _reason(exc: DeviceError) -> str:
-    return exc.message + (f" [{exc.kind}]" if isinstance(exc, AgentError) else "")
-
-
 def _fingerprint(session: AgentSession, device: Device) -> dict[str, Any]:
     """The device's current fingerprint, reduced to what records keep."""
-    selection = device.opencl
-    reply = session.request("fingerprint", opencl={"platform": selection.platform, "device": selection.device,
-                                                   "device_type": selection.device_type})
+    reply = session.request("fingerprint", opencl=device.opencl.as_request())
     fingerprint = reply.get("fingerprint", dict)
     return {k: fingerprint.get(k) for k in ("id", "platform", "device", "cpu_only")}
 
@@ -181,7 +175,7 @@ class _Collector:
             with open_session(self.device, accept_new_host_keys=self.job.accept_new_host_keys) as session:
                 self._collect(session)
         except DeviceError as exc:
-            self.outcome.error = _reason(exc)
+            self.outcome.error = exc.reason
         return self.outcome
 
     def _collect(self, session: AgentSession) -> None:
@@ -212,7 +206,7 @@ class _Collector:
         try:
             reply = session.request("read", path=found.path, size=found.size, sha256=found.sha256)
         except AgentError as exc:
-            return FileOutcome(shown, "failed", f"{exc.message} [{exc.kind}]")
+            return FileOutcome(shown, "failed", exc.reason)
         data = reply.payload
         if len(data) != found.size or hashlib.sha256(data).hexdigest() != found.sha256:
             return FileOutcome(shown, "failed", "pulled bytes differ from what the device announced")
@@ -277,7 +271,7 @@ def _install_one(device: Device, cache: Path, to: str, accept_new: bool) -> Inst
             session.request("install", data, to=to, size=len(data), sha256=hashlib.sha256(data).hexdigest())
             return InstallOutcome(device.name, "installed", to)
     except DeviceError as exc:
-        return InstallOutcome(device.name, "failed", _reason(exc))
+        return InstallOutcome(device.name, "failed", exc.reason)
 
 
 def install_fleet(devices: Sequence[Device], cache: Path, to: str, *, forks: int,

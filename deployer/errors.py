@@ -70,6 +70,11 @@ class DeviceError(DeployError):
         self.device, self.stage, self.message = device, stage, message
         super().__init__(message)
 
+    @property
+    def reason(self) -> str:
+        """What a summary says of this failure."""
+        return self.message
+
     def for_device(self, device: str, stage: str) -> DeviceError:
         """Attach the device and stage where the error is caught, keeping what is already known."""
         self.device = self.device or device
@@ -103,6 +108,10 @@ class AgentError(DeviceError):
     def __init__(self, message: str, *, kind: str = "agent", device: str = "", stage: str = "") -> None:
         self.kind = kind
         super().__init__(message, device=device, stage=stage)
+
+    @property
+    def reason(self) -> str:
+        return f"{self.message} [{self.kind}]"
 
 
 class CompileError(AgentError):

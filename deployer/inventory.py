@@ -56,6 +56,10 @@ class OpenCLSelection:
     device: int | str | None = None  # index, or substring of the device name
     device_type: str = "any"  # one of DEVICE_TYPES
 
+    def as_request(self) -> dict[str, int | str | None]:
+        """The `opencl` field of the agent's fingerprint, build and smoke requests."""
+        return {"platform": self.platform, "device": self.device, "device_type": self.device_type}
+
 
 @dataclass(frozen=True, slots=True)
 class SshOptions:

@@ -147,8 +147,7 @@ class _DeviceRun:
         exc.for_device(self.device.name, self.stage)
         self.outcome.ok = False
         self.outcome.failed_stage = exc.stage
-        kind = f" [{exc.kind}]" if isinstance(exc, AgentError) else ""
-        self.outcome.error = f"{exc.stage}: {exc.message}{kind}"
+        self.outcome.error = f"{exc.stage}: {exc.reason}"
         try:
             store_failure(self.job.cache, self.device.name,
                           {"stage": exc.stage, "error": exc.message, "at": time.time()}, self.logs)
@@ -159,7 +158,7 @@ class _DeviceRun:
         with self.timed("upload"):
             self._upload(session)
         with self.timed("fingerprint"):
-            reply = session.request("fingerprint", opencl=self._selection())
+            reply = session.request("fingerprint", opencl=self.device.opencl.as_request())
             self.outcome.fingerprint = _fingerprint(reply)
             self.skipped = self.job.library.skipped(self.outcome.fingerprint)
         with self.timed("compile"):
@@ -178,10 +177,6 @@ class _DeviceRun:
     def _mace_version(self) -> str:
         """The flag wins, then the device's `vars.mace_version`, then the default."""
         return self.job.mace_version or str(self.device.vars.get("mace_version") or DEFAULT_MACE_VERSION)
-
-    def _selection(self) -> dict[str, Any]:
-        selection = self.device.opencl
-        return {"platform": selection.platform, "device": selection.device, "device_type": selection.device_type}
 
     def _upload(self, session: AgentSession) -> None:
         release = new_release_id()
@@ -204,7 +199,7 @@ class _DeviceRun:
 
     def _compile(self, session: AgentSession) -> Reply:
         programs = self._program_specs()
-        reply = session.request("build", opencl=self._selection(), mace_version=self._mace_version(),
+        reply = session.request("build", opencl=self.device.opencl.as_request(), mace_version=self._mace_version(),
                                 programs=programs, mace_format=self.job.mace_format,
                                 timeout_s=self.device.timeouts.command)
         results = reply.get("programs", list)
@@ -239,7 +234,7 @@ class _DeviceRun:
     def _smoke(self, session: AgentSession, programs: Mapping[str, bytes]) -> None:
         plan = self.job.smoke
         expected = {key: hashlib.sha256(data).hexdigest() for key, data in programs.items()}
-        reply = session.request("smoke", bytes(plan.payload), opencl=self._selection(),
+        reply = session.request("smoke", bytes(plan.payload), opencl=self.device.opencl.as_request(),
                                 cache_file=f"build/{CACHE_FILE}", expected=expected,
                                 cases=plan.requests(self.skipped), timeout_s=self.device.timeouts.command)
         self.outcome.kernels = check_cases(plan, reply, self.skipped)
@@ -256,8 +251,8 @@ class _DeviceRun:
         plans = [plan for plan, skip in zip(self.job.models, skips, strict=True) if skip is None]
         models, payload = wire_models(plans)
         specs = self._program_specs()
-        reply = session.request("startup", payload, opencl=self._selection(), cache_file=f"build/{CACHE_FILE}",
-                                expected=expected, programs=specs, models=models,
+        reply = session.request("startup", payload, opencl=self.device.opencl.as_request(),
+                                cache_file=f"build/{CACHE_FILE}", expected=expected, programs=specs, models=models,
                                 timeout_s=self.device.timeouts.command)
         self.outcome.startup = parse_startup(reply, [s["key"] for s in specs])
         checked = iter(check_models(plans, reply))
@@ -393,7 +388,7 @@ def _rollback_device(device: Device, cache: Path, accept_new_host_keys: bool) ->
     try:
         with open_session(device, accept_new_host_keys=accept_new_host_keys) as session:
             reply = session.request("rollback")
-        current, previous = reply.get("current", str), reply.get("previous", str)
+        current, previous = printable(reply.get("current", str), 80), printable(reply.get("previous", str), 80)
         manifest = reply.get("manifest", dict, optional=True)
         data = reply.payload
         if hashlib.sha256(data).hexdigest() != reply.get("cache_sha256", str):
@@ -407,10 +402,9 @@ def _rollback_device(device: Device, cache: Path, accept_new_host_keys: bool) ->
             raise AgentError(f"the rolled-back cache file is not a MACE container: {exc}", kind="bad_cache") from exc
         fingerprint = manifest.get("fingerprint")
         store_device(cache, device.name, data, manifest, fingerprint if isinstance(fingerprint, dict) else {}, {})
-        return RollbackOutcome(device.name, True, printable(current, 80), printable(previous, 80))
+        return RollbackOutcome(device.name, True, current, previous)
     except DeviceError as exc:
-        kind = f" [{exc.kind}]" if isinstance(exc, AgentError) else ""
-        return RollbackOutcome(device.name, False, error=exc.message + kind)
+        return RollbackOutcome(device.name, False, error=exc.reason)
     except LocalStateError as exc:
         return RollbackOutcome(device.name, False, error=f"rolled back, but the local cache: {exc}")
 
