@@ -76,14 +76,17 @@ def remote_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def bootstrap_command(device: Device) -> str:
-    """The one remote command of a session: run the agent, or the bootstrap that receives it first."""
+def bootstrap_command(device: Device, *, check: bool = False) -> str:
+    """The one remote command of a session: run the agent, or the bootstrap that receives it first.
+    `check`: a read-only session (push --check): nothing is created on the device, and a missing agent
+    runs from a temp copy that it removes when it exits."""
     root = remote_path(device.remote_dir)
     sha12 = AGENT_SHA256[:12]
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in device.env.items())
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in
+                   [*device.env.items(), *([(agent_main.READONLY_ENV, "1")] if check else [])])
     run = f"exec env {env} {shlex.quote(device.python)}".replace("env  ", "env ")
     return (
-        f"mkdir -p {root}/agent && a={root}/agent/agent-{sha12}.py && "
+        ("" if check else f"mkdir -p {root}/agent && ") + f"a={root}/agent/agent-{sha12}.py && "
         f'if [ -f "$a" ]; then {run} "$a" serve {root}; '
         f"else {run} -c {shlex.quote(agent_main.BOOTSTRAP)} {root} {sha12}; fi"
     )
@@ -99,8 +102,8 @@ class AgentSession:
         self.agent_uploaded = False
 
     @classmethod
-    def start(cls, transport: Transport, device: Device) -> AgentSession:
-        session = cls(transport.exec(bootstrap_command(device)), device)
+    def start(cls, transport: Transport, device: Device, *, check: bool = False) -> AgentSession:
+        session = cls(transport.exec(bootstrap_command(device, check=check)), device)
         try:
             session._handshake()
         except BaseException:
@@ -195,11 +198,12 @@ class AgentSession:
 
 
 @contextmanager
-def open_session(device: Device, *, accept_new_host_keys: bool = False) -> Iterator[AgentSession]:
+def open_session(device: Device, *, accept_new_host_keys: bool = False,
+                 check: bool = False) -> Iterator[AgentSession]:
     """One connection and one agent session on a device, closed (with a `bye`) however the block ends."""
     transport = open_transport(device, accept_new_host_keys=accept_new_host_keys)
     try:
-        session = AgentSession.start(transport, device)
+        session = AgentSession.start(transport, device, check=check)
         try:
             yield session
         finally:

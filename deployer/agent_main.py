@@ -63,9 +63,16 @@ DEVICE_NAME_KEY = "mace_opencl_precompiled_device_name_key"
 PROGRAM_HASH_PREFIX = "program_hash_ "  # a space follows the underscore, as in MACE
 CACHE_FILE = "build/mace_cl_compiled_program.bin"
 MANIFEST_FILE = "build/manifest.json"
+RELEASE_INDEX = "release.json"  # in each release: every file's size, sha256 and mode (written at commit)
+FINGERPRINT_CACHE = "fingerprint.json"  # RD/: the last fingerprint and the driver stamp it was taken under
+BLOB_DIR = "blobs"  # RD/blobs/<sha256>: smoke inputs and model bytes, kept by content across pushes
+KEEP_BLOBS = 8
+MAX_INDEX = 16 << 20  # the largest release index or manifest the agent reads back
+READONLY_ENV = "DEPLOYER_CHECK"  # set by `deploy push --check`: the agent writes nothing at all
 
 RELEASE_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+BUILD_KEY_RE = re.compile(r"[0-9a-f]{16,64}")
 
 # The bootstrap runs as `python3 -c BOOTSTRAP RD SHA12` when RD/agent/agent-SHA12.py is missing. It
 # stays tiny and 3.6-safe: ask for the agent, check its hash, store it atomically, exec it.
@@ -90,7 +97,10 @@ while len(data) < n:
 got = hashlib.sha256(bytes(data)).hexdigest()
 if got != msg.get("sha256") or got[:12] != want:
     fail("checksum", "agent sha256 %s, expected %s (%s...)" % (got, msg.get("sha256"), want))
-path = os.path.join(rd, "agent", "agent-%s.py" % want); tmp = "%s.tmp-%d" % (path, os.getpid())
+path = os.path.join(rd, "agent", "agent-%s.py" % want)
+if os.environ.get("DEPLOYER_CHECK"):  # --check writes nothing in RD: the agent lives in a temp file
+    import tempfile; path = os.path.join(tempfile.mkdtemp(prefix="deployer-check-"), "agent-%s.py" % want)
+tmp = "%s.tmp-%d" % (path, os.getpid())
 try:
     os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
     with open(tmp, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
@@ -936,7 +946,8 @@ def parse_program_specs(req, root):
             raise bad_request("programs[%d]: expected an object" % i)
         spec = {"key": req_str(item, "key"), "name": req_str(item, "name"), "source": req_str(item, "source"),
                 "headers": req_str_list(item, "headers", []), "options": req_str_list(item, "options", []),
-                "compile_options": req_str_list(item, "compile_options", [])}
+                "compile_options": req_str_list(item, "compile_options", []),
+                "build_key": req_str(item, "build_key", None, pattern=BUILD_KEY_RE)}
         if spec["key"] != mace_program_key(spec["name"], spec["options"]):
             raise bad_request("programs[%d]: key %r is not MACE's key for name and options (%r)"
                               % (i, spec["key"], mace_program_key(spec["name"], spec["options"])))
@@ -1015,18 +1026,17 @@ def build_one(ctx, spec):
 
 
 def cache_pairs(sel, mace_version, built, mace_format="pb"):
-    """The entries of mace_cl_compiled_program.bin for the programs that built. MACE v1.0 (legacy)
+    """The entries of mace_cl_compiled_program.bin for `built`, [(manifest entry, binary)]. MACE v1.0 (legacy)
     knows no device-name or program_hash_ entries."""
     p, d = sel.platform_desc, sel.device_desc
     pairs = [(PLATFORM_INFO_KEY, mace_platform_info(p["name"], p["profile"], p["version"], mace_version)
               .encode("utf-8"))]
     if mace_format == "pb":
         pairs.append((DEVICE_NAME_KEY, mace_device_name(d["name"], d["version"]).encode("utf-8")))
-    for spec, binary in built:
-        pairs.append((spec["key"], binary))
+    for entry, binary in built:
+        pairs.append((entry["key"], binary))
         if mace_format == "pb":
-            pairs.append((PROGRAM_HASH_PREFIX + spec["key"],
-                          mace_program_hash(spec["source_bytes"], spec["header_bytes"]).encode("ascii")))
+            pairs.append((PROGRAM_HASH_PREFIX + entry["key"], entry["program_hash"].encode("ascii")))
     return pairs
 
 
@@ -1055,14 +1065,11 @@ def write_logs(build_dir, records):
         record["log_file"] = "build/logs/%s.log" % slug
 
 
-def manifest_of(fingerprint, mace_version, built, cache):
-    programs = [{"key": s["key"], "name": s["name"], "options": s["options"],
-                 "compile_options": s["compile_options"], "binary_size": len(b),
-                 "sha256": hashlib.sha256(b).hexdigest(),
-                 "source_sha256": hashlib.sha256(s["source_bytes"]).hexdigest(),
-                 "program_hash": mace_program_hash(s["source_bytes"], s["header_bytes"])} for s, b in built]
-    return {"schema": 1, "fingerprint": fingerprint, "mace_version": mace_version, "programs": programs,
-            "cache_sha256": hashlib.sha256(cache).hexdigest(), "cache_size": len(cache)}
+def manifest_of(fingerprint, mace_version, built, cache, mace_format="pb"):
+    """build/manifest.json: `built` is [(manifest entry, binary)]."""
+    programs = [entry for entry, _ in built]
+    return {"schema": 1, "fingerprint": fingerprint, "mace_version": mace_version, "mace_format": mace_format,
+            "programs": programs, "cache_sha256": hashlib.sha256(cache).hexdigest(), "cache_size": len(cache)}
 
 
 def fit_logs(reply, records):
@@ -1076,15 +1083,56 @@ def fit_logs(reply, records):
         limit //= 2
 
 
-def op_build(cl, sel, req, root):
+MANIFEST_ENTRY_FIELDS = ("key", "name", "options", "compile_options", "binary_size", "sha256", "source_sha256",
+                         "program_hash", "build_key")
+
+
+def manifest_entry(spec, binary):
+    """A built program's record in build/manifest.json."""
+    return {"key": spec["key"], "name": spec["name"], "options": spec["options"],
+            "compile_options": spec["compile_options"], "binary_size": len(binary),
+            "sha256": hashlib.sha256(binary).hexdigest(),
+            "source_sha256": hashlib.sha256(spec["source_bytes"]).hexdigest(),
+            "program_hash": mace_program_hash(spec["source_bytes"], spec["header_bytes"]),
+            "build_key": spec.get("build_key")}
+
+
+def parse_reuse(req, payload):
+    """[(reply record, manifest entry, binary)] of the binaries the session took from the base release."""
+    reuse = []
+    for i, item in enumerate(_field(req, "reuse", []) or []):
+        entry = item.get("entry") if isinstance(item, dict) else None
+        if not isinstance(entry, dict):
+            raise bad_request("reuse[%d]: expected an object with an entry" % i)
+        offset, size = req_int(item, "offset", lo=0), req_int(item, "size", lo=1)
+        if offset + size > len(payload):
+            raise bad_request("reuse[%d]: range past the payload" % i)
+        binary = payload[offset:offset + size]
+        entry = dict((k, entry.get(k)) for k in MANIFEST_ENTRY_FIELDS)
+        req_str(entry, "key")
+        req_str(entry, "program_hash")
+        if hashlib.sha256(binary).hexdigest() != entry["sha256"]:
+            raise AgentFailure("checksum", "reused binary of %r does not match its manifest" % entry["key"])
+        record = {"key": entry["key"], "ok": True, "build_ms": 0.0, "binary_size": size,
+                  "sha256": entry["sha256"], "log": req_str(item, "log", ""), "reused": True}
+        reuse.append((record, entry, binary))
+    return reuse
+
+
+def op_build(cl, sel, req, root, payload=b""):
     mace_version, specs = parse_build(req, root)
-    ctx = ClContext(cl, sel)
-    try:
-        results = [build_one(ctx, spec) for spec in specs]
-    finally:
-        ctx.close()
-    records = [r for r, _ in results]
-    built = [(spec, binary) for spec, (_, binary) in zip(specs, results) if binary is not None]
+    reuse = parse_reuse(req, payload)
+    results = []
+    if specs:
+        ctx = ClContext(cl, sel)
+        try:
+            results = [build_one(ctx, spec) for spec in specs]
+        finally:
+            ctx.close()
+    records = [r for r, _ in results] + [r for r, _, _ in reuse]
+    built = [(manifest_entry(spec, binary), binary) for spec, (_, binary) in zip(specs, results)
+             if binary is not None] + [(entry, binary) for _, entry, binary in reuse]
+    built.sort(key=lambda item: item[0]["key"])
     mace_format = req_str(req, "mace_format", "pb")
     if mace_format not in ("pb", "legacy"):
         raise bad_request("mace_format must be pb or legacy (got %s)" % _show(mace_format))
@@ -1094,7 +1142,10 @@ def op_build(cl, sel, req, root):
     os.makedirs(build_dir, 0o755, exist_ok=True)
     write_logs(build_dir, records)
     write_atomic(os.path.join(root, CACHE_FILE), [cache])
-    manifest = manifest_of(fingerprint_of(sel), mace_version, built, cache)
+    log_files = dict((r["key"], r["log_file"]) for r in records)
+    for entry, _ in built:
+        entry["log_file"] = log_files.get(entry["key"])
+    manifest = manifest_of(fingerprint_of(sel), mace_version, built, cache, mace_format)
     write_atomic(os.path.join(root, MANIFEST_FILE), [json.dumps(manifest, indent=1, sort_keys=True).encode()])
     reply = {"programs": [dict(r) for r in records], "cache_file": CACHE_FILE, "manifest_file": MANIFEST_FILE,
              "cache_sha256": manifest["cache_sha256"], "cache_size": len(cache)}
@@ -1626,7 +1677,7 @@ def run_child_request(req, payload):
     if op == "fingerprint":
         return {"fingerprint": fingerprint_of(sel)}, b""
     if op == "build":
-        return op_build(cl, sel, req, root)
+        return op_build(cl, sel, req, root, payload)
     if op == "startup":
         return op_startup(cl, sel, req, root, payload)
     return op_smoke(cl, sel, req, root, payload)
@@ -1702,6 +1753,270 @@ def run_child(req, payload, root, timeout, env=None):
 # --------------------------------------------------------------------------------------------------
 # serve: the session
 # --------------------------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------------------
+# Incremental pushes: what the current release holds, the driver stamp, reuse, blobs (design.md 11)
+# --------------------------------------------------------------------------------------------------
+
+DRIVER_ENV_RE = re.compile(r"(OCL_|POCL_|CUDA_|OPENCL|CL_|GPU_|HSA_|ROC|MALI|ADRENO|LD_LIBRARY_PATH$|LD_PRELOAD$)")
+LIBRARY_GLOBS = ("/usr/lib", "/usr/lib/*-linux-*", "/usr/lib64", "/lib", "/lib/*-linux-*", "/lib64",
+                 "/usr/local/lib", "/vendor/lib64", "/vendor/lib", "/system/vendor/lib64", "/system/lib64")
+
+
+def _stat_record(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _find_library(name):
+    """Where the dynamic loader would most likely find `name`: a path as is, else the usual folders."""
+    if "/" in name:
+        return name
+    folders = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    for pattern in LIBRARY_GLOBS:
+        folders += sorted(glob.glob(pattern))
+    for folder in folders:
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate):
+            return candidate
+    return name
+
+
+def driver_stamp(selection):
+    """A hash of everything that decides the fingerprint without loading a driver: the kernel release,
+    the driver-related environment, the ICD files and the files of the libraries they name, the loader,
+    and the OpenCL selection. A driver upgrade changes a library's size, mtime or inode, so the stamp
+    changes and the next push fingerprints again (child process, ~80 ms on PoCL); otherwise the cached
+    fingerprint stands."""
+    where, files = icd_files()
+    icds = []
+    for path in files:
+        try:
+            with open(path, "rb") as handle:
+                library = handle.read(4096).decode("utf-8", "replace").strip().split("\n")[0].strip()
+        except OSError:
+            library = ""
+        icds.append([_stat_record(path), library, _stat_record(_find_library(library)) if library else None])
+    parts = {"uname": os.uname().release, "where": where, "icds": icds,
+             "loader": _stat_record(_find_library("libOpenCL.so.1")),
+             "env": sorted((k, v) for k, v in os.environ.items() if DRIVER_ENV_RE.match(k)),
+             "selection": selection, "agent": AGENT_VERSION}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_json_file(path, limit=MAX_INDEX):
+    """A JSON object the agent wrote earlier, or None if it is missing, too big or not an object."""
+    try:
+        value = json.loads(read_file_limited(path, limit, path).decode("utf-8"))
+    except (OSError, ValueError, AgentFailure):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def release_index(release_dir):
+    """{path: {size, sha256, mode}} of a committed release (empty for one without an index)."""
+    index = read_json_file(os.path.join(release_dir, RELEASE_INDEX)) if release_dir else None
+    files = index.get("files") if index else None
+    if not isinstance(files, dict):
+        return {}
+    return {path: rec for path, rec in files.items()
+            if isinstance(rec, dict) and isinstance(rec.get("size"), int)
+            and SHA256_RE.fullmatch(str(rec.get("sha256")))}
+
+
+def parse_file_list(req):
+    """begin's optional `files`: every file the new release will hold, [{path, size, sha256, mode}]."""
+    files = _field(req, "files", None)
+    if files is None:
+        return None
+    if not isinstance(files, list):
+        raise bad_request("field 'files': expected a list")
+    parsed = []
+    for i, item in enumerate(files):
+        if not isinstance(item, dict):
+            raise bad_request("files[%d]: expected an object" % i)
+        parsed.append({"path": req_str(item, "path"), "size": req_int(item, "size", lo=0),
+                       "sha256": req_str(item, "sha256", pattern=SHA256_RE),
+                       "mode": req_int(item, "mode", 0o644, lo=0, hi=0o777)})
+    return parsed
+
+
+def link_unchanged(files, base_dir, root, drop):
+    """A release as a delta on `base_dir`: every file of the base except those in `drop` or `files` is
+    hard-linked unchanged, and each file of `files` is linked too when the base holds its content at any
+    path (a rename). Returns (paths the controller must still send, {path: record} linked). A failed
+    link (another file system, a link limit) just means that file travels."""
+    index = release_index(base_dir)
+    by_content = {}
+    for path, rec in index.items():
+        by_content.setdefault((rec["sha256"], rec["size"]), path)
+    listed = set(item["path"] for item in files)
+    wanted = [dict(rec, path=path) for path, rec in sorted(index.items()) if path not in listed and path not in drop]
+    need, linked = [], {}
+    for item in wanted + files:
+        source = by_content.get((item["sha256"], item["size"])) if item["path"] in listed else item["path"]
+        if source is not None and _link_from(base_dir, source, root, item):
+            linked[item["path"]] = {"size": item["size"], "sha256": item["sha256"], "mode": item.get("mode", 0o644)}
+        else:
+            need.append(item["path"])
+    return need, linked
+
+
+def _link_from(base_dir, source, root, item):
+    target = prepare_target(root, item["path"])
+    try:
+        source_path = resolve_inside(base_dir, source)
+        st = os.lstat(source_path)
+        if st.st_size != item["size"] or not stat.S_ISREG(st.st_mode):
+            return False
+        os.link(source_path, target)
+        return True
+    except (OSError, AgentFailure):
+        return False
+
+
+def prepare_target(root, rel):
+    """The path of a new file in the release, its folders created and re-checked to be inside it."""
+    target = resolve_inside(root, rel)
+    os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+    if not _inside(os.path.realpath(os.path.dirname(target)), root):  # checked again once created
+        raise bad_request("path %r resolves outside the release" % rel)
+    return target
+
+
+def reusable_programs(base_dir, manifest, keep):
+    """{key: (manifest entry, binary, log text)} for the `keep` programs of the base release, each binary
+    checked against the base's manifest (a damaged one is left out, and so is built again)."""
+    programs = manifest.get("programs") if isinstance(manifest.get("programs"), list) else []
+    old = {p.get("key"): p for p in programs if isinstance(p, dict)}
+    wanted = dict((key, old[key]) for key in keep if key in old)
+    if not wanted:
+        return {}
+    try:
+        _, pairs = decode_any(read_file_limited(os.path.join(base_dir, CACHE_FILE), MAX_GET, CACHE_FILE))
+    except (OSError, ValueError, AgentFailure):
+        return {}
+    binaries = {}
+    for key, value in pairs:
+        binaries.setdefault(key, value)  # MACE: the first pair of a key wins
+    reuse = {}
+    for key, record in wanted.items():
+        binary = binaries.get(key)
+        if binary is None or hashlib.sha256(binary).hexdigest() != record.get("sha256"):
+            continue  # the old cache file does not hold what its manifest says: build it again
+        log_file = record.get("log_file")
+        log = b""
+        if isinstance(log_file, str) and log_file.startswith("build/logs/"):
+            try:
+                log = read_file_limited(resolve_inside(base_dir, log_file), LOG_TAIL * 64, log_file)
+            except (OSError, AgentFailure):
+                log = b""
+        reuse[key] = (record, binary, log.decode("utf-8", "replace"))
+    return reuse
+
+
+def link_build(previous_dir, root, manifest, reuse):
+    """Every program is reused and nothing else changed: the current release's cache file is exactly
+    what a build would write, so its build folder is hard-linked (copied where links fail) into the new
+    release, and no driver runs at all."""
+    source = os.path.join(previous_dir, "build")
+    for dirpath, _, names in os.walk(source):
+        target_dir = os.path.join(root, "build", os.path.relpath(dirpath, source))
+        os.makedirs(target_dir, 0o755, exist_ok=True)
+        for name in names:
+            try:
+                os.link(os.path.join(dirpath, name), os.path.join(target_dir, name))
+            except OSError:
+                shutil.copy2(os.path.join(dirpath, name), os.path.join(target_dir, name))
+    records = [{"key": p["key"], "ok": True, "build_ms": 0.0, "binary_size": p.get("binary_size"),
+                "sha256": p.get("sha256"), "log": reuse[p["key"]][2], "reused": True}
+               for p in manifest["programs"]]
+    reply = {"programs": records, "cache_file": CACHE_FILE, "manifest_file": MANIFEST_FILE,
+             "cache_sha256": manifest.get("cache_sha256"), "cache_size": manifest.get("cache_size")}
+    return fit_logs(reply, [dict(r) for r in records]), b""
+
+
+def blob_path(rd, sha256):
+    return os.path.join(rd, BLOB_DIR, sha256)
+
+
+def stored_blobs(rd):
+    try:
+        return sorted(n for n in os.listdir(os.path.join(rd, BLOB_DIR)) if SHA256_RE.fullmatch(n))
+    except OSError:
+        return []
+
+
+def blob_payload(rd, req, payload, store):
+    """The bytes of a smoke/startup request: sent now (stored by hash when `blob` names it and `store`)
+    or, with no payload, read back from RD/blobs/<blob> and checked."""
+    want = req.get("blob")
+    if want is None:
+        return payload.read_all()
+    want = req_str(req, "blob", pattern=SHA256_RE)
+    path = blob_path(rd, want)
+    if payload.size:
+        data = payload.read_all()
+        if hashlib.sha256(data).hexdigest() != want:
+            raise AgentFailure("checksum", "payload does not match its blob sha256 %s" % want)
+        if store:
+            os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+            write_atomic(path, [data])
+        return data
+    try:
+        data = read_file_limited(path, MAX_MEMORY_PAYLOAD, "blob " + want)
+    except OSError:
+        raise AgentFailure("no_blob", "blob %s is not on the device; send it with the request" % want) from None
+    if hashlib.sha256(data).hexdigest() != want:
+        os.unlink(path)
+        raise AgentFailure("no_blob", "blob %s was damaged on the device and is removed; send it again" % want)
+    if store:
+        os.utime(path)  # recently used blobs survive pruning
+    return data
+
+
+BLOB_FIELDS = ("cases", "models")
+
+
+def split_blob_fields(req, data):
+    """A blob may start with `blob_json` bytes of JSON holding the request's large, stable fields (cases,
+    models), so they too are sent once per content; the rest is the payload their offsets refer to.
+    `run` then picks the cases (by id) or models (by name) this request runs."""
+    size = req.get("blob_json")
+    if size is None:
+        return req, data
+    size = req_int(req, "blob_json", lo=0, hi=len(data))
+    try:
+        fields = json.loads(data[:size].decode("utf-8"))
+    except ValueError as exc:
+        raise bad_request("blob_json: not JSON: %s" % exc) from None
+    if not isinstance(fields, dict) or set(fields) - set(BLOB_FIELDS):
+        raise bad_request("blob_json: expected an object of %s" % ", ".join(BLOB_FIELDS))
+    req = dict(req, **fields)
+    run = req.get("run")
+    if run is not None:
+        if not isinstance(run, list):
+            raise bad_request("field 'run': expected a list of ids or names")
+        chosen = set(str(r) for r in run)
+        name = "cases" if req["op"] == "smoke" else "models"
+        items = req.get(name) if isinstance(req.get(name), list) else []
+        req[name] = [c for c in items if isinstance(c, dict) and str(c.get("id", c.get("name"))) in chosen]
+    return req, data[size:]
+
+
+def prune_blobs(rd, keep=KEEP_BLOBS):
+    names = stored_blobs(rd)
+    paths = sorted((os.path.join(rd, BLOB_DIR, n) for n in names), key=lambda p: os.stat(p).st_mtime,
+                   reverse=True)
+    for path in paths[keep:]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
 
 # --------------------------------------------------------------------------------------------------
 # Collect: finding, reading and installing app caches outside the remote dir (deploy collect, cache install)
@@ -1817,6 +2132,9 @@ def _on_signal(signum, frame):
     raise SessionEnd("stopped by %s" % signal.Signals(signum).name)
 
 
+WRITING_OPS = ("begin", "put", "build", "commit", "rollback", "install")
+
+
 class Session:
     """One controller session: at most one begun release, and the lock while writing it."""
 
@@ -1824,7 +2142,10 @@ class Session:
         self.rd = rd
         self.lock_fd = None
         self.release_id = None
-        self.ops = {"begin": self.op_begin, "put": self.op_put, "fingerprint": self.op_opencl,
+        self.files = {}  # path -> {size, sha256, mode} of the begun release: its index at commit
+        self.readonly = bool(os.environ.get(READONLY_ENV))
+        self.ops = {"state": self.op_state, "begin": self.op_begin, "put": self.op_put,
+                    "fingerprint": self.op_opencl,
                     "build": self.op_opencl, "smoke": self.op_opencl, "startup": self.op_opencl, "get": self.op_get,
                     "commit": self.op_commit, "bye": self.op_bye,
                     "find": op_find, "read": op_read, "install": op_install, "rollback": self.op_rollback}
@@ -1852,6 +2173,7 @@ class Session:
         if self.release_id is not None and self.previous() != self.release_id:
             shutil.rmtree(self.release_dir(), ignore_errors=True)
         self.release_id = None
+        self.files = {}
         self.unlock()
 
     def previous(self):
@@ -1891,6 +2213,27 @@ class Session:
             raise io_failure(exc, "current") from exc
         fsync_dir(self.rd)
 
+    def current_dir(self):
+        current = self.previous()
+        path = os.path.join(self.rd, "releases", current) if current else None
+        return path if path and os.path.isdir(path) else None
+
+    def op_state(self, req, payload):
+        """Everything the controller needs to plan an incremental push, in one round trip: the current
+        release's file index and build manifest, the cached fingerprint if the driver stamp still matches,
+        and the stored blobs. Reads only; takes no lock."""
+        selection = req.get("opencl")
+        parse_selection(selection)
+        current = self.current_dir()
+        manifest = read_json_file(os.path.join(current, MANIFEST_FILE)) if current else None
+        cached = read_json_file(os.path.join(self.rd, FINGERPRINT_CACHE), 1 << 20) or {}
+        stamp = driver_stamp(selection)
+        state = {"current": self.previous(), "files": release_index(current), "manifest": manifest,
+                 "fingerprint": cached.get("fingerprint") if cached.get("stamp") == stamp else None,
+                 "blobs": stored_blobs(self.rd)}
+        data = json.dumps(state, sort_keys=True).encode("utf-8")
+        return {"current": state["current"], "payload_size": len(data)}, data
+
     def op_begin(self, req, payload):
         release_id = req_str(req, "release", pattern=RELEASE_ID_RE)
         if release_id in (".", "..") or len(release_id) > 200:
@@ -1908,7 +2251,27 @@ class Session:
             self.unlock()
             raise
         self.release_id = release_id
-        return {"release": release_id, "previous": self.previous()}, b""
+        files = parse_file_list(req)
+        need = None
+        if files is not None:
+            try:
+                need, self.files = link_unchanged(files, self.base_dir(req), self.release_dir(),
+                                                  req_str_list(req, "drop", []))
+            except BaseException:
+                self.abandon()
+                raise
+        return {"release": release_id, "previous": self.previous(), "need": need}, b""
+
+    def base_dir(self, req):
+        """The release a delta is relative to: `base` must still be `current` (checked under the lock),
+        else another deploy moved it since the controller planned, and the plan is void."""
+        base = req_str(req, "base", None, pattern=RELEASE_ID_RE)
+        if base is None:
+            return None
+        if base != self.previous() or self.current_dir() is None:
+            raise AgentFailure("moved", "current is %s, not %s as planned: another deploy changed this device "
+                               "meanwhile; run the push again" % (self.previous(), base))
+        return os.path.realpath(self.current_dir())
 
     def op_put(self, req, payload):
         rel = req_str(req, "path")
@@ -1916,7 +2279,6 @@ class Session:
         want = req_str(req, "sha256", pattern=SHA256_RE)
         mode = req_int(req, "mode", 0o644, lo=0, hi=0o777)
         root = self.need_release()
-        target = resolve_inside(root, rel)
 
         def check(got_size, got_sha):
             if got_size != size or got_sha != want:
@@ -1924,17 +2286,25 @@ class Session:
                                    % (rel, got_size, got_sha, size, want))
 
         try:
-            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-            if not _inside(os.path.realpath(os.path.dirname(target)), root):  # checked again once created
-                raise bad_request("path %r resolves outside the release" % rel)
-            write_atomic(target, payload.chunks(), mode, check)
+            write_atomic(prepare_target(root, rel), payload.chunks(), mode, check)
         except OSError as exc:
             raise io_failure(exc, rel) from exc
+        self.files[rel] = {"size": size, "sha256": want, "mode": mode}
         return {"path": rel, "size": size}, b""
+
+    def read_root(self):
+        """Where read-only ops look: the begun release, else `current` (a no-op push pulls and smokes
+        what is already deployed)."""
+        if self.release_id is not None:
+            return self.release_dir()
+        current = self.current_dir()
+        if current is None:
+            raise AgentFailure("no_release", "nothing is deployed here and no release is begun")
+        return os.path.realpath(current)
 
     def op_get(self, req, payload):
         rel = req_str(req, "path")
-        path = resolve_inside(self.need_release(), rel)
+        path = resolve_inside(self.read_root(), rel)
         try:
             if not os.path.isfile(path):
                 raise AgentFailure("io", "%s: no such file in the release" % rel)
@@ -1951,12 +2321,14 @@ class Session:
         timeout = req_timeout(req)
         parse_selection(req.get("opencl"))
         if op == "fingerprint":
-            root = self.release_dir() if self.release_id else self.rd
-            return run_child(req, b"", root, timeout)
-        root = self.need_release()
+            return self.fingerprint(req, timeout)
+        if op == "build":
+            return self.build(req, self.need_release(), timeout)
+        root = self.read_root()
         data = b""
         if op in ("smoke", "startup"):
-            data = payload.read_all()
+            data = blob_payload(self.rd, req, payload, store=not self.readonly)
+            req, data = split_blob_fields(req, data)
             expected = parse_expected(req)
             if op == "smoke":
                 parse_cases(req, len(data), expected)
@@ -1967,16 +2339,61 @@ class Session:
         env = dict(os.environ, **NO_DRIVER_CACHE_ENV) if op == "startup" else None
         return run_child(req, data, root, timeout, env)
 
+    def fingerprint(self, req, timeout):
+        """Fingerprint in a child; remember it with the driver stamp so the next `state` can skip this."""
+        stamp = driver_stamp(req.get("opencl"))  # before the child: a driver changing meanwhile re-stamps
+        root = self.release_dir() if self.release_id else self.rd
+        if not os.path.isdir(root):  # a --check session on a device never pushed: RD is not created
+            root = os.path.dirname(os.path.abspath(__file__))
+        reply, data = run_child(req, b"", root, timeout)
+        if not self.readonly and req.get("remember", True):
+            try:
+                write_atomic(os.path.join(self.rd, FINGERPRINT_CACHE),
+                             [json.dumps({"stamp": stamp, "fingerprint": reply.get("fingerprint")}).encode()])
+            except OSError:
+                pass  # only a cache: the next push fingerprints again
+        return reply, data
+
+    def build(self, req, root, timeout):
+        """Build `programs` in a child and take the `keep` programs' binaries from the base release (the
+        controller matched their build keys); when nothing is built and the set and settings are the
+        base's, the base's build folder is linked as it is and no driver runs."""
+        keep = req_str_list(req, "keep", [])
+        if not keep:
+            return run_child(req, b"", root, timeout)
+        base = self.base_dir(req)
+        if base is None:
+            raise bad_request("'keep' needs the 'base' release the binaries come from")
+        old = read_json_file(os.path.join(base, MANIFEST_FILE)) or {}
+        reuse = reusable_programs(base, old, keep)
+        missing = sorted(set(keep) - set(reuse))
+        if missing:
+            raise AgentFailure("reuse_missing", "the base release lacks (or holds damaged) binaries of %s"
+                               % ", ".join(repr(k) for k in missing))
+        if (not req.get("programs") and set(keep) == {p.get("key") for p in old.get("programs", [])}
+                and old.get("mace_version") == req.get("mace_version")
+                and old.get("mace_format", "pb") == req_str(req, "mace_format", "pb")):
+            return link_build(base, root, old, reuse)
+        offsets, at = [], 0
+        for _key, (entry, binary, log) in sorted(reuse.items()):
+            offsets.append({"offset": at, "size": len(binary), "log": log, "entry": entry})
+            at += len(binary)
+        payload = b"".join(binary for _, (_, binary, _) in sorted(reuse.items()))
+        return run_child(dict(req, reuse=offsets), payload, root, timeout)
+
     def op_commit(self, req, payload):
         keep = req_int(req, "keep", 3, lo=0)
         release = self.need_release()
         release_id = self.release_id
+        index = {"release": release_id, "files": self.files}
+        write_atomic(os.path.join(release, RELEASE_INDEX), [json.dumps(index, sort_keys=True).encode()])
         for dirpath, _, _ in os.walk(release):
             fsync_dir(dirpath)
         fsync_dir(os.path.dirname(release))
         self.switch_current(release_id)
         self.release_id = None  # committed: no longer ours to delete
         pruned = self.prune(keep, release_id)
+        prune_blobs(self.rd)
         self.unlock()
         return {"current": release_id, "pruned": pruned}, b""
 
@@ -2035,6 +2452,9 @@ class Session:
         handler = self.ops.get(op) if isinstance(op, str) else None
         if handler is None:
             return bad_request("unknown op %r (known: %s)" % (op, ", ".join(sorted(self.ops)))).reply(), b""
+        if self.readonly and op in WRITING_OPS:
+            return AgentFailure("read_only", "this session only checks (deploy push --check): %s would write"
+                                % op).reply(), b""
         try:
             reply, out = handler(req, payload)
             return dict(reply, ok=True), out
@@ -2075,8 +2495,11 @@ class Session:
 
 def serve_main(rd):
     out = sys.stdout.buffer
+    if os.environ.get(READONLY_ENV):
+        _remove_ephemeral_agent()
     try:
-        os.makedirs(os.path.expanduser(rd), 0o755, exist_ok=True)
+        if not os.environ.get(READONLY_ENV):
+            os.makedirs(os.path.expanduser(rd), 0o755, exist_ok=True)
     except OSError as exc:
         write_message(out, AgentFailure("io", "cannot create remote dir %s: %s" % (rd, exc.strerror)).reply())
         return 1
@@ -2084,6 +2507,15 @@ def serve_main(rd):
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     return Session(rd).serve(sys.stdin.buffer, out)
+
+
+def _remove_ephemeral_agent():
+    """A --check session runs from a temp copy the bootstrap made: remove it (children are started by
+    path, so only when it is not the stored agent, and after a copy is kept open for them)."""
+    here = os.path.abspath(__file__)
+    if os.path.basename(os.path.dirname(here)).startswith("deployer-check-"):
+        import atexit
+        atexit.register(shutil.rmtree, os.path.dirname(here), True)
 
 
 def main(argv):

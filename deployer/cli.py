@@ -45,6 +45,12 @@ class MaceFormat(str, Enum):
     legacy = "legacy"
 
 
+class SmokeMode(str, Enum):
+    changed = "changed"
+    always = "always"
+    never = "never"
+
+
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 # Off a terminal (logs, CI, pipes) Rich would assume 80 columns and fold the summary table.
 stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -108,28 +114,39 @@ def push(
                            "or legacy (v1.0.x apps).")] = MaceFormat.pb,
     accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys", help="Trust and record the key "
                                     "of a device never seen before (a changed key is always refused).")] = False,
+    smoke: Annotated[SmokeMode, typer.Option("--smoke", help="Smoke-test the programs whose binary or "
+                     "fingerprint changed (changed), every program (always), or none (never).")] = SmokeMode.changed,
+    check: Annotated[bool, typer.Option("--check", help="Only say, per device, which files would travel and "
+                     "which programs would be rebuilt; change nothing.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it."""
+    """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it (incrementally)."""
     from deployer.cache import cache_lock, record_run
     from deployer.kernels import load_library
     from deployer.model import load_models, plan_model
-    from deployer.pipeline import PushJob, release_files, run_fleet
+    from deployer.pipeline import PushJob, release_paths, run_fleet
+    from deployer.plan import HASH_INDEX, HashIndex, local_files
     from deployer.smoke import load_references, plan_smoke
 
     devices = _select(fleet, limit, cache)
     library = load_library(kernels)
     model_files, models = load_models(model or [])  # a model of our format: its graph and weights travel
+    files = local_files(release_paths(library, model_files), HashIndex(None if check else cache / HASH_INDEX))
     job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
-                  files=release_files(library, model_files), cache=cache, mace_version=mace_version or "",
+                  files=files, cache=cache, mace_version=mace_version or "",
                   keep=keep, accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
-                  models=tuple(plan_model(m, library) for m in models))
+                  models=tuple(plan_model(m, library) for m in models), smoke_mode=smoke.value, check=check)
     progress = _progress_printer(quiet=False)
-    with cache_lock(cache):
+    if check:
         result = run_fleet(devices, job, forks=forks, progress=progress)
-        record_run(cache, "push", str(fleet), {o.name: o.error for o in result.outcomes})
+    else:
+        with cache_lock(cache):
+            result = run_fleet(devices, job, forks=forks, progress=progress)
+            record_run(cache, "push", str(fleet), {o.name: o.error for o in result.outcomes})
     if as_json:
-        stdout.print_json(json.dumps(_push_json(result)))
+        stdout.print_json(json.dumps(_push_json(result, check=check)))
+    elif check:
+        _print_check(result)
     else:
         _print_summary(result)
     raise typer.Exit(0 if result.ok else 1)
@@ -179,9 +196,30 @@ def _progress_printer(*, quiet: bool) -> Any:
 PUSH_SCHEMA_VERSION = 1
 
 
-def _push_json(result: FleetResult) -> dict[str, Any]:
-    return {"schema_version": PUSH_SCHEMA_VERSION, "ok": result.ok,
+def _push_json(result: FleetResult, *, check: bool = False) -> dict[str, Any]:
+    return {"schema_version": PUSH_SCHEMA_VERSION, "ok": result.ok, "check": check,
             "devices": [o.to_json() for o in result.outcomes]}
+
+
+def _print_check(result: FleetResult) -> None:
+    """push --check: per device, what would travel and be rebuilt."""
+    for o in result.outcomes:
+        if not o.ok or o.plan is None:
+            stdout.print(f"[red]{escape(o.name)}[/red]: {escape(o.error or 'failed')}")
+            continue
+        plan = o.plan
+        if not plan.new_release:
+            stdout.print(f"{escape(o.name)}: up to date (release {escape(str(plan.current))}); nothing would change")
+            continue
+        stdout.print(f"{escape(o.name)}: a new release over {escape(str(plan.current or 'nothing deployed'))}")
+        stdout.print(f"  would send {len(plan.upload)} file(s), link {len(plan.unchanged)} unchanged"
+                     + "".join(f"\n    {escape(p)}" for p in plan.upload))
+        if plan.removed:
+            stdout.print(f"  would drop {len(plan.removed)} file(s): {escape(', '.join(plan.removed))}")
+        stdout.print(f"  would rebuild {len(plan.rebuild)} program(s), reuse {len(plan.reuse)}"
+                     + "".join(f"\n    {escape(k)}" for k in plan.rebuild))
+    total = len(result.outcomes)
+    stdout.print(f"checked {total - len(result.failed)}/{total} device(s); nothing was changed")
 
 
 def _human_bytes(size: int) -> str:
@@ -209,9 +247,19 @@ def _device_lines(o: DeviceOutcome) -> list[str]:
     return lines
 
 
+def _changes(o: DeviceOutcome) -> str:
+    """What the push changed on the device: files sent and programs rebuilt, or none at all."""
+    if o.plan is None:
+        return "-"
+    if not o.plan.new_release:
+        return "none"
+    return f"{len(o.plan.upload)} file(s), {len(o.plan.rebuild)} rebuilt"
+
+
 def _print_summary(result: FleetResult) -> None:
     table = Table(title="deploy push", title_justify="left")
-    for column in ("device", "status", "platform / driver", "built", "smoke", "pushed", "compile s", "total s"):
+    for column in ("device", "status", "platform / driver", "built", "changes", "smoke", "sent", "compile s",
+                   "total s"):
         table.add_column(column, no_wrap=column in ("device", "status"))
     for o in result.outcomes:
         fingerprint = o.fingerprint or {}
@@ -219,9 +267,11 @@ def _print_summary(result: FleetResult) -> None:
         driver = fingerprint.get("device", {}).get("driver_version", "")
         passed = sum(k.smoke == "passed" for k in o.kernels)
         skipped = sum(k.smoke == "skipped" for k in o.kernels)
-        smoke = f"{passed}/{len(o.kernels) - skipped}" + (f" +{skipped} skipped" if skipped else "")
+        unchanged = sum(k.smoke == "unchanged" for k in o.kernels)
+        smoke = (f"{passed}/{len(o.kernels) - skipped - unchanged}" + (f" +{unchanged} unchanged" if unchanged else "")
+                 + (f" +{skipped} skipped" if skipped else ""))
         status = "[green]passed[/green]" if o.ok else f"[red]failed[/red] ({o.failed_stage})"
-        table.add_row(escape(o.name), status, escape(f"{platform} / {driver}"), str(o.built), smoke,
+        table.add_row(escape(o.name), status, escape(f"{platform} / {driver}"), str(o.built), _changes(o), smoke,
                       _human_bytes(o.bytes_sent),
                       f"{o.stages.get('compile', 0):.2f}", f"{sum(o.stages.values()):.2f}")
     stdout.print(table)

@@ -1,4 +1,8 @@
-"""One device's push (connect, upload, fingerprint, compile, pull, smoke, commit, store) and the fleet.
+"""One device's push (connect, state, upload, compile, pull, smoke, commit, store) and the fleet.
+
+Every push is incremental (docs/design.md section 11): one `state` round trip tells what the device's
+current release holds, and only what differs travels, builds, is pulled and is smoke-tested. A push that
+changes nothing makes no release at all.
 
 `run_device` never raises a `DeviceError`: it returns a failed `DeviceOutcome` naming the stage and the
 reason, so one device never stops the others. `run_fleet` fans devices out over a bounded thread pool.
@@ -12,25 +16,29 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from deployer.agent import AgentSession, Reply, open_session, printable, raise_for_failed_programs
 from deployer.agent import field as reply_field
-from deployer.cache import CACHE_FILE, store_device, store_failure
-from deployer.errors import AgentError, DeviceError, InputError, LocalStateError, SmokeMismatch, Where
+from deployer.cache import CACHE_FILE, device_dir, store_device, store_failure
+from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMismatch
 from deployer.fleet import fan_out
 from deployer.inventory import Device
 from deployer.kernels import Library
 from deployer.mace import DEFAULT_MACE_VERSION, parse_cache
 from deployer.model import ModelPlan, ModelResult, check_models, skipped_model, wire_models
+from deployer.plan import DevicePlan, FileContents, LocalFile, RemoteState, build_key, parse_state, plan_device
 from deployer.smoke import KernelResult, SmokePlan, Startup, compare, parse_startup, split_outputs
 
-STAGES = ("connect", "upload", "fingerprint", "compile", "pull", "smoke", "commit", "store")
+STAGES = ("connect", "state", "fingerprint", "upload", "compile", "pull", "smoke", "commit", "store")
 MAX_PULL = 256 << 20
 Progress = Callable[[str, str], None]  # (device, stage) as each stage starts
+
+
+SMOKE_MODES = ("changed", "always", "never")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,24 +47,26 @@ class PushJob:
 
     library: Library
     smoke: SmokePlan
-    files: tuple[tuple[str, bytes], ...]  # (path in the release, content): read once for all devices
+    files: tuple[LocalFile, ...]  # what the release holds, hashed once; bytes read when a device needs them
     cache: Path
     mace_version: str  # "" = each device's vars.mace_version, else DEFAULT_MACE_VERSION
     keep: int = 3
     accept_new_host_keys: bool = False
     mace_format: str = "pb"  # "legacy" for apps on MACE v1.0.x
     models: tuple[ModelPlan, ...] = ()  # models of the deployer's format: their forward pass is smoked too
+    smoke_mode: str = "changed"  # changed: only programs whose binary (or the device's fingerprint) changed
+    check: bool = False  # plan only: say what would travel and be rebuilt, touch nothing
+    contents: FileContents = field(default_factory=FileContents, compare=False)
+
+    @property
+    def shas(self) -> dict[str, str]:
+        return {f.remote: f.sha256 for f in self.files}
 
 
-def release_files(library: Library, models: Sequence[Path]) -> tuple[tuple[str, bytes], ...]:
-    """Everything that travels, read once before any device is touched; kernels first."""
+def release_paths(library: Library, models: Sequence[Path]) -> list[tuple[str, Path]]:
+    """(path in the release, local path) of everything that travels; kernels first."""
     paths = [(f"kernels/{name}", library.folder / name) for name in library.files()]
-    paths += [(f"models/{model.name}", model) for model in models]
-    names = [remote for remote, _ in paths]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InputError(None, "model", f"two files would land at the same place: {', '.join(duplicates)}")
-    return tuple((remote, _read_local(local)) for remote, local in paths)
+    return paths + [(f"models/{model.name}", model) for model in models]
 
 
 @dataclass(slots=True)
@@ -74,6 +84,9 @@ class DeviceOutcome:
     bytes_sent: int = 0
     bytes_received: int = 0
     release: str | None = None
+    plan: DevicePlan | None = None
+    changed: bool = False  # a new release was committed
+    pulled: bool = False  # the cache file was pulled (it differed from the local copy)
 
     @property
     def built(self) -> int:
@@ -87,6 +100,7 @@ class DeviceOutcome:
             "kernels": [k.to_json() for k in self.kernels], "models": [m.to_json() for m in self.models],
             "startup": self.startup.to_json() if self.startup else None, "release": self.release,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "plan": self.plan.to_json() if self.plan else None, "changed": self.changed, "pulled": self.pulled,
         }
 
 
@@ -108,6 +122,15 @@ def new_release_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
+@dataclass(slots=True)
+class _Built:
+    """The device's cache file after `compile` (or the current one, for a push that builds nothing)."""
+
+    cache_sha256: str
+    programs: dict[str, str]  # key -> binary sha256, as the device reports
+    manifest_file: str = "build/manifest.json"
+
+
 class _DeviceRun:
     """The state of one device's push while it runs; each stage is a method."""
 
@@ -117,6 +140,9 @@ class _DeviceRun:
         self.logs: dict[str, str] = {}
         self.stage = "connect"
         self.skipped: dict[str, str] = {}  # program key -> why this device skips it (unmet `requires`)
+        self.state: RemoteState | None = None
+        self.build_keys: dict[str, str] = {}  # program key -> build key, for the programs this device builds
+        self.programs: dict[str, bytes] = {}  # program key -> binary, from the cache file as pulled
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -132,8 +158,8 @@ class _DeviceRun:
         try:
             with ExitStack() as stack:
                 with self.timed("connect"):
-                    session = stack.enter_context(
-                        open_session(self.device, accept_new_host_keys=self.job.accept_new_host_keys))
+                    session = stack.enter_context(open_session(
+                        self.device, accept_new_host_keys=self.job.accept_new_host_keys, check=self.job.check))
                 try:
                     self._push(session)
                 finally:
@@ -148,6 +174,8 @@ class _DeviceRun:
         self.outcome.ok = False
         self.outcome.failed_stage = exc.stage
         self.outcome.error = f"{exc.stage}: {exc.reason}"
+        if self.job.check:
+            return
         try:
             store_failure(self.job.cache, self.device.name,
                           {"stage": exc.stage, "error": exc.message, "at": time.time()}, self.logs)
@@ -155,53 +183,108 @@ class _DeviceRun:
             pass  # the failure itself is reported; its local record is best effort
 
     def _push(self, session: AgentSession) -> None:
-        with self.timed("upload"):
-            self._upload(session)
-        with self.timed("fingerprint"):
-            reply = session.request("fingerprint", opencl=self.device.opencl.as_request())
-            self.outcome.fingerprint = _fingerprint(reply)
-            self.skipped = self.job.library.skipped(self.outcome.fingerprint)
-        with self.timed("compile"):
-            build = self._compile(session)
+        with self.timed("state"):
+            self.state = parse_state(session.request("state", opencl=self.device.opencl.as_request()))
+        fingerprint = self.state.fingerprint
+        if fingerprint is None:  # the driver stamp changed (or first push): ask the driver itself
+            with self.timed("fingerprint"):
+                fingerprint = session.request("fingerprint", opencl=self.device.opencl.as_request(),
+                                              remember=not self.job.check,
+                                              timeout_s=self.device.timeouts.command).get("fingerprint", dict)
+        plan = self._plan(self.state, fingerprint)
+        if self.job.check:
+            self.outcome.ok = True
+            return
+        if plan.new_release:
+            with self.timed("upload"):
+                self._upload(session, plan)
+            with self.timed("compile"):
+                built = self._compile(session, plan)
+        else:
+            built = self._current_build()
         with self.timed("pull"):
-            cache_bytes, manifest, programs = self._pull(session, build)
+            cache_bytes, manifest = self._pull(session, built)
         with self.timed("smoke"):
-            self._smoke(session, programs)
-        with self.timed("commit"):
-            session.request("commit", keep=self.job.keep)
-        with self.timed("store"):
-            target = self._store(cache_bytes, manifest)
-        self.outcome.cache_file = str(target)
+            self._smoke(session, built, plan)
+        if plan.new_release:
+            with self.timed("commit"):
+                session.request("commit", keep=self.job.keep)
+            self.outcome.changed = True
+        if manifest is not None:
+            with self.timed("store"):
+                self._store(cache_bytes, manifest)
+        self.outcome.cache_file = str(device_dir(self.job.cache, self.device.name) / CACHE_FILE)
         self.outcome.ok = True
 
     def _mace_version(self) -> str:
         """The flag wins, then the device's `vars.mace_version`, then the default."""
         return self.job.mace_version or str(self.device.vars.get("mace_version") or DEFAULT_MACE_VERSION)
 
-    def _upload(self, session: AgentSession) -> None:
-        release = new_release_id()
-        session.request("begin", release=release)
-        self.outcome.release = release
-        for remote, data in self.job.files:
-            session.request("put", data, path=remote, size=len(data),
-                            sha256=hashlib.sha256(data).hexdigest(), mode=0o644)
+    # ----- state: one round trip, then the plan -----
 
-    def _program_specs(self) -> list[dict[str, Any]]:
+    def _plan(self, state: RemoteState, fingerprint: Mapping[str, Any]) -> DevicePlan:
+        self.outcome.fingerprint = _fingerprint(fingerprint)
+        self.skipped = self.job.library.skipped(self.outcome.fingerprint)
+        fingerprint_id = str(self.outcome.fingerprint.get("id", ""))
+        self.build_keys = {
+            spec["key"]: build_key(spec, self.job.shas, mace_version=self._mace_version(),
+                                   mace_format=self.job.mace_format, fingerprint_id=fingerprint_id)
+            for spec in self._program_specs(with_build_keys=False)}
+        plan = plan_device(self.job.files, self.build_keys, state, mace_version=self._mace_version(),
+                           mace_format=self.job.mace_format)
+        self.outcome.plan = plan
+        self.outcome.release = state.current
+        return plan
+
+    # ----- upload: only what the current release does not hold -----
+
+    def _upload(self, session: AgentSession, plan: DevicePlan) -> None:
+        """begin: a delta on the current release (its other files are hard-linked there), then put what
+        the device says it lacks."""
+        release = new_release_id()
+        changed = [f.to_request() for f in self.job.files if f.remote in plan.upload]
+        base: dict[str, Any] = {"base": plan.current, "drop": list(plan.removed)} if plan.current else {}
+        reply = session.request("begin", release=release, files=changed, **base)
+        self.outcome.release = release
+        need = reply.get("need", list)
+        by_path = {f.remote: f for f in self.job.files}
+        unknown = [n for n in need if n not in by_path]
+        if unknown:
+            raise AgentError(f"the device asked for files that are not in the release: {unknown[:3]}",
+                             kind="bad_reply")
+        for path in need:
+            file = by_path[path]
+            session.request("put", self.job.contents.read(file), path=file.remote, size=file.size,
+                            sha256=file.sha256, mode=file.mode)
+
+    def _program_specs(self, *, with_build_keys: bool = True) -> list[dict[str, Any]]:
         """Every program variant this device builds (those whose `requires` it meets)."""
         library = self.job.library
-        return [
+        specs: list[dict[str, Any]] = [
             {"key": program.key(variant), "name": program.name, "source": f"kernels/{program.source}",
              "headers": [f"kernels/{h}" for h in program.headers], "options": list(variant.options),
              "compile_options": list(library.compile_options)}
             for program in library.programs for variant in program.variants
             if program.key(variant) not in self.skipped
         ]
+        if with_build_keys:
+            for spec in specs:
+                spec["build_key"] = self.build_keys[spec["key"]]
+        return specs
 
-    def _compile(self, session: AgentSession) -> Reply:
-        programs = self._program_specs()
-        reply = session.request("build", opencl=self.device.opencl.as_request(), mace_version=self._mace_version(),
-                                programs=programs, mace_format=self.job.mace_format,
-                                timeout_s=self.device.timeouts.command)
+    def _compile(self, session: AgentSession, plan: DevicePlan) -> _Built:
+        """Build the programs whose build key changed; the others' binaries come from the current release."""
+        specs = self._program_specs()
+        rebuild = [s for s in specs if s["key"] in plan.rebuild]
+        keep: dict[str, Any] = {"keep": list(plan.reuse), "base": plan.current} if plan.reuse and plan.current else {}
+        request: dict[str, Any] = {"opencl": self.device.opencl.as_request(), "mace_version": self._mace_version(),
+                   "mace_format": self.job.mace_format, "timeout_s": self.device.timeouts.command}
+        try:
+            reply = session.request("build", programs=rebuild, **keep, **request)
+        except AgentError as exc:
+            if exc.kind != "reuse_missing":
+                raise
+            reply = session.request("build", programs=specs, **request)  # the device lost a binary: build all
         results = reply.get("programs", list)
         for result in results:
             key = str(reply_field(result, "key", str))
@@ -213,50 +296,118 @@ class _DeviceRun:
             for c in self.job.smoke.cases
         ]
         raise_for_failed_programs(results)
-        return reply
+        shas = {str(reply_field(r, "key", str)): str(reply_field(r, "sha256", str)) for r in results}
+        return _Built(reply.get("cache_sha256", str), shas, reply.get("manifest_file", str))
 
-    def _pull(self, session: AgentSession, build: Reply) -> tuple[bytes, dict[str, Any], dict[str, bytes]]:
-        want_sha = build.get("cache_sha256", str)
-        cache_bytes = _get(session, build.get("cache_file", str), want_sha)
-        manifest_reply = session.request("get", path=build.get("manifest_file", str))
-        manifest = _parse_manifest(manifest_reply.payload)
+    def _current_build(self) -> _Built:
+        """Nothing to build: the current release's cache file is what this push would produce."""
+        state = self.state
+        assert state is not None and state.cache_sha256 is not None
+        return _Built(state.cache_sha256, {k: p.sha256 for k, p in state.programs.items()})
+
+    # ----- pull: only a cache file that differs from the local copy -----
+
+    def _pull(self, session: AgentSession, built: _Built) -> tuple[bytes, dict[str, Any] | None]:
+        local = _local_cache(self.job.cache, self.device.name)
+        if local is not None and hashlib.sha256(local).hexdigest() == built.cache_sha256:
+            cache_bytes, manifest = local, None
+        else:
+            cache_bytes = _get(session, f"build/{CACHE_FILE}", built.cache_sha256)
+            manifest = _parse_manifest(session.request("get", path=built.manifest_file).payload)
+            self.outcome.pulled = True
         try:
             entries = parse_cache(cache_bytes, fmt=self.job.mace_format).programs
         except ValueError as exc:
             raise AgentError(f"the pulled cache file is not a valid MACE {self.job.mace_format} container: {exc}",
                              kind="bad_cache") from exc
-        keys = {p["key"] for p in self._program_specs()}
-        missing = sorted(k for k in keys if k not in entries)
+        missing = sorted(k for k in self.build_keys if k not in entries)
         if missing:
             raise AgentError(f"the pulled cache file lacks program(s) {missing}", kind="bad_cache")
-        return cache_bytes, manifest, {k: entries[k] for k in keys}
+        self.programs = {k: entries[k] for k in self.build_keys}
+        return cache_bytes, manifest
 
-    def _smoke(self, session: AgentSession, programs: Mapping[str, bytes]) -> None:
-        plan = self.job.smoke
-        expected = {key: hashlib.sha256(data).hexdigest() for key, data in programs.items()}
-        reply = session.request("smoke", bytes(plan.payload), opencl=self.device.opencl.as_request(),
-                                cache_file=f"build/{CACHE_FILE}", expected=expected,
-                                cases=plan.requests(self.skipped), timeout_s=self.device.timeouts.command)
-        self.outcome.kernels = check_cases(plan, reply, self.skipped)
-        self._startup(session, expected)
+    # ----- smoke: what changed (or everything, or nothing) -----
+
+    def _smoke_keys(self, built: _Built) -> set[str]:
+        """The programs this push smoke-tests: by --smoke, and for `changed` those whose binary differs
+        from the one the current release had (a new fingerprint rebuilds, so changes, every binary)."""
+        if self.job.smoke_mode == "never":
+            return set()
+        keys = set(self.build_keys)
+        if self.job.smoke_mode == "always" or self.state is None:
+            return keys
+        old = self.state.programs
+        return {k for k in keys if k not in old or old[k].sha256 != built.programs.get(k)}
+
+    def _smoke(self, session: AgentSession, built: _Built, plan: DevicePlan) -> None:
+        keys = self._smoke_keys(built)
+        not_smoked = {k: self._why_not_smoked() for k in self.build_keys if k not in keys}
+        smoke, left_out = self.job.smoke, {**self.skipped, **not_smoked}
+        run = smoke.requests(left_out)
+        if run:
+            cases = smoke.requests(self.skipped)  # all of this device's cases travel (once) in the blob
+            reply = self._blob_request(session, "smoke", {"cases": cases}, bytes(smoke.payload),
+                                       run=[c["id"] for c in run], cache_file=f"build/{CACHE_FILE}",
+                                       expected=self._expected({c["program_key"] for c in run}))
+            kernels = check_cases(smoke, reply, left_out)
+        else:
+            kernels = [KernelResult(c.id, c.program_key, True, "skipped", detail=c.skip_reason) if c.skip_reason
+                       else KernelResult(c.id, c.program_key, False, "skipped", detail=left_out.get(c.program_key))
+                       for c in smoke.cases]
+        status = "unchanged" if self.job.smoke_mode == "changed" else "skipped"
+        self.outcome.kernels = [replace(k, built=True, smoke=status) if k.program_key in not_smoked and not k.built
+                                else k for k in kernels]
+        self._startup(session, keys, plan)
         failed = [f"{k.name}: {k.detail}" for k in self.outcome.kernels if k.smoke == "failed"]
         failed += [f"model {m.name}: {m.detail}" for m in self.outcome.models if m.ok is False]
         if failed:
             raise SmokeMismatch("; ".join(failed))
 
-    def _startup(self, session: AgentSession, expected: Mapping[str, str]) -> None:
-        """Start-up figures (each program from source vs from its binary, in a child of the agent whose
-        driver cache is off) and the models' forward pass from the binaries, checked against numpy."""
-        skips = [skipped_model(plan, self.skipped) for plan in self.job.models]
-        plans = [plan for plan, skip in zip(self.job.models, skips, strict=True) if skip is None]
-        models, payload = wire_models(plans)
-        specs = self._program_specs()
-        reply = session.request("startup", payload, opencl=self.device.opencl.as_request(),
-                                cache_file=f"build/{CACHE_FILE}", expected=expected, programs=specs, models=models,
-                                timeout_s=self.device.timeouts.command)
+    def _expected(self, keys: set[str]) -> dict[str, str]:
+        """sha256 of the pulled binaries the device may load: it checks each before any driver sees it."""
+        return {key: hashlib.sha256(self.programs[key]).hexdigest() for key in sorted(keys)}
+
+    def _why_not_smoked(self) -> str:
+        if self.job.smoke_mode == "never":
+            return "not smoke-tested (--smoke never)"
+        return f"binary unchanged since release {self.state.current if self.state else '?'} (--smoke always runs it)"
+
+    def _blob_request(self, session: AgentSession, op: str, fields: Mapping[str, Any], payload: bytes,
+                      **request: Any) -> Reply:
+        """A smoke/startup request whose stable part (case or model descriptions, then their input bytes)
+        the device keeps by hash: sent only when the device does not hold it yet."""
+        head = json.dumps(fields, sort_keys=True).encode()
+        blob = head + payload
+        sha = hashlib.sha256(blob).hexdigest()
+        known = self.state is not None and sha in self.state.blobs
+        return session.request(op, b"" if known else blob, blob=sha, blob_json=len(head),
+                               opencl=self.device.opencl.as_request(), timeout_s=self.device.timeouts.command,
+                               **request)
+
+    def _startup(self, session: AgentSession, keys: set[str], plan: DevicePlan) -> None:
+        """Start-up figures (the smoked programs from source vs from their binary, in a child of the agent
+        whose driver cache is off) and the models' forward pass from the binaries, checked against numpy:
+        each model whose programs were smoked or whose files changed."""
+        skips = [skipped_model(model, self.skipped) for model in self.job.models]
+        runnable = [model for model, skip in zip(self.job.models, skips, strict=True) if skip is None]
+        models_changed = any(p.startswith("models/") for p in plan.upload) and self.job.smoke_mode != "never"
+        chosen = [m for m in runnable if models_changed or keys & set(m.program_keys)]
+        chosen_names = {m.model.name for m in chosen}
+        specs = [s for s in self._program_specs() if s["key"] in keys]
+        if not specs and not chosen:
+            self.outcome.models = [skip or ModelResult(m.model.name, None, detail="not run: its programs are "
+                                   "unchanged") for m, skip in zip(self.job.models, skips, strict=True)]
+            return
+        models, payload = wire_models(runnable)
+        needed = {s["key"] for s in specs} | {k for m in chosen for k in m.program_keys}
+        reply = self._blob_request(session, "startup", {"models": models}, payload,
+                                   run=[m.model.name for m in chosen], cache_file=f"build/{CACHE_FILE}",
+                                   expected=self._expected(needed), programs=specs)
         self.outcome.startup = parse_startup(reply, [s["key"] for s in specs])
-        checked = iter(check_models(plans, reply))
-        self.outcome.models = [skip or next(checked) for skip in skips]
+        checked = iter(check_models(chosen, reply))
+        self.outcome.models = [skip or (next(checked) if m.model.name in chosen_names else
+                                        ModelResult(m.model.name, None, detail="not run: its programs are unchanged"))
+                               for m, skip in zip(self.job.models, skips, strict=True)]
 
     def _store(self, cache_bytes: bytes, manifest: dict[str, Any]) -> Path:
         try:
@@ -266,11 +417,11 @@ class _DeviceRun:
             raise DeviceError(f"local cache: {exc}") from exc
 
 
-def _read_local(path: Path) -> bytes:
+def _local_cache(cache: Path, device: str) -> bytes | None:
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InputError(Where(str(path)), None, f"cannot read: {exc.strerror or exc}") from exc
+        return (device_dir(cache, device) / CACHE_FILE).read_bytes()
+    except (OSError, LocalStateError):
+        return None
 
 
 def _get(session: AgentSession, path: str, sha256: str) -> bytes:
@@ -293,8 +444,8 @@ def _parse_manifest(data: bytes) -> dict[str, Any]:
     return manifest
 
 
-def _fingerprint(reply: Reply) -> dict[str, Any]:
-    fingerprint = reply.get("fingerprint", dict)
+def _fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """The device's fingerprint, checked for the fields every later step reads."""
     for part in ("platform", "device"):
         record = reply_field(fingerprint, part, dict)
         reply_field(record, "name", str)

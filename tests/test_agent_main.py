@@ -230,7 +230,7 @@ def test_hello_names_agent_and_python(pushed: Pushed) -> None:
     assert pushed.hello["agent_version"] == agent_main.AGENT_VERSION
     assert pushed.hello["python"] == "{}.{}.{}".format(*sys.version_info[:3])
     assert isinstance(pushed.hello["pid"], int)
-    assert pushed.begin == {"ok": True, "release": "r1", "previous": None}
+    assert pushed.begin == {"ok": True, "release": "r1", "previous": None, "need": None}
 
 
 def test_fingerprint_matches_pyopencl(pushed: Pushed) -> None:
@@ -408,7 +408,7 @@ def test_bad_requests_get_replies_not_tracebacks(tmp_path: Path, agent_env: dict
     assert agent.fail("begin", "bad_request", release="../up") != ""
     assert "send begin first" in agent.fail("put", "bad_request", b"x", path="a", size=1,
                                             sha256=hashlib.sha256(b"x").hexdigest())
-    assert agent.fail("get", "bad_request", path="x")
+    assert "nothing is deployed" in agent.fail("get", "no_release", path="x")
     assert agent.bye() == 0
     assert b"Traceback" not in agent.proc.stderr.read()  # type: ignore[union-attr]
 

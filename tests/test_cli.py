@@ -10,7 +10,8 @@ import yaml
 
 from deployer.inventory import load_inventory
 from deployer.kernels import load_library
-from deployer.pipeline import PushJob, release_files, run_fleet
+from deployer.pipeline import PushJob, release_paths, run_fleet
+from deployer.plan import HashIndex, local_files
 from deployer.sim import DeviceSpec, Fleet, fleet_status
 from deployer.smoke import load_references, plan_smoke
 from tests.conftest import KERNELS, REPO, Cli
@@ -107,7 +108,8 @@ def test_flipped_byte_on_the_device_fails_that_device(make_fleet: MakeFleet, tmp
     fleet = make_fleet([DeviceSpec("sim-01"), DeviceSpec("sim-02")])
     library = load_library(KERNELS)
     job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
-                  files=release_files(library, []), cache=tmp_path / "cache", mace_version="")
+                  files=local_files(release_paths(library, []), HashIndex(None)), cache=tmp_path / "cache",
+                  mace_version="")
     release_dir = Path(fleet.device("sim-01").folder) / "home" / ".deployer" / "releases"
     flipped: list[str] = []
 
