@@ -211,3 +211,25 @@ def test_connection_dropped_mid_transfer(make_fleet: MakeFleet, cli: Cli, tmp_pa
     assert code == 0, devices
     assert os.readlink(remote / "current") == f"releases/{devices['sim-02']['release']}"
     assert proxy_stats(fleet.device("sim-02"))["cuts"] == 0
+
+
+def test_sim_cli_flags(cli: Cli, tmp_path: Path) -> None:
+    folder = tmp_path / "sim"
+    for flag in ("--rtt-ms", "--rate-kbit"):
+        bad = cli("sim", "up", "--devices", "1", "--dir", folder, flag, "-5")
+        assert bad.code == 2 and f"field '{flag}': expected a whole number >= 0, got -5" in bad.err
+    assert cli("sim", "up", "--dir", folder, "--server", "telnetd").code == 2
+    assert not (folder / "state.json").exists()  # refused before anything started
+    run = cli("sim", "up", "--devices", "1", "--dir", folder, "--server", "dropbear", "--rtt-ms", "10",
+              "--rate-kbit", "8000")
+    try:
+        assert run.code == 0, run.err
+        [status] = cli("sim", "status", "--dir", folder, "--json").json()["devices"]
+        assert (status["server"], status["rtt_ms"], status["rate_kbit"]) == ("dropbear", 10, 8000)
+        assert status["running"] and status["proxy_running"] and status["netns"].startswith("deploysim-sim-01-")
+        table = cli("sim", "status", "--dir", folder).out
+        assert "dropbear" in table and "8000" in table and f"127.0.0.1:{status['port']}" in table
+    finally:
+        down = cli("sim", "down", "--dir", folder)
+    assert down.code == 0 and "stopped 1 device(s)" in down.out
+    assert status["netns"] not in _namespaces()
