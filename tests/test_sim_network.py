@@ -62,6 +62,10 @@ def echo_rtt_ms(client: paramiko.SSHClient, rounds: int = 7) -> float:
         channel.sendall(b"x")
         assert channel.recv(1) == b"x"
         times.append((time.perf_counter() - start) * 1000)
+    # End `cat` before closing: dropbear may drop the next channel opened while one whose command still
+    # runs is being closed ("Unable to open channel").
+    channel.shutdown_write()
+    assert channel.recv_exit_status() == 0
     channel.close()
     return statistics.median(times)
 
