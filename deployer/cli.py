@@ -36,9 +36,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Push OpenCL kernels and models to a fleet of boards, compile them there, "
                        "cache the binaries in MACE's format and smoke-test them.")
 inventory_app = typer.Typer(no_args_is_help=True, help="Check and list a device inventory.")
-sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet of real sshd servers on 127.0.0.1.")
+sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet of real SSH servers (sshd or dropbear).")
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(sim_app, name="sim")
+
+class SimServer(str, Enum):
+    openssh = "openssh"
+    dropbear = "dropbear"
+
 
 class MaceFormat(str, Enum):
     pb = "pb"
@@ -454,15 +459,25 @@ def sim_up(
                         "is a tmpfs of KIB KiB (repeatable).")] = None,
     pocl_cache: Annotated[Path | None, typer.Option("--pocl-cache", help="A PoCL kernel cache shared by all "
                           "devices (tests only: it turns source builds into cache hits).")] = None,
+    server: Annotated[SimServer, typer.Option("--server", help="The SSH server of every device (dropbear: no "
+                      "sftp-server).")] = SimServer.openssh,
+    rtt_ms: Annotated[int, typer.Option("--rtt-ms", help="Round-trip time a delay proxy adds in front of "
+                      "each device (0: none).")] = 0,
+    rate_kbit: Annotated[int, typer.Option("--rate-kbit", help="Bandwidth of each device's link, each way, "
+                         "in kbit/s (tbf on a veth into its own network namespace; 0: unlimited).")] = 0,
 ) -> None:
-    """Start N devices, each a real sshd on 127.0.0.1 with its own account home, host key and PoCL."""
+    """Start N devices, each a real SSH server with its own account home, host key and PoCL (docs/sim.md)."""
     from dataclasses import replace
 
     from deployer.sim import fleet_specs, start_fleet
 
-    specs = {s.name: s for s in fleet_specs(devices, mix=mix)}
+    for option, value in (("--rtt-ms", rtt_ms), ("--rate-kbit", rate_kbit)):
+        if value < 0:
+            raise InputError(None, option, f"expected a whole number >= 0, got {value}")
+    specs = {s.name: replace(s, server=server.value) for s in fleet_specs(devices, mix=mix)}
     faults = _sim_faults(specs, without_python or [], without_opencl or [], disk_kib or [])
-    fleet = start_fleet(folder, [replace(s, **faults.get(n, {})) for n, s in specs.items()], pocl_cache=pocl_cache)
+    fleet = start_fleet(folder, [replace(s, **faults.get(n, {})) for n, s in specs.items()], pocl_cache=pocl_cache,
+                        rtt_ms=rtt_ms, rate_kbit=rate_kbit)
     stdout.print(f"{len(fleet.devices)} device(s) up; inventory: {fleet.inventory}")
 
 
@@ -496,9 +511,11 @@ def sim_status(folder: SimDirOption = DEFAULT_SIM_DIR, as_json: JsonOption = Fal
     if as_json:
         stdout.print_json(json.dumps({"devices": rows}))
         return
-    table = Table("device", "port", "pid", "running", "pocl device")
+    table = Table("device", "address", "pid", "running", "pocl device", "server", "rtt ms", "rate kbit")
     for row in rows:
-        table.add_row(*(str(row[k]) for k in ("name", "port", "pid", "running", "pocl_device")))
+        table.add_row(str(row["name"]), f"{row['host']}:{row['port']}",
+                      *(str(row[k]) for k in ("pid", "running", "pocl_device", "server", "rtt_ms")),
+                      str(row["rate_kbit"] or "-"))
     stdout.print(table if rows else f"no simulated fleet in {folder}")
 
 

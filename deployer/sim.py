@@ -1,12 +1,15 @@
-"""A simulated fleet: one real OpenSSH `sshd` per device on 127.0.0.1, each its own little board.
+"""A simulated fleet: one real SSH server (OpenSSH `sshd` or dropbear) per device, each its own little board.
 
 Each device runs in a private mount namespace (`unshare -m`) where:
 - the login account `deploysim` (unprivileged, so permission faults are real) has its own home,
   bind-mounted from `D/devices/<name>/home`, with no shell start-up files to slow each command;
 - optional faults are made real, not faked: an overlay whiteout hides `python3` or `libOpenCL.so.1`
   exactly as a board without them looks, and a size-capped tmpfs makes the remote dir fill up.
-The fleet writes `D/inventory.yml` (ready for `--fleet`), `D/known_hosts` and the client key. Processes
-are stopped by the PIDs recorded in `D/state.json`. This is the code behind `deploy sim` and the tests.
+A network can be put between controller and devices (`deployer.netsim`): `rtt_ms` starts a delay proxy on
+127.0.0.1 in front of each device; `rate_kbit` moves the device into a network namespace of its own, joined
+by a veth pair shaped with tbf. The fleet writes `D/inventory.yml` (ready for `--fleet`), `D/known_hosts`
+and the client key. Processes are stopped by the PIDs, namespaces deleted by the names, recorded in
+`D/state.json`. This is the code behind `deploy sim` and the tests; docs/sim.md tells the whole story.
 """
 
 from __future__ import annotations
@@ -17,19 +20,25 @@ import pwd
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from shlex import quote
+from typing import Any
 
 import yaml
 
+from deployer import netsim
 from deployer.errors import LocalStateError
 
 SIM_USER = "deploysim"
 SIM_HOME = Path("/home") / SIM_USER
 SSHD = "/usr/sbin/sshd"
+DROPBEAR = "/usr/sbin/dropbear"
+SERVERS = ("openssh", "dropbear")
+OPENSSH_LIBEXEC = "/usr/lib/openssh"  # sftp-server lives here; a dropbear device hides it
 PYTHON_DIRS = ("/usr/bin", "/usr/local/bin")
 OPENCL_LIB_DIR = "/usr/lib/x86_64-linux-gnu"
 START_TIMEOUT_S = 15.0
@@ -45,14 +54,28 @@ class DeviceSpec:
     without_python: bool = False
     without_opencl: bool = False
     disk_kib: int = 0  # > 0: the remote dir is a tmpfs of this size
+    server: str = "openssh"  # or "dropbear": no sftp-server, no SetEnv
+    cut_after_bytes: int = 0  # > 0: a proxy in front resets each connection after this many bytes sent to it
 
 
 @dataclass(slots=True)
 class SimDevice:
+    """One running device; `host`:`port` is what the inventory and known_hosts use (the proxy when present)."""
+
     spec: DeviceSpec
     port: int
-    pid: int
+    pid: int  # the server's; its process group holds the server and its sessions
     folder: str
+    host: str = "127.0.0.1"
+    server_host: str = "127.0.0.1"  # where the server itself listens (inside its namespace with rate_kbit)
+    server_port: int = 0
+    log: str = ""  # the server's log file
+    proxy_pid: int | None = None
+    proxy_stats: str | None = None  # the proxy's JSON counters (`proxy_stats`)
+    netns: str | None = None  # the network namespace, and the host end of its veth pair (rate_kbit)
+    veth: str | None = None
+    rtt_ms: int = 0
+    rate_kbit: int = 0
 
 
 @dataclass(slots=True)
@@ -133,9 +156,9 @@ def _python_names(directory: str) -> list[str]:
         if os.path.isdir(directory) else []
 
 
-def _start_script(spec: DeviceSpec, folder: Path, uid: int, gid: int, pocl_cache: Path | None) -> str:
-    home = folder / "home"
-    lines = ["set -e", f"mount --bind {quote(str(home))} {SIM_HOME}"]
+def _start_script(spec: DeviceSpec, device: SimDevice, ids: tuple[int, int], pocl_cache: Path | None) -> str:
+    folder = Path(device.folder)
+    lines = ["set -e", f"mount --bind {quote(str(folder / 'home'))} {SIM_HOME}"]
     if pocl_cache is not None:
         # Bind-mounted, since the account cannot traverse a 0700 folder such as pytest's tmp.
         lines.append(f"mount --bind {quote(str(pocl_cache))} {SIM_HOME / POCL_CACHE_MOUNT}")
@@ -148,45 +171,98 @@ def _start_script(spec: DeviceSpec, folder: Path, uid: int, gid: int, pocl_cache
         remote = SIM_HOME / ".deployer"
         lines += [
             f"mkdir -p {remote}",
-            f"mount -t tmpfs -o size={spec.disk_kib}k,uid={uid},gid={gid},mode=0755 tmpfs {remote}",
+            f"mount -t tmpfs -o size={spec.disk_kib}k,uid={ids[0]},gid={ids[1]},mode=0755 tmpfs {remote}",
         ]
-    lines.append(f"exec {SSHD} -D -f {quote(str(folder / 'sshd_config'))} -E {quote(str(folder / 'sshd.log'))}")
+    log = quote(device.log)
+    if spec.server == "dropbear":
+        # A board with dropbear has no sftp-server (/usr/lib/sftp-server links into this folder). dropbear has
+        # no SetEnv: it clears its children's environment unless -e, so it gets exactly this one (env -i).
+        lines.append(f"mount -t tmpfs -o size=16k,mode=0755 tmpfs {OPENSSH_LIBEXEC}")
+        env = " ".join(quote(v) for v in ["PATH=/usr/local/bin:/usr/bin:/bin", *_server_env(spec, pocl_cache)])
+        lines.append(f"exec env -i {env} {DROPBEAR} -F -E -e -s -w -j -k -p {device.server_host}:"
+                     f"{device.server_port} -r {quote(str(folder / 'host_ed25519.dropbear'))} "
+                     f"-P {quote(str(folder / 'dropbear.pid'))} 2>>{log}")
+    else:
+        lines.append(f"exec {SSHD} -D -f {quote(str(folder / 'sshd_config'))} -E {log}")
     return "\n".join(lines) + "\n"
 
 
-def _sshd_config(spec: DeviceSpec, folder: Path, port: int, pocl_cache: Path | None) -> str:
+def _server_env(spec: DeviceSpec, pocl_cache: Path | None) -> list[str]:
+    """What every command on the device sees (OpenSSH: SetEnv; dropbear: its own environment)."""
     env = [f"POCL_DEVICES={spec.pocl_device}"]
     if pocl_cache is not None:
         env.append(f"POCL_CACHE_DIR={SIM_HOME / POCL_CACHE_MOUNT}")
+    return env
+
+
+def _sshd_config(spec: DeviceSpec, device: SimDevice, pocl_cache: Path | None) -> str:
+    folder = Path(device.folder)
     return "\n".join([
-        f"Port {port}",
-        "ListenAddress 127.0.0.1",
+        f"Port {device.server_port}",
+        f"ListenAddress {device.server_host}",
         f"HostKey {folder / 'host_ed25519'}",
         f"PidFile {folder / 'sshd.pid'}",
         f"AllowUsers {SIM_USER}",
         "StrictModes no", "UsePAM no", "UseDNS no", "PrintMotd no",
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
         "LogLevel VERBOSE", "MaxStartups 100:30:200", "MaxSessions 50",
-        "Subsystem sftp /usr/lib/openssh/sftp-server",
-        "SetEnv " + " ".join(env),
+        f"Subsystem sftp {OPENSSH_LIBEXEC}/sftp-server",
+        "SetEnv " + " ".join(_server_env(spec, pocl_cache)),
     ]) + "\n"
 
 
-def _start_device(spec: DeviceSpec, fleet: Path, ids: tuple[int, int], pocl_cache: Path | None) -> SimDevice:
+def _start_device(spec: DeviceSpec, fleet: Path, ids: tuple[int, int], pocl_cache: Path | None, *,
+                  rtt_ms: int, rate_kbit: int, started: list[SimDevice]) -> None:
+    """Start one device (its namespace, server and proxy), appending it to `started` as soon as there is
+    anything to stop, so that a failure half-way is cleaned up too."""
+    if spec.server not in SERVERS:
+        raise LocalStateError(f"sim device {spec.name}: unknown server {spec.server!r} (one of {', '.join(SERVERS)})")
     folder = fleet / "devices" / spec.name
-    home = folder / "home"
-    _make_home(home, (fleet / "client_key.pub").read_bytes(), ids)
+    _make_home(folder / "home", (fleet / "client_key.pub").read_bytes(), ids)
     _keygen(folder / "host_ed25519", spec.name)
-    port = _free_port()
-    (folder / "sshd_config").write_text(_sshd_config(spec, folder, port, pocl_cache))
-    (folder / "start.sh").write_text(_start_script(spec, folder, *ids, pocl_cache))
-    log = open(folder / "start.log", "wb")
-    process = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", str(folder / "start.sh")],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    log.close()
-    return SimDevice(spec, port, process.pid, str(folder))
+    if spec.server == "dropbear" and not (folder / "host_ed25519.dropbear").exists():
+        _run(["dropbearconvert", "openssh", "dropbear", str(folder / "host_ed25519"),
+              str(folder / "host_ed25519.dropbear")])  # the same key: known_hosts needs no second format
+    log = folder / ("dropbear.log" if spec.server == "dropbear" else "sshd.log")
+    device = SimDevice(spec, 0, 0, str(folder), server_port=_free_port(), log=str(log), rtt_ms=rtt_ms,
+                       rate_kbit=rate_kbit)
+    started.append(device)
+    prefix: list[str] = []
+    if rate_kbit:
+        try:
+            link = netsim.make_link(spec.name, rate_kbit)
+        except netsim.NetworkError as exc:
+            raise LocalStateError(f"sim network: {exc} (needs root and iproute2: bash scripts/install.sh)") from exc
+        device.netns, device.veth, device.server_host = link.netns, link.veth, link.device_ip
+        prefix = ["nsenter", f"--net=/run/netns/{link.netns}"]
+    (folder / "sshd_config").write_text(_sshd_config(spec, device, pocl_cache))
+    (folder / "start.sh").write_text(_start_script(spec, device, ids, pocl_cache))
+    with open(folder / "start.log", "wb") as out:
+        device.pid = subprocess.Popen(
+            [*prefix, "unshare", "-m", "--propagation", "private", "sh", str(folder / "start.sh")],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        ).pid
+    device.host, device.port = device.server_host, device.server_port
+    if rtt_ms or spec.cut_after_bytes:
+        device.host, device.port = "127.0.0.1", _free_port()
+        _start_proxy(device)
+
+
+def _start_proxy(device: SimDevice) -> None:
+    """The delay proxy on 127.0.0.1:`device.port` in front of the server; its own process and session."""
+    folder = Path(device.folder)
+    stats = folder / "proxy-stats.json"
+    stats.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "deployer.netsim", "proxy", "--listen", f"127.0.0.1:{device.port}",
+            "--to", f"{device.server_host}:{device.server_port}", "--delay-ms", str(device.rtt_ms / 2),
+            "--stats", str(stats), "--cut-after-bytes", str(device.spec.cut_after_bytes)]
+    # The child imports this very package, wherever the controller's Python would find another copy.
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    with open(folder / "proxy.log", "ab") as out:
+        device.proxy_pid = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True).pid
+    device.proxy_stats = str(stats)
 
 
 def _make_home(home: Path, client_key: bytes, ids: tuple[int, int]) -> None:
@@ -202,20 +278,40 @@ def _make_home(home: Path, client_key: bytes, ids: tuple[int, int]) -> None:
 
 
 def _wait_ready(device: SimDevice, deadline: float) -> None:
-    """Bounded wait until the device's sshd sends its SSH banner."""
+    """Bounded wait until the device's server sends its SSH banner, and its proxy (if any) listens."""
     while time.monotonic() < deadline:
         if not _alive(device.pid):
-            logs = [Path(device.folder) / name for name in ("start.log", "sshd.log")]
+            logs = [Path(device.folder) / "start.log", Path(device.log)]
             text = " ".join(p.read_text()[-400:].strip() for p in logs if p.exists())
             raise LocalStateError(f"sim device {device.spec.name} exited: {text}")
         try:
-            with socket.create_connection(("127.0.0.1", device.port), timeout=1) as sock:
+            with socket.create_connection((device.server_host, device.server_port), timeout=1) as sock:
                 if sock.recv(64).startswith(b"SSH-"):
-                    return
+                    break
         except OSError:
             pass
         time.sleep(0.05)
-    raise LocalStateError(f"sim device {device.spec.name} did not accept SSH within {START_TIMEOUT_S} s")
+    else:
+        raise LocalStateError(f"sim device {device.spec.name} did not accept SSH within {START_TIMEOUT_S} s")
+    if device.proxy_pid is not None:
+        _wait_proxy(device, deadline)
+
+
+def _wait_proxy(device: SimDevice, deadline: float) -> None:
+    """The proxy writes its stats file once it listens (no probe connection, which it would count)."""
+    assert device.proxy_pid is not None and device.proxy_stats is not None
+    while time.monotonic() < deadline:
+        if not _alive(device.proxy_pid):
+            log = Path(device.folder) / "proxy.log"
+            raise LocalStateError(f"sim device {device.spec.name}: its proxy exited: "
+                                  f"{log.read_text()[-400:].strip() if log.exists() else ''}")
+        try:
+            if netsim.read_stats(Path(device.proxy_stats)).get("pid") == device.proxy_pid:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    raise LocalStateError(f"sim device {device.spec.name}: its proxy did not listen within {START_TIMEOUT_S} s")
 
 
 def _alive(pid: int) -> bool:
@@ -231,11 +327,16 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _host_pattern(host: str, port: int) -> str:
+    """How known_hosts (and paramiko) name a host: bare on port 22, else `[host]:port`."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
 def _write_known_hosts(fleet: Fleet) -> None:
     lines = []
     for device in fleet.devices:
         key = (Path(device.folder) / "host_ed25519.pub").read_text().split()
-        lines.append(f"[127.0.0.1]:{device.port} {key[0]} {key[1]}\n")
+        lines.append(f"{_host_pattern(device.host, device.port)} {key[0]} {key[1]}\n")
     fleet.known_hosts.write_text("".join(lines))
 
 
@@ -249,19 +350,21 @@ def _write_inventory(fleet: Fleet) -> None:
             "timeouts": {"connect": 10, "command": 300},
         },
         "devices": [
-            {"name": d.spec.name, "host": "127.0.0.1", "port": d.port,
-             "labels": {"pocl_device": d.spec.pocl_device}}
+            {"name": d.spec.name, "host": d.host, "port": d.port,
+             "labels": {"pocl_device": d.spec.pocl_device, "server": d.spec.server}}
             for d in fleet.devices
         ],
         "groups": {"sim": {"members": [d.spec.name for d in fleet.devices]}},
     }
-    text = "# written by `deploy sim up`: a simulated fleet of real sshd servers on 127.0.0.1\n"
+    text = "# written by `deploy sim up`: a simulated fleet of real SSH servers (docs/sim.md)\n"
     fleet.inventory.write_text(text + yaml.safe_dump(inventory, sort_keys=False))
 
 
 def _save_state(fleet: Fleet) -> None:
     state = {"devices": [asdict(d) for d in fleet.devices]}
-    (fleet.folder / "state.json").write_text(json.dumps(state, indent=1))
+    temp = fleet.folder / "state.json.tmp"
+    temp.write_text(json.dumps(state, indent=1))
+    os.replace(temp, fleet.folder / "state.json")
 
 
 def load_fleet(folder: Path) -> Fleet:
@@ -269,12 +372,18 @@ def load_fleet(folder: Path) -> Fleet:
     if not path.exists():
         return Fleet(folder)
     state = json.loads(path.read_text())
-    devices = [SimDevice(DeviceSpec(**d["spec"]), d["port"], d["pid"], d["folder"]) for d in state["devices"]]
+    devices = [SimDevice(**{**d, "spec": DeviceSpec(**d["spec"])}) for d in state["devices"]]
     return Fleet(folder, devices)
 
 
-def start_fleet(folder: Path, specs: Sequence[DeviceSpec], *, pocl_cache: Path | None = None) -> Fleet:
-    """Start one sshd per spec; return when every device answers SSH (or raise, stopping them)."""
+def start_fleet(folder: Path, specs: Sequence[DeviceSpec], *, pocl_cache: Path | None = None, rtt_ms: int = 0,
+                rate_kbit: int = 0) -> Fleet:
+    """Start one server per spec; return when every device answers SSH (or raise, stopping them).
+
+    `rtt_ms` > 0 puts a delay proxy in front of each device (half of it each way); `rate_kbit` > 0 gives each
+    device a network namespace whose veth pair is limited to that rate in each direction."""
+    if rtt_ms < 0 or rate_kbit < 0:
+        raise LocalStateError(f"sim: rtt_ms and rate_kbit must not be negative (got {rtt_ms}, {rate_kbit})")
     folder = folder.resolve()
     if load_fleet(folder).devices:
         stop_fleet(folder)
@@ -287,8 +396,11 @@ def start_fleet(folder: Path, specs: Sequence[DeviceSpec], *, pocl_cache: Path |
     fleet = Fleet(folder)
     try:
         for spec in specs:
-            fleet.devices.append(_start_device(spec, folder, ids, pocl_cache))
-        _save_state(fleet)
+            try:
+                _start_device(spec, folder, ids, pocl_cache, rtt_ms=rtt_ms, rate_kbit=rate_kbit,
+                              started=fleet.devices)
+            finally:
+                _save_state(fleet)
         deadline = time.monotonic() + START_TIMEOUT_S
         for device in fleet.devices:
             _wait_ready(device, deadline)
@@ -300,23 +412,61 @@ def start_fleet(folder: Path, specs: Sequence[DeviceSpec], *, pocl_cache: Path |
     return fleet
 
 
-def stop_device(device: SimDevice, *, timeout: float = 5.0) -> None:
-    """Stop one device's sshd (and its sessions: they share its process group) by PID."""
+def restart_proxy(fleet: Fleet, name: str, *, cut_after_bytes: int = 0) -> SimDevice:
+    """Replace a device's proxy by a new one on the same port (now cutting after `cut_after_bytes`, or not)."""
+    device = fleet.device(name)
+    if device.proxy_pid is None:
+        raise LocalStateError(f"sim device {name} has no proxy in front")
+    _stop_pid(device.proxy_pid, group=False)
+    device.spec = replace(device.spec, cut_after_bytes=cut_after_bytes)
+    _start_proxy(device)
+    _save_state(fleet)
+    _wait_proxy(device, time.monotonic() + START_TIMEOUT_S)
+    return device
+
+
+def proxy_stats(device: SimDevice) -> dict[str, Any]:
+    """The counters of the device's proxy: `connections`, `client_to_server_bytes`, `server_to_client_bytes`,
+    `cuts`, ... (`deployer.netsim.Stats`); raises if no proxy is in front of it."""
+    if device.proxy_stats is None:
+        raise LocalStateError(f"sim device {device.spec.name} has no proxy in front (start it with rtt_ms > 0)")
     try:
-        os.killpg(device.pid, signal.SIGTERM)
+        return netsim.read_stats(Path(device.proxy_stats))
+    except (OSError, ValueError) as exc:
+        raise LocalStateError(f"sim device {device.spec.name}: cannot read {device.proxy_stats}: {exc}") from exc
+
+
+def _stop_pid(pid: int, *, group: bool, timeout: float = 5.0) -> None:
+    """SIGTERM (to the process group when `group`), a bounded wait, then SIGKILL."""
+    kill = os.killpg if group else os.kill
+    try:
+        kill(pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         return
     deadline = time.monotonic() + timeout
-    while _alive(device.pid) and time.monotonic() < deadline:
+    while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if _alive(device.pid):
-        os.killpg(device.pid, signal.SIGKILL)
+    if _alive(pid):
+        try:
+            kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_device(device: SimDevice, *, timeout: float = 5.0) -> None:
+    """Stop one device: its server (and its sessions: they share its process group) and its proxy by PID,
+    then delete its network namespace and veth by name."""
+    if device.pid:
+        _stop_pid(device.pid, group=True, timeout=timeout)
+    if device.proxy_pid is not None:
+        _stop_pid(device.proxy_pid, group=False, timeout=timeout)
+    netsim.remove_link(device.netns, device.veth)
 
 
 def stop_fleet(folder: Path) -> int:
     """Stop every device recorded in `folder`; returns how many were running."""
     fleet = load_fleet(folder)
-    running = [d for d in fleet.devices if _alive(d.pid)]
+    running = [d for d in fleet.devices if d.pid and _alive(d.pid)]
     for device in fleet.devices:
         stop_device(device)
     state = folder / "state.json"
@@ -328,7 +478,10 @@ def stop_fleet(folder: Path) -> int:
 def fleet_status(folder: Path) -> list[dict[str, object]]:
     fleet = load_fleet(folder)
     return [
-        {"name": d.spec.name, "port": d.port, "pid": d.pid, "running": _alive(d.pid),
-         "pocl_device": d.spec.pocl_device}
+        {"name": d.spec.name, "host": d.host, "port": d.port, "pid": d.pid, "running": _alive(d.pid),
+         "pocl_device": d.spec.pocl_device, "server": d.spec.server, "server_address":
+         f"{d.server_host}:{d.server_port}", "rtt_ms": d.rtt_ms, "rate_kbit": d.rate_kbit,
+         "proxy_pid": d.proxy_pid, "proxy_running": d.proxy_pid is not None and _alive(d.proxy_pid),
+         "netns": d.netns}
         for d in fleet.devices
     ]

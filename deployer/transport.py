@@ -106,25 +106,35 @@ class SshChannel(_BufferedReader):
 
     def _recv(self, size: int) -> bytes:
         try:
-            return self._channel.recv(size)
+            data = self._channel.recv(size)
         except TimeoutError as exc:
             raise CommandTimeout(f"{self._what}: no answer within {self._timeout:g} s") from exc
-        except (OSError, paramiko.SSHException) as exc:
-            raise TransportError(f"{self._what}: connection lost while reading ({exc})") from exc
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise self._lost("reading", exc) from exc
+        if not data and not self._channel.eof_received:
+            # Closed without the server's EOF: the connection itself died (a reset, a cut cable), not the
+            # command; reporting it as the command's exit status (-1) would blame the agent.
+            raise self._lost("reading", None)
+        return data
 
     def write(self, data: bytes) -> None:
         try:
             self._channel.sendall(data)
         except TimeoutError as exc:
             raise CommandTimeout(f"{self._what}: could not send within {self._timeout:g} s") from exc
-        except (OSError, paramiko.SSHException) as exc:
-            raise TransportError(f"{self._what}: connection lost while sending ({exc})") from exc
+        except (OSError, EOFError, paramiko.SSHException) as exc:  # paramiko raises a bare EOFError on a reset
+            raise self._lost("sending", exc) from exc
         self.bytes_sent += len(data)
+
+    def _lost(self, doing: str, exc: BaseException | None) -> TransportError:
+        """The connection died: say so, with the socket's own error when paramiko kept it."""
+        cause = str(exc or "") or getattr(self._channel.get_transport(), "saved_exception", None)
+        return TransportError(f"{self._what}: connection lost while {doing}{f' ({cause})' if cause else ''}")
 
     def close_input(self) -> None:
         try:
             self._channel.shutdown_write()
-        except (OSError, paramiko.SSHException):
+        except (OSError, EOFError, paramiko.SSHException):
             pass
 
     def finish(self, timeout: float) -> tuple[int | None, str]:
@@ -137,12 +147,15 @@ class SshChannel(_BufferedReader):
         try:
             while self._channel.recv_stderr_ready():
                 stderr += self._channel.recv_stderr(READ_CHUNK)
-        except (OSError, paramiko.SSHException):
+        except (OSError, EOFError, paramiko.SSHException):
             pass
         return status, stderr[-4096:].decode("utf-8", "replace")
 
     def close(self) -> None:
-        self._channel.close()
+        try:
+            self._channel.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # the connection is already gone: nothing left to close politely
 
 
 class LocalChannel(_BufferedReader):

@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 packages=(
   python3 python3-venv python3-pip       # the controller (Debian's python3 is 3.11)
   openssh-server openssh-client          # simulated devices are real sshd servers
+  dropbear-bin                           # ... or real dropbear servers (deploy sim up --server dropbear)
   ocl-icd-libopencl1 pocl-opencl-icd     # OpenCL: the ICD loader and PoCL 3.1 (not PyPI's pocl, see README)
-  util-linux iproute2                    # unshare and mount namespaces for the simulated devices
+  util-linux iproute2                    # unshare, nsenter, ip netns, veth and tc tbf for the simulated fleet
 )
 extra=()
 if [[ "${1:-}" == "--test" ]]; then

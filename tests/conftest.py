@@ -96,13 +96,16 @@ def pushed(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
 
 
 @pytest.fixture
-def make_fleet(tmp_path: Path, pocl_cache: Path) -> Iterator[Callable[[Sequence[DeviceSpec]], Fleet]]:
-    """Start devices of the test's own; all are stopped when the test ends."""
+def make_fleet(tmp_path: Path, pocl_cache: Path) -> Iterator[Callable[..., Fleet]]:
+    """Start devices of the test's own (keywords go to `start_fleet`: rtt_ms, rate_kbit); all are stopped
+    when the test ends, even if it failed."""
     started: list[Fleet] = []
 
-    def make(specs: Sequence[DeviceSpec]) -> Fleet:
-        fleet = start_fleet(tmp_path / f"fleet{len(started)}", specs, pocl_cache=pocl_cache)
-        started.append(fleet)
+    def make(specs: Sequence[DeviceSpec], **options: Any) -> Fleet:
+        folder = tmp_path / f"fleet{len(started)}"
+        started.append(Fleet(folder))  # stopped by what its state.json records, even if start_fleet raised
+        fleet = start_fleet(folder, specs, pocl_cache=pocl_cache, **options)
+        started[-1] = fleet
         return fleet
 
     yield make
