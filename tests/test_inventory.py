@@ -424,7 +424,7 @@ def test_proxy_jump_hops_resolve_like_openssh(tmp_path: Path) -> None:
     assert d.jumps == (J("bastion", "10.9.9.9", 2022, "jumper", "/keys/b"), J("inner", "10.1.1.1", 22, "tester",
                        "/keys/fleet"), J("ops@[fd00::1]:2", "fd00::1", 2, "ops", "/keys/fleet"))
     assert e.jumps == (J("gw", "10.0.0.1", 2200, "pi", "/keys/fleet"), J("a", "10.0.0.2", 22, "pi", "/keys/fleet"))
-    assert describe(e)["jumps"][1] == {"spec": "a", "host": "10.0.0.2", "port": 22, "user": "pi",
+    assert cast(list[Any], describe(e)["jumps"])[1] == {"spec": "a", "host": "10.0.0.2", "port": 22, "user": "pi",
                                        "identity_file": "/keys/fleet"}
 
 
