@@ -55,6 +55,8 @@ LimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices:
                                                  "last push on this cache.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on stdout (docs/json.md).")]
 SimDirOption = Annotated[Path, typer.Option("--dir", help="Folder of the simulated fleet.")]
+WaitOption = Annotated[float, typer.Option("--wait", min=0, help="If another run holds the cache, wait up to "
+                                           "this many seconds for it instead of refusing at once.")]
 
 
 def _select(fleet: Path, limit: str | None, cache: Path | None = None) -> list[Device]:
@@ -108,24 +110,32 @@ def push(
                            "or legacy (v1.0.x apps).")] = MaceFormat.pb,
     accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys", help="Trust and record the key "
                                     "of a device never seen before (a changed key is always refused).")] = False,
+    retries: Annotated[int | None, typer.Option("--retries", min=0, max=10, help="Connect retries after a refused, "
+                       "reset or timed-out connection; default: the inventory's connect_retries (2).")] = None,
+    deadline: Annotated[float | None, typer.Option("--deadline", min=0, help="Seconds one device's whole push may "
+                        "take (0: no limit); default: the inventory's timeouts.device.")] = None,
+    max_fail_percentage: Annotated[float | None, typer.Option("--max-fail-percentage", min=0, max=100, help="Once "
+                                   "more than this % of the devices failed, start no more.")] = None,
+    wait: WaitOption = 0.0,
     as_json: JsonOption = False,
 ) -> None:
     """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it."""
     from deployer.cache import cache_lock, record_run
+    from deployer.inventory import override
     from deployer.kernels import load_library
     from deployer.model import load_models, plan_model
     from deployer.pipeline import PushJob, release_files, run_fleet
     from deployer.smoke import load_references, plan_smoke
 
-    devices = _select(fleet, limit, cache)
+    devices = [override(d, connect_retries=retries, deadline=deadline) for d in _select(fleet, limit, cache)]
     library = load_library(kernels)
     model_files, models = load_models(model or [])  # a model of our format: its graph and weights travel
     job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
                   files=release_files(library, model_files), cache=cache, mace_version=mace_version or "",
                   keep=keep, accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
-                  models=tuple(plan_model(m, library) for m in models))
+                  models=tuple(plan_model(m, library) for m in models), max_fail_percentage=max_fail_percentage)
     progress = _progress_printer(quiet=False)
-    with cache_lock(cache):
+    with cache_lock(cache, wait=wait):
         result = run_fleet(devices, job, forks=forks, progress=progress)
         record_run(cache, "push", str(fleet), {o.name: o.error for o in result.outcomes})
     if as_json:
@@ -142,6 +152,7 @@ def rollback(
     cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
     forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
     accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    wait: WaitOption = 0.0,
     as_json: JsonOption = False,
 ) -> None:
     """Switch each device back to its previous release; the local cache follows."""
@@ -149,7 +160,7 @@ def rollback(
     from deployer.pipeline import rollback_fleet
 
     devices = _select(fleet, limit, cache)
-    with cache_lock(cache):
+    with cache_lock(cache, wait=wait):
         outcomes = rollback_fleet(devices, cache, forks=forks, accept_new_host_keys=accept_new_host_keys)
         record_run(cache, "rollback", str(fleet), {o.name: None if o.ok else o.error for o in outcomes})
     ok = all(o.ok for o in outcomes)
@@ -252,6 +263,7 @@ def collect(
                          "after this many files.")] = 1000,
     forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
     accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    wait: WaitOption = 0.0,
     as_json: JsonOption = False,
 ) -> None:
     """Gather the cache files apps wrote on the devices; say which are stale and whether MACE would use them."""
@@ -261,7 +273,7 @@ def collect(
     devices = _select(fleet, limit)
     job = CollectJob(cache=cache, patterns=tuple(path or ()), max_size=max_size, max_files=max_files,
                      accept_new_host_keys=accept_new_host_keys)
-    with cache_lock(cache):
+    with cache_lock(cache, wait=wait):
         outcomes = collect_fleet(devices, job, forks=forks, progress=_progress_printer(quiet=False))
     ok = all(o.ok for o in outcomes)
     if as_json:

@@ -28,6 +28,11 @@ class Named(Protocol):
     def name(self) -> str: ...
 
 
+class Outcome(Protocol):
+    @property
+    def ok(self) -> bool: ...
+
+
 D = TypeVar("D", bound=Named)
 R = TypeVar("R")
 StopRule = Callable[[Sequence[R]], "str | None"]  # outcomes finished so far -> why to stop, or None
@@ -113,11 +118,11 @@ def deadline_scope(seconds: float | None) -> Iterator[Deadline | None]:
         _current.reset(token)
 
 
-def fail_limit(percentage: float, total: int, failed: Callable[[R], bool]) -> StopRule[R]:
+def fail_limit(percentage: float, total: int) -> Callable[[Sequence[Outcome]], str | None]:
     """Stop once more than `percentage` % of the `total` selected devices have failed."""
 
-    def rule(done: Sequence[R]) -> str | None:
-        count = sum(1 for outcome in done if failed(outcome))
+    def rule(done: Sequence[Outcome]) -> str | None:
+        count = sum(1 for outcome in done if not outcome.ok)
         if total and count * 100 > percentage * total:
             return f"rollout stopped: {count} of {total} devices failed (> {percentage:g}%)"
         return None

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import select
+import signal
 import socket
 import subprocess
 import threading
@@ -175,11 +176,20 @@ class LocalChannel(_BufferedReader):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            start_new_session=deadline is not None,  # so that the deadline can stop all of it
         )
         self.bytes_sent = 0
         self._deadline = deadline
         # At the deadline the command is killed (only signalled: the worker thread still owns the pipes).
-        self._unwatch = deadline.on_expiry(self._process.kill) if deadline else None
+        self._unwatch = deadline.on_expiry(self._kill_group) if deadline else None
+
+    def _kill_group(self) -> None:
+        if self._process.poll() is not None:
+            return  # ended: its group id may belong to someone else by now
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _recv(self, size: int) -> bytes:
         assert self._process.stdout is not None
