@@ -20,7 +20,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,7 +316,9 @@ class SshTransport:
         self._lock = threading.Lock()
         self._open: list[paramiko.Transport] = []  # this attempt's transports: jump hosts first, the device last
         self._closed = False
-        self._unwatch = self._deadline.on_expiry(self.close) if self._deadline else None
+        self._unwatch: Callable[[], None] | None = None
+        if self._deadline is not None:  # set before: a deadline already past calls close() right here
+            self._unwatch = self._deadline.on_expiry(self.close)
         try:
             self._transport = self._connect_with_retries()
         except BaseException:
