@@ -77,25 +77,37 @@ def write_json(path: Path, value: Any) -> None:
     write_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
+LOCK_POLL_S = 0.1  # how often `--wait` tries the lock again
+
+
 @contextmanager
-def cache_lock(cache: Path) -> Iterator[None]:
-    """Hold `<cache>/.lock` for a run; a second run on the same cache is refused, never interleaved."""
+def cache_lock(cache: Path, *, wait: float = 0.0) -> Iterator[None]:
+    """Hold `<cache>/.lock` for a run; a second run on the same cache is refused, never interleaved.
+
+    With `wait` > 0 a held lock is tried again every LOCK_POLL_S for up to `wait` seconds (`--wait`)."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
         handle = open(cache / ".lock", "a+")
     except OSError as exc:
         raise LocalStateError(f"cannot use cache folder {cache}: {exc.strerror or exc}") from exc
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise LocalStateError(f"cannot lock {cache / '.lock'}: {exc.strerror}") from exc
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise LocalStateError(
-                f"cache {cache} is in use by another deploy run ({holder}); wait for it to finish"
-            ) from exc
+        give_up = time.monotonic() + max(0.0, wait)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise LocalStateError(f"cannot lock {cache / '.lock'}: {exc.strerror}") from exc
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    then = f"still held after waiting {wait:g} s" if wait > 0 else "or queue with --wait SECONDS"
+                    raise LocalStateError(
+                        f"cache {cache} is in use by another deploy run ({holder}); wait for it to finish ({then})"
+                    ) from exc
+                time.sleep(min(LOCK_POLL_S, left))
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")

@@ -66,6 +66,8 @@ LimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices:
                                                  "last push on this cache.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on stdout (docs/json.md).")]
 SimDirOption = Annotated[Path, typer.Option("--dir", help="Folder of the simulated fleet.")]
+WaitOption = Annotated[float, typer.Option("--wait", min=0, help="If another run holds the cache, wait up to "
+                                           "this many seconds for it instead of refusing at once.")]
 
 
 def _select(fleet: Path, limit: str | None, cache: Path | None = None) -> list[Device]:
@@ -123,29 +125,38 @@ def push(
                      "fingerprint changed (changed), every program (always), or none (never).")] = SmokeMode.changed,
     check: Annotated[bool, typer.Option("--check", help="Only say, per device, which files would travel and "
                      "which programs would be rebuilt; change nothing.")] = False,
+    retries: Annotated[int | None, typer.Option("--retries", min=0, max=10, help="Connect retries after a refused, "
+                       "reset or timed-out connection; default: the inventory's connect_retries (2).")] = None,
+    deadline: Annotated[float | None, typer.Option("--deadline", min=0, help="Seconds one device's whole push may "
+                        "take (0: no limit); default: the inventory's timeouts.device.")] = None,
+    max_fail_percentage: Annotated[float | None, typer.Option("--max-fail-percentage", min=0, max=100, help="Once "
+                                   "more than this % of the devices failed, start no more.")] = None,
+    wait: WaitOption = 0.0,
     as_json: JsonOption = False,
 ) -> None:
     """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it (incrementally)."""
     from deployer.cache import cache_lock, record_run
+    from deployer.inventory import override
     from deployer.kernels import load_library
     from deployer.model import load_models, plan_model
     from deployer.pipeline import PushJob, release_paths, run_fleet
     from deployer.plan import HASH_INDEX, HashIndex, local_files
     from deployer.smoke import load_references, plan_smoke
 
-    devices = _select(fleet, limit, cache)
+    devices = [override(d, connect_retries=retries, deadline=deadline) for d in _select(fleet, limit, cache)]
     library = load_library(kernels)
     model_files, models = load_models(model or [])  # a model of our format: its graph and weights travel
     files = local_files(release_paths(library, model_files), HashIndex(None if check else cache / HASH_INDEX))
     job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
                   files=files, cache=cache, mace_version=mace_version or "",
                   keep=keep, accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
-                  models=tuple(plan_model(m, library) for m in models), smoke_mode=smoke.value, check=check)
+                  models=tuple(plan_model(m, library) for m in models), smoke_mode=smoke.value, check=check,
+                  max_fail_percentage=max_fail_percentage)
     progress = _progress_printer(quiet=False)
     if check:
         result = run_fleet(devices, job, forks=forks, progress=progress)
     else:
-        with cache_lock(cache):
+        with cache_lock(cache, wait=wait):
             result = run_fleet(devices, job, forks=forks, progress=progress)
             record_run(cache, "push", str(fleet), {o.name: o.error for o in result.outcomes})
     if as_json:
@@ -164,6 +175,7 @@ def rollback(
     cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
     forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
     accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    wait: WaitOption = 0.0,
     as_json: JsonOption = False,
 ) -> None:
     """Switch each device back to its previous release; the local cache follows."""
@@ -171,7 +183,7 @@ def rollback(
     from deployer.pipeline import rollback_fleet
 
     devices = _select(fleet, limit, cache)
-    with cache_lock(cache):
+    with cache_lock(cache, wait=wait):
         outcomes = rollback_fleet(devices, cache, forks=forks, accept_new_host_keys=accept_new_host_keys)
         record_run(cache, "rollback", str(fleet), {o.name: None if o.ok else o.error for o in outcomes})
     ok = all(o.ok for o in outcomes)
@@ -307,6 +319,7 @@ def collect(
                          "after this many files.")] = 1000,
     forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
     accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    wait: WaitOption = 0.0,
     as_json: JsonOption = False,
 ) -> None:
     """Gather the cache files apps wrote on the devices; say which are stale and whether MACE would use them."""
@@ -316,7 +329,7 @@ def collect(
     devices = _select(fleet, limit)
     job = CollectJob(cache=cache, patterns=tuple(path or ()), max_size=max_size, max_files=max_files,
                      accept_new_host_keys=accept_new_host_keys)
-    with cache_lock(cache):
+    with cache_lock(cache, wait=wait):
         outcomes = collect_fleet(devices, job, forks=forks, progress=_progress_printer(quiet=False))
     ok = all(o.ok for o in outcomes)
     if as_json:

@@ -241,7 +241,8 @@ def collect_device(device: Device, job: CollectJob, progress: Progress) -> Colle
 
 def collect_fleet(devices: Sequence[Device], job: CollectJob, *, forks: int,
                   progress: Progress) -> list[CollectOutcome]:
-    return fan_out(devices, lambda d: collect_device(d, job, progress), forks=forks, label="collect")
+    return fan_out(devices, lambda d: collect_device(d, job, progress), forks=forks, label="collect",
+                   deadline=lambda d: d.timeouts.device)
 
 
 @dataclass(slots=True)
@@ -277,4 +278,4 @@ def _install_one(device: Device, cache: Path, to: str, accept_new: bool) -> Inst
 def install_fleet(devices: Sequence[Device], cache: Path, to: str, *, forks: int,
                   accept_new_host_keys: bool = False) -> list[InstallOutcome]:
     return fan_out(devices, lambda d: _install_one(d, cache, to, accept_new_host_keys), forks=forks,
-                   label="install")
+                   label="install", deadline=lambda d: d.timeouts.device)

@@ -6,10 +6,11 @@ DeployError                       exit 1
 │   └── InventoryError                  carries file:line, device, field
 ├── DeviceError                   exit 1: carries the device; caught per device, never stops the fleet
 │   ├── TransportError
-│   │   ├── ConnectError                refused, unreachable, timed out, no SSH banner
+│   │   ├── ConnectError                refused, unreachable, timed out, no SSH banner (`transient`: retried)
 │   │   ├── AuthError                   no key accepted
 │   │   ├── HostKeyError                unknown or changed host key
-│   │   └── CommandTimeout              the agent did not answer in time
+│   │   ├── CommandTimeout              the agent did not answer in time
+│   │   └── DeadlineExceeded            the device's whole run took longer than its deadline
 │   ├── AgentError                      the agent failed or replied something malformed
 │   │   └── CompileError                a program failed to build: log tail
 │   └── SmokeMismatch                   outputs differ from the numpy reference beyond tolerance
@@ -87,7 +88,9 @@ class TransportError(DeviceError):
 
 
 class ConnectError(TransportError):
-    pass
+    """Reaching the device failed before any session started; `transient` ones are worth another try."""
+
+    transient = True
 
 
 class AuthError(TransportError):
@@ -100,6 +103,10 @@ class HostKeyError(TransportError):
 
 class CommandTimeout(TransportError):
     pass
+
+
+class DeadlineExceeded(TransportError):
+    """The device's deadline (`timeouts.device`, `--deadline`) ended its run: its connection was closed."""
 
 
 class AgentError(DeviceError):

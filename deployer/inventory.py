@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from types import MappingProxyType
@@ -26,13 +26,16 @@ from yaml.reader import ReaderError
 
 from deployer import sshconfig
 from deployer.errors import InputError, InventoryError, Where
+from deployer.sshconfig import JumpHost
 
 __all__ = [
     "DEVICE_TYPES", "HOST_KEY_CHECKING", "LOCAL_HOST", "Device", "Group", "Inventory", "OpenCLSelection",
-    "SshOptions", "Timeouts", "describe", "load_inventory", "parse_inventory", "select",
+    "JumpHost", "SshOptions", "Timeouts", "describe", "load_inventory", "override", "parse_inventory", "select",
 ]  # fmt: skip
 
 DEVICE_TYPES = ("gpu", "cpu", "accelerator", "any")
+MAX_CONNECT_RETRIES = 10
+MAX_JUMPS = 8  # ProxyJump hops, the jump hosts' own ProxyJump included
 HOST_KEY_CHECKING = ("strict", "accept-new")
 LOCAL_HOST = "local"  # `host: local` runs on the controller itself
 ALL = ("all", "*")  # --limit patterns meaning every device; `all` is no device or group name
@@ -66,12 +69,14 @@ class SshOptions:
     known_hosts: str
     host_key_checking: str  # one of HOST_KEY_CHECKING
     options: Mapping[str, str]
+    agent: bool = True  # also offer the keys of the SSH agent at SSH_AUTH_SOCK, when one is running
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: float  # seconds
     command: float
+    device: float | None = None  # the whole run of one device; None: no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +96,10 @@ class Device:
     vars: Mapping[str, object]
     groups: tuple[str, ...]  # every group holding it, directly or through children, in vars order
     where: Where
-    proxy_jump: str | None
+    proxy_jump: str | None  # as written; `jumps` is what it resolved to
     is_local: bool
+    connect_retries: int = 2  # further connect attempts after a transient failure (refused, reset, timeout)
+    jumps: tuple[JumpHost, ...] = ()  # the ProxyJump hops, first reached first
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +148,7 @@ def parse_inventory(source: str | bytes, path: str | os.PathLike[str] = "<invent
     entries: list[_Entry] = top["devices"]
     groups = _groups(top.get("groups"), ctx.sub("groups"), {e.name: e for e in entries})
     config = _ssh_config(root, top, ctx) if any(e.host != LOCAL_HOST for e in entries) else None
-    devices = tuple(_device(e, defaults, groups, config) for e in entries)
+    devices = _with_jumps(tuple(_device(e, defaults, groups, config) for e in entries), config)
     return Inventory(file, devices, MappingProxyType(groups))
 
 
@@ -436,6 +443,30 @@ def _seconds(node: Node, ctx: _Ctx) -> float:
     return float(value)
 
 
+def _retries(node: Node, ctx: _Ctx) -> int:
+    value = _scalar(node, ctx)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CONNECT_RETRIES:
+        raise ctx.error(node, f"expected an integer 0-{MAX_CONNECT_RETRIES} (got {_shown(node)})")
+    return value
+
+
+def _bool(node: Node, ctx: _Ctx) -> bool:
+    value = _scalar(node, ctx)
+    if not isinstance(value, bool):
+        raise ctx.error(node, f"expected true or false (got {_shown(node)})")
+    return value
+
+
+def _jump(node: Node, ctx: _Ctx) -> str:
+    """`proxy_jump`: checked here for its form; resolved once every device is known (`_with_jumps`)."""
+    value = _word(node, ctx)
+    try:
+        sshconfig.parse_jump(value)
+    except ValueError as exc:
+        raise ctx.error(node, str(exc)) from None
+    return value
+
+
 def _path(node: Node, ctx: _Ctx) -> str:
     """A controller path: `~` is the controller user's home; relative to the inventory's folder."""
     return os.path.join(ctx.doc.base_dir, os.path.expanduser(_text(node, ctx)))
@@ -503,15 +534,17 @@ _SSH: dict[str, _Parser] = {
     "known_hosts": _path,
     "host_key_checking": _choice(*HOST_KEY_CHECKING),
     "options": _text_map(None, "an option name"),
+    "agent": _bool,
 }
-_TIMEOUTS: dict[str, _Parser] = {"connect": _seconds, "command": _seconds}
+_TIMEOUTS: dict[str, _Parser] = {"connect": _seconds, "command": _seconds, "device": _optional(_seconds)}
 _LAYER: dict[str, _Parser] = {  # what `defaults` and each device may set
     "user": _word,
     "port": _port,
     "python": _text,
     "remote_dir": _text,
     "identity_file": _optional(_path),
-    "proxy_jump": _optional(_word),
+    "proxy_jump": _optional(_jump),
+    "connect_retries": _retries,
     "opencl": _section(_OPENCL),
     "ssh": _section(_SSH),
     "timeouts": _section(_TIMEOUTS),
@@ -531,9 +564,11 @@ def _builtin() -> dict[str, object]:
         "remote_dir": "~/.deployer",
         "identity_file": None,
         "proxy_jump": None,
+        "connect_retries": 2,
         "opencl": {"platform": None, "device": None, "device_type": "any"},
-        "ssh": {"known_hosts": os.path.expanduser("~/.ssh/known_hosts"), "host_key_checking": "strict"},
-        "timeouts": {"connect": 10.0, "command": 600.0},
+        "ssh": {"known_hosts": os.path.expanduser("~/.ssh/known_hosts"), "host_key_checking": "strict",
+                "agent": True},
+        "timeouts": {"connect": 10.0, "command": 600.0, "device": None},
     }
 
 
@@ -624,9 +659,9 @@ def _device(
         remote_dir=merged["remote_dir"],
         opencl=OpenCLSelection(opencl["platform"], opencl["device"], opencl["device_type"]),
         ssh=SshOptions(
-            ssh["known_hosts"], ssh["host_key_checking"], MappingProxyType(ssh.get("options", {}))
+            ssh["known_hosts"], ssh["host_key_checking"], MappingProxyType(ssh.get("options", {})), ssh["agent"]
         ),
-        timeouts=Timeouts(timeouts["connect"], timeouts["command"]),
+        timeouts=Timeouts(timeouts["connect"], timeouts["command"], timeouts["device"]),
         env=MappingProxyType(merged.get("env", {})),
         labels=MappingProxyType(merged.get("labels", {})),
         vars=MappingProxyType(values),
@@ -634,7 +669,60 @@ def _device(
         where=entry.where,
         proxy_jump=merged["proxy_jump"],
         is_local=is_local,
+        connect_retries=merged["connect_retries"],
     )
+
+
+def _with_jumps(devices: tuple[Device, ...], config: sshconfig.SshConfig | None) -> tuple[Device, ...]:
+    """Each device with its ProxyJump hops resolved: a hop named like a device of this inventory is that
+    device (its address, port, user, key); any other name goes through the ssh config, as OpenSSH does."""
+    by_name = {d.name: d for d in devices}
+
+    def chain(spec: str, device: Device, depth: int) -> list[JumpHost]:
+        hops: list[JumpHost] = []
+        for index, (user, name, port) in enumerate(sshconfig.parse_jump(spec)):
+            shown = f"[{name}]" if ":" in name and port else name  # an IPv6 address with a port
+            written = f"{user + '@' if user else ''}{shown}{f':{port}' if port else ''}"
+            other = by_name.get(name)
+            if other is not None and other.is_local:
+                raise ValueError(f"jump host {name!r} is the controller itself ('host: local')")
+            if other is not None:
+                hop = JumpHost(written, other.host, port or other.port, user or other.user, other.identity_file)
+                own = other.proxy_jump
+            else:
+                seen = config.resolve(name) if config is not None else sshconfig.SshHostConfig(name)
+                hop = JumpHost(written, seen.hostname or name, port or seen.port or 22,
+                               user or seen.user or sshconfig.local_user(), seen.identity_file or device.identity_file)
+                own = seen.proxy_jump
+            if index == 0 and own:  # the first hop is reached through its own ProxyJump, as `ssh -J` does
+                if depth >= MAX_JUMPS:
+                    raise ValueError(f"more than {MAX_JUMPS} jump hosts (a ProxyJump cycle?)")
+                hops += chain(own, device, depth + 1)
+            hops.append(hop)
+        if len(hops) > MAX_JUMPS:
+            raise ValueError(f"more than {MAX_JUMPS} jump hosts")
+        return hops
+
+    out = []
+    for device in devices:
+        if device.proxy_jump and not device.is_local:
+            try:
+                device = replace(device, jumps=tuple(chain(device.proxy_jump, device, 0)))
+            except (ValueError, InputError) as exc:
+                problem = exc.problem if isinstance(exc, InputError) else str(exc)
+                raise InventoryError(device.where, "proxy_jump", f"{problem} (got {device.proxy_jump!r})",
+                                     device=device.name) from None
+        out.append(device)
+    return tuple(out)
+
+
+def override(device: Device, *, connect_retries: int | None = None, deadline: float | None = None) -> Device:
+    """The device with the command line's `--retries` / `--deadline` in place of its inventory values."""
+    if connect_retries is not None:
+        device = replace(device, connect_retries=connect_retries)
+    if deadline is not None:
+        device = replace(device, timeouts=replace(device.timeouts, device=deadline if deadline > 0 else None))
+    return device
 
 
 def _resolve(config: sshconfig.SshConfig, entry: _Entry) -> sshconfig.SshHostConfig:

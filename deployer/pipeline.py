@@ -25,7 +25,7 @@ from deployer.agent import AgentSession, Reply, open_session, printable, raise_f
 from deployer.agent import field as reply_field
 from deployer.cache import CACHE_FILE, device_dir, store_device, store_failure
 from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMismatch
-from deployer.fleet import fan_out
+from deployer.fleet import fail_limit, fan_out
 from deployer.inventory import Device
 from deployer.kernels import Library
 from deployer.mace import DEFAULT_MACE_VERSION, parse_cache
@@ -57,6 +57,8 @@ class PushJob:
     smoke_mode: str = "changed"  # changed: only programs whose binary (or the device's fingerprint) changed
     check: bool = False  # plan only: say what would travel and be rebuilt, touch nothing
     contents: FileContents = field(default_factory=FileContents, compare=False)
+
+    max_fail_percentage: float | None = None  # past it, devices not yet started are not started
 
     @property
     def shas(self) -> dict[str, str]:
@@ -517,8 +519,13 @@ def run_device(device: Device, job: PushJob, progress: Progress) -> DeviceOutcom
 
 
 def run_fleet(devices: Sequence[Device], job: PushJob, *, forks: int, progress: Progress) -> FleetResult:
-    """Every device in parallel (at most `forks` at once); outcomes in inventory order."""
-    return FleetResult(tuple(fan_out(devices, lambda d: run_device(d, job, progress), forks=forks, label="device")))
+    """Every device in parallel (at most `forks` at once), each within its `timeouts.device`; outcomes in
+    inventory order. Past `max_fail_percentage`, the devices not yet started fail as `not_started`."""
+    stop = None if job.max_fail_percentage is None else fail_limit(job.max_fail_percentage, len(devices))
+    return FleetResult(tuple(fan_out(
+        devices, lambda d: run_device(d, job, progress), forks=forks, label="device",
+        deadline=lambda d: d.timeouts.device, stop=stop,
+        not_started=lambda d, why: DeviceOutcome(d.name, error=why, failed_stage="not_started"))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,4 +570,4 @@ def _rollback_device(device: Device, cache: Path, accept_new_host_keys: bool) ->
 def rollback_fleet(devices: Sequence[Device], cache: Path, *, forks: int,
                    accept_new_host_keys: bool = False) -> list[RollbackOutcome]:
     return fan_out(devices, lambda d: _rollback_device(d, cache, accept_new_host_keys), forks=forks,
-                   label="rollback")
+                   label="rollback", deadline=lambda d: d.timeouts.device)

@@ -54,6 +54,48 @@ class SshHostConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JumpHost:
+    """One hop of a device's ProxyJump, resolved as OpenSSH would: what the hop says (`user@`, `:port`) wins,
+    then the ssh config of its name (or the inventory device of that name), then the defaults."""
+
+    spec: str  # the hop as written, for messages: `[user@]host[:port]`
+    host: str  # the address to reach it at
+    port: int
+    user: str
+    identity_file: str | None  # None: the default keys and the SSH agent
+
+
+def parse_jump(spec: str) -> list[tuple[str | None, str, int | None]]:
+    """The hops of a ProxyJump value (`[user@]host[:port]`, comma-separated, `ssh://` allowed, an IPv6
+    address in brackets) as (user, host, port); raises ValueError saying what is wrong."""
+    hops = []
+    for raw in spec.split(","):
+        text = raw.strip().removeprefix("ssh://")
+        user, at, rest = text.rpartition("@")
+        if at and not user:
+            raise ValueError(f"empty user name in {raw.strip()!r}")
+        port_text: str | None = None
+        if rest.startswith("["):
+            host, bracket, after = rest[1:].partition("]")
+            if not bracket or (after and not after.startswith(":")):
+                raise ValueError(f"expected [address]:port in {raw.strip()!r}")
+            port_text = after[1:] if after else None
+        elif rest.count(":") == 1:
+            host, _, port_text = rest.partition(":")
+        else:
+            host = rest  # no port, or a bare IPv6 address
+        if not host or any(c.isspace() or c in "/@[]" for c in host):
+            raise ValueError(f"expected [user@]host[:port] (got {raw.strip()!r})")
+        port = None
+        if port_text is not None:
+            if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
+                raise ValueError(f"port of {raw.strip()!r}: expected 1-65535")
+            port = int(port_text)
+        hops.append((user or None, host, port))
+    return hops
+
+
+@dataclass(frozen=True, slots=True)
 class _Option:
     keyword: str  # lower-case
     value: str  # the first word after the keyword

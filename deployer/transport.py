@@ -13,21 +13,34 @@ import fcntl
 import hashlib
 import logging
 import os
+import random
 import select
+import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import paramiko
 
-from deployer.errors import AuthError, CommandTimeout, ConnectError, HostKeyError, TransportError
+from deployer.errors import (
+    AuthError,
+    CommandTimeout,
+    ConnectError,
+    DeadlineExceeded,
+    HostKeyError,
+    TransportError,
+)
+from deployer.fleet import Deadline, current_deadline
 from deployer.inventory import Device
 
 READ_CHUNK = 1 << 16
+BACKOFF_S = 0.5  # the first wait before a connect retry; each next one doubles
 
 # Paramiko logs tracebacks of its own failures (a missing banner, a reset); ours say what happened, and
 # Python's last-resort handler would otherwise print theirs on the user's terminal.
@@ -98,31 +111,38 @@ class _BufferedReader:
 
 
 class SshChannel(_BufferedReader):
-    def __init__(self, channel: paramiko.Channel, what: str, timeout: float) -> None:
+    def __init__(self, channel: paramiko.Channel, what: str, timeout: float, deadline: Deadline | None = None) -> None:
         super().__init__(what, timeout)
         self._channel = channel
         self._channel.settimeout(timeout)
+        self._deadline = deadline
         self.bytes_sent = 0
 
     def _recv(self, size: int) -> bytes:
         try:
             data = self._channel.recv(size)
         except TimeoutError as exc:
+            _raise_if_expired(self._deadline, exc)
             raise CommandTimeout(f"{self._what}: no answer within {self._timeout:g} s") from exc
         except (OSError, EOFError, paramiko.SSHException) as exc:
+            _raise_if_expired(self._deadline, exc)
             raise self._lost("reading", exc) from exc
-        if not data and not self._channel.eof_received:
-            # Closed without the server's EOF: the connection itself died (a reset, a cut cable), not the
-            # command; reporting it as the command's exit status (-1) would blame the agent.
-            raise self._lost("reading", None)
+        if not data:
+            _raise_if_expired(self._deadline)
+            if not self._channel.eof_received:
+                # Closed without the server's EOF: the connection itself died (a reset, a cut cable), not
+                # the command; reporting it as the command's exit status (-1) would blame the agent.
+                raise self._lost("reading", None)
         return data
 
     def write(self, data: bytes) -> None:
         try:
             self._channel.sendall(data)
         except TimeoutError as exc:
+            _raise_if_expired(self._deadline, exc)
             raise CommandTimeout(f"{self._what}: could not send within {self._timeout:g} s") from exc
         except (OSError, EOFError, paramiko.SSHException) as exc:  # paramiko raises a bare EOFError on a reset
+            _raise_if_expired(self._deadline, exc)
             raise self._lost("sending", exc) from exc
         self.bytes_sent += len(data)
 
@@ -140,7 +160,7 @@ class SshChannel(_BufferedReader):
     def finish(self, timeout: float) -> tuple[int | None, str]:
         """Exit status (None if it did not end within `timeout`) and the tail of stderr."""
         deadline = time.monotonic() + timeout
-        while not self._channel.exit_status_ready() and time.monotonic() < deadline:
+        while not self._channel.exit_status_ready() and time.monotonic() < deadline and not self._channel.closed:
             time.sleep(0.01)
         status = self._channel.recv_exit_status() if self._channel.exit_status_ready() else None
         stderr = b""
@@ -161,15 +181,27 @@ class SshChannel(_BufferedReader):
 class LocalChannel(_BufferedReader):
     """A command run by `sh -c` on the controller, with the same interface as an SSH channel."""
 
-    def __init__(self, command: str, what: str, timeout: float) -> None:
+    def __init__(self, command: str, what: str, timeout: float, deadline: Deadline | None = None) -> None:
         super().__init__(what, timeout)
         self._process = subprocess.Popen(
             ["sh", "-c", command],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            start_new_session=deadline is not None,  # so that the deadline can stop all of it
         )
         self.bytes_sent = 0
+        self._deadline = deadline
+        # At the deadline the command is killed (only signalled: the worker thread still owns the pipes).
+        self._unwatch = deadline.on_expiry(self._kill_group) if deadline else None
+
+    def _kill_group(self) -> None:
+        if self._process.poll() is not None:
+            return  # ended: its group id may belong to someone else by now
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _recv(self, size: int) -> bytes:
         assert self._process.stdout is not None
@@ -177,7 +209,10 @@ class LocalChannel(_BufferedReader):
         ready, _, _ = select.select([fd], [], [], self._timeout)
         if not ready:
             raise CommandTimeout(f"{self._what}: no answer within {self._timeout:g} s")
-        return os.read(fd, size)
+        chunk = os.read(fd, size)
+        if not chunk:
+            _raise_if_expired(self._deadline)
+        return chunk
 
     def write(self, data: bytes) -> None:
         assert self._process.stdin is not None
@@ -185,6 +220,7 @@ class LocalChannel(_BufferedReader):
             self._process.stdin.write(data)
             self._process.stdin.flush()
         except BrokenPipeError as exc:
+            _raise_if_expired(self._deadline, exc)
             raise TransportError(f"{self._what}: the command closed its input") from exc
         self.bytes_sent += len(data)
 
@@ -207,6 +243,8 @@ class LocalChannel(_BufferedReader):
         return status, stderr[-4096:].decode("utf-8", "replace")
 
     def close(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait()
@@ -222,7 +260,8 @@ class LocalTransport:
         self._device = device
 
     def exec(self, command: str) -> LocalChannel:
-        return LocalChannel(command, f"device {self._device.name!r}", self._device.timeouts.command)
+        return LocalChannel(command, f"device {self._device.name!r}", self._device.timeouts.command,
+                            current_deadline())
 
     def close(self) -> None:
         pass
@@ -249,44 +288,125 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """One SSH server on the way: a jump host or the device itself."""
+
+    host: str
+    port: int
+    user: str
+    identity_file: str | None
+    jump: str | None = None  # the hop as written, for a jump host
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        return f"jump host {self.jump!r} ({self.address})" if self.jump else self.address
+
+
+def backoff_delays(retries: int, cap: float) -> list[float]:
+    """The waits before each retry: 0.5 s, 1 s, 2 s, ... each at most `cap`, times a jitter in [0.5, 1)
+    so that a fleet refused at once does not come back at once."""
+    return [min(BACKOFF_S * 2**n, max(cap, BACKOFF_S)) * random.uniform(0.5, 1.0) for n in range(retries)]
+
+
 class SshTransport:
-    """One SSH connection to one device, opened at construction, reused for every channel."""
+    """One SSH connection to one device, opened at construction (through its jump hosts, if any), reused
+    for every channel. Connecting is retried after a transient failure (refused, reset, timed out, no
+    banner): nothing has run on the device yet. A failed host key check or authentication is never retried.
+    Under a device deadline (`deployer.fleet.current_deadline`), expiry closes the connection from the
+    deadline's timer thread, and whatever was waiting on it raises `DeadlineExceeded`."""
 
     def __init__(self, device: Device, *, accept_new_host_keys: bool = False) -> None:
         self._device = device
         self._what = f"{device.host}:{device.port}"
         self._accept_new = accept_new_host_keys or device.ssh.host_key_checking == "accept-new"
-        self._transport = self._connect()
-
-    def _open_socket(self) -> socket.socket:
-        device, timeout = self._device, self._device.timeouts.connect
-        if device.proxy_jump:
-            # Connecting directly instead would bypass what the user's ssh config asks for.
-            raise ConnectError(f"{self._what} is reached through ProxyJump {device.proxy_jump!r}, "
-                               "which deploy does not support yet")
+        self._deadline = current_deadline()
+        self._lock = threading.Lock()
+        self._open: list[paramiko.Transport] = []  # this attempt's transports: jump hosts first, the device last
+        self._closed = False
+        self._unwatch: Callable[[], None] | None = None
+        if self._deadline is not None:  # set before: a deadline already past calls close() right here
+            self._unwatch = self._deadline.on_expiry(self.close)
         try:
-            sock = socket.create_connection((device.host, device.port), timeout=timeout)
-        except TimeoutError as exc:
-            raise ConnectError(f"connect to {self._what} timed out after {timeout:g} s") from exc
-        except ConnectionRefusedError as exc:
-            raise ConnectError(f"connection to {self._what} refused (is sshd running?)") from exc
-        except socket.gaierror as exc:
-            raise ConnectError(f"cannot resolve host {device.host!r}: {exc.strerror}") from exc
-        except OSError as exc:
-            raise ConnectError(f"cannot connect to {self._what}: {exc.strerror or exc}") from exc
-        # Without TCP_NODELAY every request/reply exchange waits ~40 ms for a delayed ACK.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+            self._transport = self._connect_with_retries()
+        except BaseException:
+            self.close()
+            raise
 
-    def _connect(self) -> paramiko.Transport:
+    def _connect_with_retries(self) -> paramiko.Transport:
+        device = self._device
+        delays = backoff_delays(device.connect_retries, device.timeouts.connect)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._connect_once()
+            except TransportError as exc:
+                self._close_attempt()
+                _raise_if_expired(self._deadline, exc)
+                if not (isinstance(exc, ConnectError) and exc.transient) or attempt > len(delays):
+                    raise _after_attempts(exc, attempt) from exc
+                if self._deadline is not None and self._deadline.sleep(delays[attempt - 1]):
+                    _raise_if_expired(self._deadline, exc)
+                elif self._deadline is None:
+                    time.sleep(delays[attempt - 1])
+
+    def _connect_timeout(self) -> float:
         timeout = self._device.timeouts.connect
-        sock = self._open_socket()
+        return min(timeout, max(0.05, self._deadline.remaining())) if self._deadline else timeout
+
+    def _connect_once(self) -> paramiko.Transport:
+        device = self._device
+        via: paramiko.Transport | None = None
+        previous: _Endpoint | None = None
+        for hop in device.jumps:
+            endpoint = _Endpoint(hop.host, hop.port, hop.user, hop.identity_file, jump=hop.spec)
+            try:
+                via = self._handshake(self._reach(endpoint, via, previous), endpoint)
+            except TransportError as exc:
+                raise _relabel(exc, f"jump host {hop.spec!r}: ") from exc
+            previous = endpoint
+        target = _Endpoint(device.host, device.port, device.user, device.identity_file)
+        return self._handshake(self._reach(target, via, previous), target)
+
+    def _reach(self, endpoint: _Endpoint, via: paramiko.Transport | None,
+               previous: _Endpoint | None) -> socket.socket | paramiko.Channel:
+        """A TCP socket to `endpoint`, or a `direct-tcpip` channel to it through the jump host `via`."""
+        timeout = self._connect_timeout()
+        if via is None or previous is None:
+            return _open_socket(endpoint, timeout)
+        try:
+            return via.open_channel("direct-tcpip", (endpoint.host, endpoint.port), ("127.0.0.1", 0),
+                                    timeout=timeout)
+        except paramiko.ChannelException as exc:
+            error = ConnectError(f"{previous.label} could not open a connection to {endpoint.address} "
+                                 f"({exc.text or 'refused'}; code {exc.code})")
+            error.transient = exc.code == paramiko.common.OPEN_FAILED_CONNECT_FAILED
+            raise error from exc
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise ConnectError(f"{previous.label} did not open a connection to {endpoint.address} within "
+                               f"{timeout:g} s ({exc or type(exc).__name__})") from exc
+
+    def _track(self, transport: paramiko.Transport) -> None:
+        with self._lock:
+            closed = self._closed
+            self._open.append(transport)
+        if closed:
+            transport.close()
+
+    def _handshake(self, sock: socket.socket | paramiko.Channel, endpoint: _Endpoint) -> paramiko.Transport:
+        timeout = self._connect_timeout()
         transport = paramiko.Transport(sock)
+        self._track(transport)
         transport.banner_timeout = timeout
         transport.handshake_timeout = timeout
         transport.auth_timeout = timeout
         known = self._load_known_hosts()
-        names = known.lookup(known_hosts_name(self._device.host, self._device.port))
+        names = known.lookup(known_hosts_name(endpoint.host, endpoint.port))
         if names:
             # Ask for a key type we already know, so a server with several keys shows the known one.
             transport.get_security_options().key_types = [t for t in names.keys()] + [
@@ -297,17 +417,12 @@ class SshTransport:
             # start_client returns quietly when its timeout ends first: check the session exists.
             transport.get_remote_server_key()
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            transport.close()
             raise ConnectError(
-                f"{self._what} accepted the TCP connection but the SSH handshake failed "
+                f"{endpoint.address} accepted the TCP connection but the SSH handshake failed "
                 f"within {timeout:g} s ({exc or type(exc).__name__})"
             ) from exc
-        try:
-            self._check_host_key(transport, known)
-            self._authenticate(transport)
-        except TransportError:
-            transport.close()
-            raise
+        self._check_host_key(transport, known, endpoint)
+        self._authenticate(transport, endpoint)
         return transport
 
     def _known_hosts_path(self) -> Path:
@@ -323,9 +438,9 @@ class SshTransport:
                 raise HostKeyError(f"cannot read known_hosts {path}: {exc}") from exc
         return keys
 
-    def _check_host_key(self, transport: paramiko.Transport, known: paramiko.HostKeys) -> None:
+    def _check_host_key(self, transport: paramiko.Transport, known: paramiko.HostKeys, endpoint: _Endpoint) -> None:
         key = transport.get_remote_server_key()
-        name = known_hosts_name(self._device.host, self._device.port)
+        name = known_hosts_name(endpoint.host, endpoint.port)
         entry = known.lookup(name)
         path = self._known_hosts_path()
         if entry and key.get_name() in entry:
@@ -347,7 +462,7 @@ class SshTransport:
                 f"unknown host key for {name}: {key.get_name()} {key_fingerprint(key)} is not in "
                 f"{path}; if that fingerprint is right, accept it with --accept-new-host-keys "
                 f"(or ssh.host_key_checking: accept-new), or add it with "
-                f"ssh-keyscan -p {self._device.port} {self._device.host} >> {path}"
+                f"ssh-keyscan -p {endpoint.port} {endpoint.host} >> {path}"
             )
         self._remember_host_key(path, name, key)
 
@@ -362,41 +477,40 @@ class SshTransport:
         except OSError as exc:
             raise HostKeyError(f"cannot add the host key of {name} to {path}: {exc}") from exc
 
-    def _candidate_keys(self) -> list[tuple[str, paramiko.PKey]]:
-        files = [self._device.identity_file] if self._device.identity_file else [
+    def _key_files(self, endpoint: _Endpoint) -> list[tuple[str, paramiko.PKey]]:
+        files = [endpoint.identity_file] if endpoint.identity_file else [
             os.path.expanduser(f"~/.ssh/{name}") for name in ("id_ed25519", "id_ecdsa", "id_rsa")
         ]
         keys: list[tuple[str, paramiko.PKey]] = []
         for file in files:
             if not os.path.exists(file):
-                if self._device.identity_file:
+                if endpoint.identity_file:
                     raise AuthError(f"identity file {file} does not exist")
                 continue
             try:
                 keys.append((file, paramiko.PKey.from_path(file)))
             except (OSError, paramiko.SSHException, ValueError) as exc:
                 raise AuthError(f"cannot read identity file {file}: {exc}") from exc
-        try:
-            keys += [("ssh-agent", key) for key in paramiko.Agent().get_keys()]
-        except (OSError, paramiko.SSHException):
-            pass
         return keys
 
-    def _authenticate(self, transport: paramiko.Transport) -> None:
-        user = self._device.user
-        tried = []
-        for source, key in self._candidate_keys():
-            try:
-                transport.auth_publickey(user, key)
-            except paramiko.AuthenticationException:
-                tried.append(source)
-                continue
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                raise AuthError(f"authentication with {self._what} broke off: {exc}") from exc
-            if transport.is_authenticated():
-                return
+    def _authenticate(self, transport: paramiko.Transport, endpoint: _Endpoint) -> None:
+        """Offer the identity file (or the default keys), then the SSH agent's keys; keys are named in
+        messages by file or fingerprint, never shown."""
+        tried: list[str] = []
+        with _agent(self._device.ssh.agent) as (agent_keys, agent_note):
+            for source, key in self._key_files(endpoint) + agent_keys:
+                try:
+                    transport.auth_publickey(endpoint.user, key)
+                except paramiko.AuthenticationException:
+                    tried.append(source)
+                    continue
+                except (paramiko.SSHException, OSError, EOFError) as exc:
+                    raise AuthError(f"authentication with {endpoint.address} broke off: {exc}") from exc
+                if transport.is_authenticated():
+                    return
         raise AuthError(
-            f"{self._what} refused every key for user {user!r} (tried: {', '.join(tried) or 'none found'})"
+            f"{endpoint.address} refused every key for user {endpoint.user!r} "
+            f"(tried: {', '.join(tried) or 'none found'}; {agent_note})"
         )
 
     def exec(self, command: str) -> SshChannel:
@@ -404,11 +518,85 @@ class SshTransport:
             channel = self._transport.open_session(timeout=self._device.timeouts.connect)
             channel.exec_command(command)
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            _raise_if_expired(self._deadline, exc)
             raise TransportError(f"{self._what}: cannot start a command ({exc})") from exc
-        return SshChannel(channel, f"device {self._device.name!r}", self._device.timeouts.command)
+        return SshChannel(channel, f"device {self._device.name!r}", self._device.timeouts.command, self._deadline)
+
+    def _close_attempt(self) -> None:
+        with self._lock:
+            transports, self._open = self._open, []
+        for transport in reversed(transports):
+            transport.close()
 
     def close(self) -> None:
-        self._transport.close()
+        """Close the device's connection and the jump hosts'; safe from any thread, and twice."""
+        with self._lock:
+            self._closed = True
+            transports, self._open = self._open, []
+            unwatch, self._unwatch = self._unwatch, None
+        for transport in reversed(transports):
+            transport.close()
+        if unwatch is not None:
+            unwatch()
+
+
+@contextmanager
+def _agent(enabled: bool) -> Iterator[tuple[list[tuple[str, paramiko.PKey]], str]]:
+    """The SSH agent's keys (as (name, key)), and a note for a message that says what the agent offered."""
+    if not enabled:
+        yield [], "the SSH agent is off (ssh.agent: false)"
+        return
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        yield [], "no SSH agent (SSH_AUTH_SOCK is not set)"
+        return
+    try:
+        agent = paramiko.Agent()
+    except (OSError, paramiko.SSHException) as exc:
+        yield [], f"the SSH agent at SSH_AUTH_SOCK did not answer ({exc})"
+        return
+    try:
+        keys: list[tuple[str, paramiko.PKey]] = [(f"ssh-agent key {key_fingerprint(key)}", key)
+                                                 for key in agent.get_keys()]
+        yield keys, f"the SSH agent offered {len(keys)} key(s)" if keys else "the SSH agent holds no keys"
+    finally:
+        agent.close()
+
+
+def _open_socket(endpoint: _Endpoint, timeout: float) -> socket.socket:
+    what = endpoint.address
+    try:
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+    except TimeoutError as exc:
+        raise ConnectError(f"connect to {what} timed out after {timeout:g} s") from exc
+    except ConnectionRefusedError as exc:
+        raise ConnectError(f"connection to {what} refused (is sshd running?)") from exc
+    except socket.gaierror as exc:
+        error = ConnectError(f"cannot resolve host {endpoint.host!r}: {exc.strerror}")
+        error.transient = exc.errno == socket.EAI_AGAIN  # a name server that did not answer, not a typo
+        raise error from exc
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {what}: {exc.strerror or exc}") from exc
+    # Without TCP_NODELAY every request/reply exchange waits ~40 ms for a delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _relabel(exc: TransportError, prefix: str = "", suffix: str = "") -> TransportError:
+    """The same kind of error, reworded (a jump host's failure names the jump host)."""
+    error = type(exc)(prefix + exc.message + suffix)
+    if isinstance(exc, ConnectError) and isinstance(error, ConnectError):
+        error.transient = exc.transient
+    return error
+
+
+def _after_attempts(exc: TransportError, attempts: int) -> TransportError:
+    return exc if attempts == 1 else _relabel(exc, suffix=f" (after {attempts} attempts)")
+
+
+def _raise_if_expired(deadline: Deadline | None, cause: BaseException | None = None) -> None:
+    """After a connection broke: if the device's deadline closed it, say so instead."""
+    if deadline is not None and deadline.expired:
+        raise DeadlineExceeded(f"deadline of {deadline.seconds:g} s exceeded: the connection was closed") from cause
 
 
 def open_transport(device: Device, *, accept_new_host_keys: bool = False) -> Transport:

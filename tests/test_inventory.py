@@ -158,6 +158,17 @@ ERRORS: list[tuple[str, str, int, str | None, str | None, str]] = [
     ("timeout negative", TWO + "    timeouts: {command: -5}\n", 6, "b", "timeouts.command", "(got -5)"),
     ("timeout text", TWO + "    timeouts: {command: ten}\n", 6, "b", "timeouts.command", "(got 'ten')"),
     ("timeout inf", TWO + "    timeouts: {command: .inf}\n", 6, "b", "timeouts.command", "(got .inf)"),
+    ("device timeout zero", TWO + "    timeouts: {device: 0}\n", 6, "b", "timeouts.device", "> 0 (got 0)"),
+    ("retries negative", TWO + "    connect_retries: -1\n", 6, "b", "connect_retries", "0-10 (got -1)"),
+    ("retries too many", TWO + "    connect_retries: 11\n", 6, "b", "connect_retries", "0-10 (got 11)"),
+    ("retries text", TWO + "    connect_retries: '2'\n", 6, "b", "connect_retries", "(got '2')"),
+    ("agent text", TWO + "    ssh: {agent: 'yes'}\n", 6, "b", "ssh.agent", "true or false (got 'yes')"),
+    ("jump no host", TWO + "    proxy_jump: 'u@'\n", 6, "b", "proxy_jump", "expected [user@]host[:port]"),
+    ("jump bad port", TWO + "    proxy_jump: 'j:0'\n", 6, "b", "proxy_jump", "expected 1-65535"),
+    ("jump cycle", TWO + "    proxy_jump: a\n  - {name: c, host: z, proxy_jump: c}\n", 7, "c", "proxy_jump",
+     "more than 8 jump hosts (a ProxyJump cycle?) (got 'c')"),
+    ("jump to local", TWO + "    proxy_jump: c\n  - {name: c, host: local}\n", 4, "b", "proxy_jump",
+     "jump host 'c' is the controller itself"),
     (
         "timeout bool",
         "defaults:\n  timeouts:\n    connect: yes\n" + TWO,
@@ -365,7 +376,56 @@ def test_defaults_and_builtins(home: Path) -> None:
     assert (a.ssh.known_hosts, a.ssh.host_key_checking) == (str(home / ".ssh/known_hosts"), "strict")
     assert (a.timeouts.connect, a.timeouts.command) == (10.0, 600.0)
     assert (a.identity_file, a.proxy_jump, a.is_local, a.groups) == (None, None, False, ())
+    assert (a.connect_retries, a.timeouts.device, a.ssh.agent, a.jumps) == (2, None, True, ())
     assert a.where == Where(FILE, 2)
+
+
+def test_retries_deadline_agent_and_override() -> None:
+    from deployer.inventory import override
+
+    text = """\
+        defaults: {connect_retries: 0, timeouts: {device: 90}, ssh: {agent: false}}
+        devices:
+          - {name: a, host: x, connect_retries: 5, timeouts: {device: 30}}
+          - {name: b, host: y}
+        """
+    a, b = parse(text).devices
+    assert (a.connect_retries, a.timeouts.device, a.timeouts.connect, a.ssh.agent) == (5, 30.0, 10.0, False)
+    assert (b.connect_retries, b.timeouts.device) == (0, 90.0)
+    assert override(a) == a
+    changed = override(a, connect_retries=1, deadline=4.5)
+    assert (changed.connect_retries, changed.timeouts.device, changed.timeouts.command) == (1, 4.5, 600.0)
+    assert override(a, deadline=0).timeouts.device is None  # --deadline 0: no limit
+
+
+def test_proxy_jump_hops_resolve_like_openssh(tmp_path: Path) -> None:
+    """A hop named like a device is that device; an ssh config alias is resolved; `user@` and `:port` win."""
+    config = tmp_path / "cfg"
+    config.write_text("Host bastion\n  HostName 10.9.9.9\n  User jumper\n  Port 2022\n  IdentityFile /keys/b\n"
+                      "Host inner\n  HostName 10.1.1.1\n  ProxyJump bastion\n")
+    text = f"""\
+        ssh_config: {config}
+        defaults: {{user: pi, identity_file: /keys/fleet}}
+        devices:
+          - {{name: gw, host: 10.0.0.1, port: 2200}}
+          - {{name: a, host: 10.0.0.2, proxy_jump: gw}}
+          - {{name: b, host: 10.0.0.3, proxy_jump: 'root@gw:22'}}
+          - {{name: c, host: 10.0.0.4, proxy_jump: bastion}}
+          - {{name: d, host: 10.0.0.5, proxy_jump: 'inner,ops@[fd00::1]:2'}}
+          - {{name: e, host: 10.0.0.6, proxy_jump: a}}
+        """
+    gw, a, b, c, d, e = parse(text).devices
+    J = sshconfig.JumpHost
+    assert gw.jumps == ()
+    assert a.jumps == (J("gw", "10.0.0.1", 2200, "pi", "/keys/fleet"),)
+    assert b.jumps == (J("root@gw:22", "10.0.0.1", 22, "root", "/keys/fleet"),)
+    assert c.jumps == (J("bastion", "10.9.9.9", 2022, "jumper", "/keys/b"),)
+    # inner's own ProxyJump comes first; a raw address without a key of its own uses the device's
+    assert d.jumps == (J("bastion", "10.9.9.9", 2022, "jumper", "/keys/b"), J("inner", "10.1.1.1", 22, "tester",
+                       "/keys/fleet"), J("ops@[fd00::1]:2", "fd00::1", 2, "ops", "/keys/fleet"))
+    assert e.jumps == (J("gw", "10.0.0.1", 2200, "pi", "/keys/fleet"), J("a", "10.0.0.2", 22, "pi", "/keys/fleet"))
+    assert cast(list[Any], describe(e)["jumps"])[1] == {"spec": "a", "host": "10.0.0.2", "port": 22, "user": "pi",
+                                       "identity_file": "/keys/fleet"}
 
 
 def test_device_beats_defaults_and_sections_merge_per_key() -> None:
@@ -715,6 +775,8 @@ WORDS = [
     "remote_dir",
     "identity_file",
     "proxy_jump",
+    "connect_retries",
+    "agent",
     "opencl",
     "platform",
     "device",
