@@ -27,8 +27,11 @@ from deployer.errors import DeployError, InputError
 from deployer.mace import DEFAULT_MACE_VERSION
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from deployer.inventory import Device
     from deployer.pipeline import DeviceOutcome, FleetResult
+    from deployer.progress import Progress
 
 DEFAULT_SIM_DIR = Path(".deploy-sim")
 
@@ -64,6 +67,8 @@ FleetOption = Annotated[Path, typer.Option("--fleet", "-f", help="Inventory YAML
 LimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices: names, groups, globs, "
                                                  "a,b lists, !exclusions; @failed: those that failed the "
                                                  "last push on this cache.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (the summary or JSON "
+                                       "still goes to stdout).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on stdout (docs/json.md).")]
 SimDirOption = Annotated[Path, typer.Option("--dir", help="Folder of the simulated fleet.")]
 WaitOption = Annotated[float, typer.Option("--wait", min=0, help="If another run holds the cache, wait up to "
@@ -132,6 +137,7 @@ def push(
     max_fail_percentage: Annotated[float | None, typer.Option("--max-fail-percentage", min=0, max=100, help="Once "
                                    "more than this % of the devices failed, start no more.")] = None,
     wait: WaitOption = 0.0,
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it (incrementally)."""
@@ -152,11 +158,11 @@ def push(
                   keep=keep, accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
                   models=tuple(plan_model(m, library) for m in models), smoke_mode=smoke.value, check=check,
                   max_fail_percentage=max_fail_percentage)
-    progress = _progress_printer(quiet=False)
     if check:
-        result = run_fleet(devices, job, forks=forks, progress=progress)
+        with _progress(devices, "deploy push --check", quiet) as progress:
+            result = run_fleet(devices, job, forks=forks, progress=progress)
     else:
-        with cache_lock(cache, wait=wait):
+        with cache_lock(cache, wait=wait), _progress(devices, "deploy push", quiet) as progress:
             result = run_fleet(devices, job, forks=forks, progress=progress)
             record_run(cache, "push", str(fleet), {o.name: o.error for o in result.outcomes})
     if as_json:
@@ -199,15 +205,11 @@ def rollback(
     raise typer.Exit(0 if ok else 1)
 
 
-def _progress_printer(*, quiet: bool) -> Any:
-    lock = threading.Lock()
+def _progress(devices: Sequence[Device], title: str, quiet: bool) -> Progress:
+    """A live table on a terminal, plain lines when stderr is a log, nothing with --quiet."""
+    from deployer.progress import make_progress
 
-    def progress(device: str, stage: str) -> None:
-        if not quiet:
-            with lock:
-                stderr.print(f"[dim]{escape(device)}[/dim] {stage}")
-
-    return progress
+    return make_progress(stderr, [d.name for d in devices], title=title, quiet=quiet)
 
 
 PUSH_SCHEMA_VERSION = 1
@@ -320,6 +322,7 @@ def collect(
     forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
     accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
     wait: WaitOption = 0.0,
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Gather the cache files apps wrote on the devices; say which are stale and whether MACE would use them."""
@@ -330,7 +333,8 @@ def collect(
     job = CollectJob(cache=cache, patterns=tuple(path or ()), max_size=max_size, max_files=max_files,
                      accept_new_host_keys=accept_new_host_keys)
     with cache_lock(cache, wait=wait):
-        outcomes = collect_fleet(devices, job, forks=forks, progress=_progress_printer(quiet=False))
+        with _progress(devices, "deploy collect", quiet) as progress:
+            outcomes = collect_fleet(devices, job, forks=forks, progress=progress)
     ok = all(o.ok for o in outcomes)
     if as_json:
         stdout.print_json(json.dumps({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]}))

@@ -13,7 +13,7 @@ import hashlib
 import json
 import posixpath
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,13 @@ from deployer.errors import AgentError, DeviceError, LocalStateError
 from deployer.fleet import fan_out
 from deployer.inventory import Device
 from deployer.mace import binary_kind, mace_verdict, parse_cache
+from deployer.progress import Progress
 
 CACHE_NAMES = ("mace_cl_compiled_program.bin", "mace_run.config")
 # MACE's usual work dirs (format note, section 6) and anywhere under the login home.
 DEFAULT_DIRS = ("~", "/data/local/tmp/mace_run", "/tmp/data/mace_run", "/tmp/mace_run")
 MAX_SIZE = 256 << 20
 MAX_FILES = 1000
-Progress = Callable[[str, str], None]
 
 
 def default_patterns() -> list[str]:
@@ -170,21 +170,23 @@ class _Collector:
         self.root = device_dir(job.cache, device.name)
 
     def run(self) -> CollectOutcome:
-        self.progress(self.device.name, "connect")
+        self.progress.stage(self.device.name, "connect")
         try:
             with open_session(self.device, accept_new_host_keys=self.job.accept_new_host_keys) as session:
+                self.progress.traffic(self.device.name, lambda: (session.bytes_sent, session.bytes_received))
                 self._collect(session)
         except DeviceError as exc:
             self.outcome.error = exc.reason
+        self.progress.finished(self.device.name, self.outcome.error is None, self.outcome.error)
         return self.outcome
 
     def _collect(self, session: AgentSession) -> None:
-        self.progress(self.device.name, "fingerprint")
+        self.progress.stage(self.device.name, "fingerprint")
         try:
             self.outcome.fingerprint = _fingerprint(session, self.device)
         except AgentError:
             self.outcome.fingerprint = None  # a device without OpenCL can still be collected from
-        self.progress(self.device.name, "find")
+        self.progress.stage(self.device.name, "find")
         reply = session.request("find", patterns=_patterns(self.device, self.job), max_files=self.job.max_files,
                                 max_size=self.job.max_size)
         self.outcome.truncated = bool(reply.get("truncated", bool))
@@ -202,7 +204,7 @@ class _Collector:
         shown = printable_line(found.path, 300)
         if previous is not None and previous.get("sha256") == found.sha256:
             return FileOutcome(shown, "unchanged", record=self._store(previous, None))
-        self.progress(self.device.name, f"read {shown}")
+        self.progress.stage(self.device.name, f"read {shown}")
         try:
             reply = session.request("read", path=found.path, size=found.size, sha256=found.sha256)
         except AgentError as exc:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -31,11 +31,11 @@ from deployer.kernels import Library
 from deployer.mace import DEFAULT_MACE_VERSION, parse_cache
 from deployer.model import ModelPlan, ModelResult, check_models, skipped_model, wire_models
 from deployer.plan import DevicePlan, FileContents, LocalFile, RemoteState, build_key, parse_state, plan_device
+from deployer.progress import Progress
 from deployer.smoke import KernelResult, SmokePlan, Startup, compare, parse_startup, split_outputs
 
 STAGES = ("connect", "state", "fingerprint", "upload", "compile", "pull", "smoke", "commit", "store")
 MAX_PULL = 256 << 20
-Progress = Callable[[str, str], None]  # (device, stage) as each stage starts
 
 
 SMOKE_MODES = ("changed", "always", "never")
@@ -149,7 +149,7 @@ class _DeviceRun:
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
         self.stage = stage
-        self.progress(self.device.name, stage)
+        self.progress.stage(self.device.name, stage)
         start = time.perf_counter()
         try:
             yield
@@ -162,6 +162,7 @@ class _DeviceRun:
                 with self.timed("connect"):
                     session = stack.enter_context(open_session(
                         self.device, accept_new_host_keys=self.job.accept_new_host_keys, check=self.job.check))
+                self.progress.traffic(self.device.name, lambda: (session.bytes_sent, session.bytes_received))
                 try:
                     self._push(session)
                 finally:
@@ -169,6 +170,7 @@ class _DeviceRun:
                     self.outcome.bytes_received = session.bytes_received
         except DeviceError as exc:
             self._fail(exc)
+        self.progress.finished(self.device.name, self.outcome.ok, self.outcome.error)
         return self.outcome
 
     def _fail(self, exc: DeviceError) -> None:
@@ -525,7 +527,12 @@ def run_fleet(devices: Sequence[Device], job: PushJob, *, forks: int, progress: 
     return FleetResult(tuple(fan_out(
         devices, lambda d: run_device(d, job, progress), forks=forks, label="device",
         deadline=lambda d: d.timeouts.device, stop=stop,
-        not_started=lambda d, why: DeviceOutcome(d.name, error=why, failed_stage="not_started"))))
+        not_started=lambda d, why: _not_started(d, why, progress))))
+
+
+def _not_started(device: Device, why: str, progress: Progress) -> DeviceOutcome:
+    progress.finished(device.name, False, why)
+    return DeviceOutcome(device.name, error=why, failed_stage="not_started")
 
 
 @dataclass(frozen=True, slots=True)

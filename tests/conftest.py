@@ -21,6 +21,7 @@ import pytest
 from hypothesis import settings
 
 from deployer.cli import main
+from deployer.progress import Progress
 from deployer.sim import DeviceSpec, Fleet, fleet_specs, start_fleet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,16 @@ KERNELS = REPO / "kernels"
 
 settings.register_profile("ci", max_examples=200, deadline=None)
 settings.load_profile("ci")
+
+
+class StageHook(Progress):
+    """A progress display that calls `hook(device, stage)` as each stage starts: a test's way in."""
+
+    def __init__(self, hook: Callable[[str, str], None]) -> None:
+        self.hook = hook
+
+    def stage(self, device: str, stage: str) -> None:
+        self.hook(device, stage)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from deployer.pipeline import PushJob, release_paths, run_fleet
 from deployer.plan import HashIndex, local_files
 from deployer.sim import DeviceSpec, Fleet, fleet_status
 from deployer.smoke import load_references, plan_smoke
-from tests.conftest import KERNELS, REPO, Cli
+from tests.conftest import KERNELS, REPO, Cli, StageHook
 from tests.test_faults import MakeFleet
 
 
@@ -122,7 +122,7 @@ def test_flipped_byte_on_the_device_fails_that_device(make_fleet: MakeFleet, tmp
             cache_file.write_bytes(bytes(data))
             flipped.append(hashlib.sha256(data).hexdigest())
 
-    result = run_fleet(load_inventory(fleet.inventory).devices, job, forks=2, progress=flip_before_smoke)
+    result = run_fleet(load_inventory(fleet.inventory).devices, job, forks=2, progress=StageHook(flip_before_smoke))
     assert flipped
     bad, good = result.outcomes
     assert good.ok and not bad.ok and bad.failed_stage == "smoke"

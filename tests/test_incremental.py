@@ -24,6 +24,7 @@ from deployer.inventory import load_inventory
 from deployer.kernels import load_library
 from deployer.pipeline import PushJob, release_paths, run_fleet
 from deployer.plan import HashIndex, local_files
+from deployer.progress import Progress
 from deployer.sim import DeviceSpec, Fleet, start_fleet
 from deployer.smoke import load_references, plan_smoke
 from tests.conftest import KERNELS, Cli
@@ -250,7 +251,7 @@ def test_a_file_changed_during_the_push_fails_that_device_and_lands_nowhere(depl
         job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)), files=files,
                       cache=deployed.cache, mace_version="")
         devices = load_inventory(deployed.fleet.inventory).devices
-        outcome = run_fleet(devices, job, forks=1, progress=lambda d, s: None).outcomes[0]
+        outcome = run_fleet(devices, job, forks=1, progress=Progress()).outcomes[0]
         assert not outcome.ok and outcome.failed_stage == "upload"
         assert "relu.cl changed during the push" in (outcome.error or "")
         assert deployed.current() == current and deployed.releases() == releases
