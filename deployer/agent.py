@@ -86,8 +86,8 @@ def bootstrap_command(device: Device, *, check: bool = False) -> str:
                    [*device.env.items(), *([(agent_main.READONLY_ENV, "1")] if check else [])])
     run = f"exec env {env} {shlex.quote(device.python)}".replace("env  ", "env ")
     return (
-        ("" if check else f"mkdir -p {root}/agent && ") + f"a={root}/agent/agent-{sha12}.py && "
-        f'if [ -f "$a" ]; then {run} "$a" serve {root}; '
+        ("" if check else f"mkdir -p {root}/agent && ") + f"a={root}/agent/agent_{sha12}.py && "
+        f'if [ -f "$a" ]; then {run} -c {shlex.quote(agent_main.LAUNCH)} {root}/agent agent_{sha12} serve {root}; '
         f"else {run} -c {shlex.quote(agent_main.BOOTSTRAP)} {root} {sha12}; fi"
     )
 

@@ -74,7 +74,13 @@ RELEASE_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 BUILD_KEY_RE = re.compile(r"[0-9a-f]{16,64}")
 
-# The bootstrap runs as `python3 -c BOOTSTRAP RD SHA12` when RD/agent/agent-SHA12.py is missing. It
+# The stored agent runs as `python3 -c LAUNCH RD/agent agent_SHA12 serve RD`: imported, not run as a
+# script, so Python keeps its bytecode in RD/agent/__pycache__ and no session (nor OpenCL child) compiles
+# these 2,400 lines again (~40 ms here, several times that on a board).
+LAUNCH = ("import sys; sys.path.insert(0, sys.argv[1]); m = __import__(sys.argv[2]); "
+          "sys.exit(m.main([m.__file__] + sys.argv[3:]))")
+
+# The bootstrap runs as `python3 -c BOOTSTRAP RD SHA12` when RD/agent/agent_SHA12.py is missing. It
 # stays tiny and 3.6-safe: ask for the agent, check its hash, store it atomically, exec it.
 BOOTSTRAP = r'''import hashlib, json, os, sys
 rd, want = sys.argv[1], sys.argv[2]
@@ -97,17 +103,17 @@ while len(data) < n:
 got = hashlib.sha256(bytes(data)).hexdigest()
 if got != msg.get("sha256") or got[:12] != want:
     fail("checksum", "agent sha256 %s, expected %s (%s...)" % (got, msg.get("sha256"), want))
-path = os.path.join(rd, "agent", "agent-%s.py" % want)
+path = os.path.join(rd, "agent", "agent_%s.py" % want)
 if os.environ.get("DEPLOYER_CHECK"):  # --check writes nothing in RD: the agent lives in a temp file
-    import tempfile; path = os.path.join(tempfile.mkdtemp(prefix="deployer-check-"), "agent-%s.py" % want)
+    import tempfile; path = os.path.join(tempfile.mkdtemp(prefix="deployer-check-"), "agent_%s.py" % want)
 tmp = "%s.tmp-%d" % (path, os.getpid())
 try:
     os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
     with open(tmp, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
     os.chmod(tmp, 0o644); os.rename(tmp, path)
 except OSError as e: fail("io", "cannot store the agent at %s: %s" % (path, e))
-os.execv(sys.executable, [sys.executable, path, "serve", rd])
-'''
+os.execv(sys.executable, [sys.executable, "-c", LAUNCH, os.path.dirname(path), "agent_" + want, "serve", rd])
+'''.replace("LAUNCH, os.path", repr(LAUNCH) + ", os.path")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1710,6 +1716,15 @@ def stderr_tail(data, lines=12, chars=2000):
     return "\n".join(text.splitlines()[-lines:])[-chars:]
 
 
+def child_command():
+    """How to start `child`: by import (its bytecode cached) when this file's name allows it."""
+    here = os.path.abspath(__file__)
+    name = os.path.splitext(os.path.basename(here))[0]
+    if here.endswith(".py") and re.match(r"[A-Za-z_][A-Za-z0-9_]*\Z", name):
+        return [sys.executable, "-c", LAUNCH, os.path.dirname(here), name, "child"]
+    return [sys.executable, here, "child"]
+
+
 def run_child(req, payload, root, timeout, env=None):
     """Run one OpenCL op in `agent_main.py child`: (reply, payload). A child killed by a signal is
     driver_crash, one past `timeout` seconds is killed and reported as timeout. `env`: the child's
@@ -1717,7 +1732,7 @@ def run_child(req, payload, root, timeout, env=None):
     op = req.get("op")
     request = io.BytesIO()
     write_message(request, dict(req, root=root), payload)
-    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "child"], env=env,
+    child = subprocess.Popen(child_command(), env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = child.communicate(request.getvalue(), timeout=timeout)

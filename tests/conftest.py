@@ -92,7 +92,8 @@ class Pushed:
 
 @pytest.fixture(scope="session")
 def pushed(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
-    """One push of the kernel library and a model to the shared fleet."""
+    """One push of the kernel library and a model to the shared fleet, every kernel smoke-tested (other
+    tests may have pushed the same kernels there first: an incremental push would call them unchanged)."""
     import contextlib
     import io
 
@@ -102,7 +103,7 @@ def pushed(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["push", "--fleet", str(fleet.inventory), "--kernels", str(KERNELS), "--cache", str(cache),
-                     "--model", str(model), "--json"])
+                     "--model", str(model), "--json", "--smoke", "always"])  # whatever ran before
     return Pushed(fleet, cache, CliRun(code, out.getvalue(), err.getvalue()))
 
 

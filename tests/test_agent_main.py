@@ -71,7 +71,7 @@ def agent_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The agent's environment: one PoCL kernel cache for the module keeps repeated builds fast."""
     env = dict(os.environ)
     env["POCL_CACHE_DIR"] = str(tmp_path_factory.mktemp("pocl-cache"))
-    for name in ("OCL_ICD_VENDORS", "DEPLOYER_OPENCL_LIBRARY", "POCL_DEVICES"):
+    for name in ("OCL_ICD_VENDORS", "DEPLOYER_OPENCL_LIBRARY", "POCL_DEVICES", "PYTHONDONTWRITEBYTECODE"):
         env.pop(name, None)
     return env
 
@@ -637,9 +637,9 @@ def test_bootstrap_receives_and_runs_the_agent(tmp_path: Path, agent_env: dict[s
     agent.send({"op": "agent", "sha256": AGENT_SHA}, AGENT_SOURCE)
     hello, _ = agent.recv()
     assert hello["op"] == "hello"
-    stored = rd / "agent" / f"agent-{sha12}.py"
+    stored = rd / "agent" / f"agent_{sha12}.py"
     assert stored.read_bytes() == AGENT_SOURCE
-    assert [p.name for p in stored.parent.iterdir()] == [stored.name]
+    assert sorted(p.name for p in stored.parent.iterdir()) == ["__pycache__", stored.name]  # run by import
     assert agent.bye() == 0
 
 

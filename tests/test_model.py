@@ -303,7 +303,7 @@ def test_startup_requests_are_checked_before_any_driver_runs(started: Started) -
 
 def test_push_runs_the_model_on_every_device(fleet: Fleet, cli: Cli, tmp_path: Path) -> None:
     run = cli("push", "--fleet", fleet.inventory, "--limit", "sim-01,sim-02", "--kernels", KERNELS,
-              "--cache", tmp_path / "cache", "--model", GRAPH, "--json")
+              "--cache", tmp_path / "cache", "--model", GRAPH, "--json", "--smoke", "always")
     assert run.code == 0, run.err
     devices = {d["name"]: d for d in run.json()["devices"]}
     assert "basic" in devices["sim-02"]["fingerprint"]["device"]["name"]

@@ -145,7 +145,8 @@ def test_remote_layout(pushed: Pushed) -> None:
     assert {p.name for p in (release / "kernels").iterdir()} >= {"saxpy.cl", "common.h", "matmul.cl"}
     assert (release / "models" / "tiny.bin").stat().st_size == 4096
     assert (release / "build" / "mace_cl_compiled_program.bin").exists()
-    assert len(list((home / "agent").glob("agent-*.py"))) == 1
+    assert len(list((home / "agent").glob("agent_*.py"))) == 1
+    assert list((home / "agent" / "__pycache__").glob("agent_*.pyc"))  # imported: its bytecode is kept
 
 
 def test_pulled_binary_runs_under_pyopencl(pushed: Pushed) -> None:
