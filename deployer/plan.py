@@ -237,6 +237,7 @@ def plan_device(files: Iterable[LocalFile], build_keys: Mapping[str, str], state
         removed=tuple(sorted(p for p in state.files if p not in wanted)),
         rebuild=rebuild, reuse=tuple(k for k in build_keys if k not in rebuild),
         dropped=tuple(sorted(k for k in state.programs if k not in build_keys)),
-        settings_changed=state.current is not None and (state.mace_version, state.mace_format)
-        != (mace_version, mace_format),
+        # a current release whose manifest is unreadable (or names no cache file) is rebuilt, never trusted
+        settings_changed=state.current is not None and (
+            (state.mace_version, state.mace_format) != (mace_version, mace_format) or state.cache_sha256 is None),
     )

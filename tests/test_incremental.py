@@ -275,3 +275,14 @@ def test_the_hash_index_hashes_a_file_once_per_change(tmp_path: Path, monkeypatc
     assert changed[0].sha256 != first[0].sha256 and hashed == [big, big]
     fresh = local_files([("models/model.bin", big)], HashIndex(index_file))  # too recent to be trusted
     assert fresh == changed and len(hashed) == 3
+
+
+def test_a_damaged_manifest_on_the_device_means_rebuild_not_trust(deployed: Deployed) -> None:
+    manifest = deployed.rd / "current" / "build" / "manifest.json"
+    manifest.unlink()  # never written in place: earlier releases hard-link the same file
+    manifest.write_text("{not json")
+    code, device = _push(deployed)
+    assert code == 0 and device["ok"], device
+    assert len(device["plan"]["rebuild"]) == 16 and device["changed"] is True
+    code, device = _push(deployed)
+    assert code == 0 and device["plan"]["new_release"] is False  # and the next push is a no-op again
