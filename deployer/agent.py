@@ -125,6 +125,9 @@ class AgentSession:
             self._write({"op": "agent", "sha256": AGENT_SHA256}, AGENT_SOURCE)
             self.agent_uploaded = True
             first = self._read()
+        error = first.fields.get("error")
+        if first.fields.get("ok") is False and isinstance(error, dict):  # the bootstrap could not start it
+            raise AgentError(printable(str(error.get("message")), 2000), kind=printable(str(error.get("kind")), 40))
         if first.fields.get("op") != "hello":
             raise AgentError(f"agent did not say hello (got {_show(dict(first.fields))})")
         first.get("python", str)

@@ -77,8 +77,18 @@ BUILD_KEY_RE = re.compile(r"[0-9a-f]{16,64}")
 # The stored agent runs as `python3 -c LAUNCH RD/agent agent_SHA12 serve RD`: imported, not run as a
 # script, so Python keeps its bytecode in RD/agent/__pycache__ and no session (nor OpenCL child) compiles
 # these 2,400 lines again (~40 ms here, several times that on a board).
-LAUNCH = ("import sys; sys.path.insert(0, sys.argv[1]); m = __import__(sys.argv[2]); "
-          "sys.exit(m.main([m.__file__] + sys.argv[3:]))")
+# A full disk can leave a truncated .pyc behind (a short write that Python does not check): then the
+# cache is dropped and the agent imported without writing bytecode.
+LAUNCH = """import sys
+sys.path.insert(0, sys.argv[1])
+try:
+    m = __import__(sys.argv[2])
+except (EOFError, ValueError, ImportError):
+    import os, shutil
+    shutil.rmtree(os.path.join(sys.argv[1], "__pycache__"), True)
+    sys.dont_write_bytecode = True
+    m = __import__(sys.argv[2])
+sys.exit(m.main([m.__file__] + sys.argv[3:]))"""
 
 # The bootstrap runs as `python3 -c BOOTSTRAP RD SHA12` when RD/agent/agent_SHA12.py is missing. It
 # stays tiny and 3.6-safe: ask for the agent, check its hash, store it atomically, exec it.

@@ -12,10 +12,19 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from deployer.progress import LiveProgress, PlainProgress, Progress, make_progress
-from tests.conftest import KERNELS, REPO, Cli, Pushed
+from deployer.sim import DeviceSpec, Fleet
+from tests.conftest import REPO, Cli
+from tests.test_faults import MakeFleet, _saxpy_only
+
+
+@pytest.fixture
+def one(make_fleet: MakeFleet, tmp_path: Path) -> tuple[Fleet, Path]:
+    """A device of the test's own and a one-program library: pushes here are quick and disturb no one."""
+    return make_fleet([DeviceSpec("sim-01")]), _saxpy_only(tmp_path, "progress")
 
 
 def test_the_display_follows_where_stderr_goes() -> None:
@@ -44,28 +53,28 @@ def test_live_table_rows_show_stage_bytes_and_elapsed() -> None:
     assert "not started" in next(line for line in text.splitlines() if "pi-02" in line)
 
 
-def test_plain_lines_when_stderr_is_not_a_terminal(pushed: Pushed, cli: Cli, tmp_path: Path) -> None:
-    run = cli("push", "--fleet", pushed.fleet.inventory, "--kernels", KERNELS, "--cache", tmp_path / "c",
-              "--limit", "sim-01", "--smoke", "never")
+def test_plain_lines_when_stderr_is_not_a_terminal(one: tuple[Fleet, Path], cli: Cli, tmp_path: Path) -> None:
+    fleet, library = one
+    run = cli("push", "--fleet", fleet.inventory, "--kernels", library, "--cache", tmp_path / "c")
     assert run.code == 0, run.err
     lines = run.err.splitlines()
     assert any(re.fullmatch(r"\[\s*\d+\.\ds\] sim-01 connect", line) for line in lines), lines
     assert any(re.fullmatch(r"\[\s*\d+\.\ds\] sim-01 passed", line) for line in lines), lines
 
 
-def test_quiet_prints_no_progress(pushed: Pushed, cli: Cli, tmp_path: Path) -> None:
-    run = cli("push", "--fleet", pushed.fleet.inventory, "--kernels", KERNELS, "--cache", tmp_path / "c",
-              "--limit", "sim-01", "--smoke", "never", "--quiet")
+def test_quiet_prints_no_progress(one: tuple[Fleet, Path], cli: Cli, tmp_path: Path) -> None:
+    fleet, library = one
+    run = cli("push", "--fleet", fleet.inventory, "--kernels", library, "--cache", tmp_path / "c", "--quiet")
     assert run.code == 0 and run.err == "" and "1/1 device(s) passed" in run.out
 
 
-def test_a_terminal_gets_the_live_table(pushed: Pushed, tmp_path: Path) -> None:
+def test_a_terminal_gets_the_live_table(one: tuple[Fleet, Path], tmp_path: Path) -> None:
     """A real `deploy push` with stderr on a pseudo-terminal draws the table; stdout keeps the summary."""
     controller, terminal = pty.openpty()
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="120", TERM="xterm")
     process = subprocess.Popen(
-        [sys.executable, "-m", "deployer", "push", "--fleet", str(pushed.fleet.inventory), "--kernels",
-         str(KERNELS), "--cache", str(tmp_path / "c"), "--limit", "sim-01", "--smoke", "never"],
+        [sys.executable, "-m", "deployer", "push", "--fleet", str(one[0].inventory), "--kernels", str(one[1]),
+         "--cache", str(tmp_path / "c")],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal, env=env, cwd=REPO)
     os.close(terminal)
     drawn = b""
