@@ -198,6 +198,7 @@ class _DeviceRun:
         if self.job.check:
             self.outcome.ok = True
             return
+        phase_hook("plan")  # tests only: `state` answered and planned, nothing begun yet
         if plan.new_release:
             with self.timed("upload"):
                 self._upload(session, plan)

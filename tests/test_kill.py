@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from deployer.agent_main import PHASE_HOOK_ENV
-from deployer.sim import SIM_HOME, DeviceSpec, Fleet, start_fleet, stop_device
+from deployer.sim import SIM_HOME, DeviceSpec, Fleet, namespace_pids, start_fleet
 from tests.conftest import REPO, Cli
 from tests.test_faults import _saxpy_only, device_entry, edit_inventory
 from tests.test_rollout import _namespace_processes
@@ -96,8 +95,8 @@ class Rig:
                 device_entry(doc, name)["env"] = {PHASE_HOOK_ENV: f"{phase}:{SIM_HOME / 'phase-marker'}"}
         return edit_inventory(self.fleet, change)
 
-    def start(self, library: Path, *, inventory: Path | None = None, cache: Path | None = None,
-              hook: str | None = None, marker: Path | None = None, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    def start(self, library: Path, *, inventory: Path | None = None, cache: Path | None = None, hook: str | None = None,
+              marker: Path | None = None, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         """`deploy push --json` as a process of its own (its own session, so its whole group can be killed);
         `hook`: the controller-side phase to pause at."""
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -174,14 +173,16 @@ def current(remote: Path) -> str | None:
     return target.removeprefix("releases/")
 
 
-def check_device(remote: Path) -> str | None:
-    """Nothing partial on the device: every release left was committed (has its index), every file under
-    `current` matches that index (size and sha256), the build's cache file matches its manifest, no temp
-    file anywhere under the remote dir. Returns the current release id."""
-    leftovers = [str(p) for p in remote.rglob("*") if ".tmp-" in p.name]
-    assert leftovers == [], leftovers
-    uncommitted = [r for r in releases(remote) if not (remote / "releases" / r / "release.json").is_file()]
-    assert uncommitted == [], uncommitted
+def check_device(remote: Path, *, settled: bool = True) -> str | None:
+    """Nothing partial on the device: every file under `current` matches its release's index (size and
+    sha256), the build's cache file matches its manifest; once no session runs (`settled`), also: every
+    release left was committed (has its index), no temp file anywhere under the remote dir. Returns the
+    current release id."""
+    if settled:
+        leftovers = [str(p) for p in remote.rglob("*") if ".tmp-" in p.name]
+        assert leftovers == [], leftovers
+        uncommitted = [r for r in releases(remote) if not (remote / "releases" / r / "release.json").is_file()]
+        assert uncommitted == [], uncommitted
     now = current(remote)
     if now is None:
         return None
@@ -239,7 +240,7 @@ def push_in_process(cli: Cli, rig: Rig, library: Path, *extra: str | Path) -> di
 @pytest.mark.parametrize("phase", ["upload", "rename", "commit", "fsync", "switch", "prune", "local-cache rename"])
 def test_controller_killed_at_phase(rig: Rig, cli: Cli, phase: str) -> None:
     remote = rig.remote()
-    old = push_in_process(cli, rig, rig.library())["release"]
+    old = push_in_process(cli, rig, rig.library(), "--smoke", "never")["release"]
     old_local = local_cache_sha(rig.cache, rig.name)
     assert old_local == device_cache_sha(remote) and check_device(remote) == old
 
@@ -265,7 +266,7 @@ def test_controller_killed_at_phase(rig: Rig, cli: Cli, phase: str) -> None:
     assert local == old_local  # the local cache is written after the commit reply only: still the old file
     if phase == "local-cache rename":
         leftovers = [p.name for p in (rig.cache / rig.name).iterdir() if ".tmp-" in p.name]
-        assert leftovers == [".mace_cl_compiled_program.bin.tmp-%d" % process.pid]  # SIGKILL: not renamed
+        assert leftovers == [f".mace_cl_compiled_program.bin.tmp-{process.pid}"]  # SIGKILL: never renamed
 
     again = push_in_process(cli, rig, library)  # the next push, without the hook, completes
     assert check_device(remote) == again["release"]
@@ -273,3 +274,218 @@ def test_controller_killed_at_phase(rig: Rig, cli: Cli, phase: str) -> None:
         assert again["release"] == now and not again["changed"]  # nothing left to do on the device...
     assert local_cache_sha(rig.cache, rig.name) == device_cache_sha(remote)  # ...and the cache follows it
     assert [p.name for p in (rig.cache / rig.name).iterdir() if ".tmp-" in p.name] == []
+
+
+def test_first_push_killed_leaves_nothing(rig: Rig, cli: Cli) -> None:
+    """Killed before any commit on a device never pushed: no `current`, no release, and the next push works."""
+    process = rig.start(rig.library(), inventory=rig.hooked_inventory("rename"))
+    assert wait_until(lambda: marked(rig.marker(), "rename") or process.poll() is not None, 60)
+    assert marked(rig.marker(), "rename"), rig.output(process)
+    kill_group(process)
+    settled(rig)
+    remote = rig.remote()
+    assert check_device(remote) is None and releases(remote) == set()
+    assert local_cache_sha(rig.cache, rig.name) is None
+    again = push_in_process(cli, rig, rig.library())
+    assert check_device(remote) == again["release"]
+    assert local_cache_sha(rig.cache, rig.name) == device_cache_sha(remote)
+
+
+# --- the controller killed at 20 seeded random moments ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_controller_killed_at_random_moments(rig: Rig, cli: Cli) -> None:
+    remote = rig.remote()
+    start = time.monotonic()
+    code, devices = rig.finish(rig.start(rig.library()))
+    duration = time.monotonic() - start  # one whole push, process start to exit
+    assert code == 0, devices
+    rng = random.Random(20240605)
+    moments = []
+    for _ in range(20):
+        before, before_local, kept = check_device(remote), local_cache_sha(rig.cache, rig.name), releases(remote)
+        library = rig.library()
+        at = rng.uniform(0, 1.2 * duration)
+        process = rig.start(library)
+        time.sleep(at)
+        finished = process.poll() is not None
+        kill_group(process)
+        settled(rig)
+        moments.append((round(at, 2), finished))
+        now = check_device(remote)  # nothing partial, whatever the moment
+        assert now is not None and (now == before or now not in kept), (at, now, before)  # old or new
+        if finished:
+            assert now != before  # the push ended before the kill: committed
+        assert local_cache_sha(rig.cache, rig.name) in (before_local, device_cache_sha(remote)), at
+        again = push_in_process(cli, rig, library, "--smoke", "never")  # the next push completes (quicker without
+        assert check_device(remote) == again["release"]                 # the smoke, which the kills did cover)
+        assert local_cache_sha(rig.cache, rig.name) == device_cache_sha(remote)
+    assert any(not f for _, f in moments), moments  # most kills land mid-push, not after it
+
+
+# --- two pushes at once -------------------------------------------------------------------------------------
+
+
+def test_second_push_on_the_same_cache_is_refused_at_once(rig: Rig) -> None:
+    """One controller, one cache: while a push holds the cache lock (paused after its first put), a second
+    push exits 3 at once with the lock message and touches no device; the first then completes."""
+    marker = rig.tmp / "phase-marker"
+    first = rig.start(rig.library(), hook="upload", marker=marker)
+    assert wait_until(lambda: marked(marker, "upload") or first.poll() is not None, 60), rig.output(first)
+    start = time.monotonic()
+    second = rig.start(rig.library())
+    assert second.wait(timeout=30) == 3
+    assert time.monotonic() - start < 10
+    out, err = rig.output(second)
+    assert f"is in use by another deploy run (pid {first.pid})" in " ".join(err.split()), err
+    assert "Traceback" not in err and out == ""
+    Path(f"{marker}.continue").touch()
+    code, devices = rig.finish(first)
+    assert code == 0 and check_device(rig.remote()) == devices[rig.name]["release"]
+
+
+def _holding(rig: Rig, process: subprocess.Popen[bytes], marker: Path, phase: str) -> None:
+    assert wait_until(lambda: marked(marker, phase) or process.poll() is not None, 60), rig.output(process)
+    assert marked(marker, phase), rig.output(process)
+
+
+def test_two_controllers_one_holds_the_device_lock(rig: Rig, cli: Cli) -> None:
+    """Two controllers (two caches), one device. A has sent `commit` and its agent is held there (the device
+    lock taken); B planned on the old `current` and is held before `begin`; C starts meanwhile. C is refused
+    with `locked`; once A has committed, B's `begin` finds its base moved and is refused with `moved`. Nothing
+    partial at any point; B's next run completes on top of A's release."""
+    remote = rig.remote()
+    old = push_in_process(cli, rig, rig.library())["release"]
+    a = rig.start(rig.library(), inventory=rig.hooked_inventory("commit"), cache=rig.tmp / "cache-a")
+    _holding(rig, a, rig.marker(), "commit")
+    b_marker = rig.tmp / "b-marker"
+    b_library = rig.library()
+    b = rig.start(b_library, cache=rig.tmp / "cache-b", hook="plan", marker=b_marker)
+    _holding(rig, b, b_marker, "plan")
+    code, devices = rig.finish(rig.start(rig.library(), cache=rig.tmp / "cache-c"))
+    c = devices[rig.name]
+    assert code == 1 and c["failed_stage"] == "upload" and "[locked]" in c["error"], c
+    assert "another deploy is writing this device" in c["error"]
+    assert check_device(remote, settled=False) == old  # A's release is begun, not committed: `current` is old
+
+    Path(f"{rig.marker()}.continue").touch()  # A's agent goes on: the commit completes
+    code, devices = rig.finish(a)
+    new = devices[rig.name]["release"]
+    assert code == 0 and new != old and check_device(remote) == new
+    Path(f"{b_marker}.continue").touch()  # B goes on to `begin`, with a base that is no longer current
+    code, devices = rig.finish(b)
+    moved = devices[rig.name]
+    assert code == 1 and moved["failed_stage"] == "upload" and "[moved]" in moved["error"], moved
+    assert f"current is {new}, not {old} as planned" in moved["error"]
+    assert check_device(remote) == new and releases(remote) == {old, new}
+
+    again = rig.finish(rig.start(b_library, cache=rig.tmp / "cache-b"))[1][rig.name]
+    assert again["ok"] and check_device(remote) == again["release"] != new
+    assert local_cache_sha(rig.tmp / "cache-b", rig.name) == device_cache_sha(remote)
+
+
+@pytest.mark.slow
+def test_two_controllers_started_together(make_fleet: MakeFleet, tmp_path: Path) -> None:
+    """Two controllers, two caches, two devices, started at the same moment: both finish; on each device
+    `current` is the release of a push that passed there, fully committed; a loser is refused as `locked` or
+    `moved`, never left half-written."""
+    rig = Rig(make_fleet([DeviceSpec("sim-01"), DeviceSpec("sim-02")]), tmp_path)
+    try:
+        a = rig.start(rig.library(), cache=tmp_path / "cache-a")
+        b = rig.start(rig.library(), cache=tmp_path / "cache-b")
+        results = [rig.finish(a), rig.finish(b)]
+    finally:
+        rig.stop_all()
+    for name in ("sim-01", "sim-02"):
+        settled(rig, name)
+        now = check_device(rig.remote(name))
+        passed = [devices[name]["release"] for _, devices in results if devices[name]["ok"]]
+        assert now in passed, (name, now, results)
+        for _, devices in results:
+            if not devices[name]["ok"]:
+                assert "[locked]" in devices[name]["error"] or "[moved]" in devices[name]["error"], devices[name]
+
+
+# --- one device's sshd killed mid-run ----------------------------------------------------------------------
+
+
+def kill_sshd(fleet: Fleet, name: str) -> list[int]:
+    """SIGKILL every sshd process of the device (its listener and each connection's), as a crash would; the
+    commands they ran are left to notice on their own."""
+    killed = []
+    for pid in namespace_pids(fleet.device(name).pid):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+@pytest.mark.slow
+def test_sshd_killed_during_compile(make_fleet: MakeFleet, tmp_path: Path, cli: Cli, pocl_cache: Path) -> None:
+    specs = [DeviceSpec("sim-01"), DeviceSpec("sim-02")]
+    rig = Rig(make_fleet(specs), tmp_path)
+    agent_pids: list[int] = []
+    try:
+        library = rig.library()
+        process = rig.start(library, extra=["--smoke", "never"])
+        err = rig.tmp / "run0.err"
+        assert wait_until(lambda: "sim-01 compile" in err.read_text() or process.poll() is not None, 60)
+        assert process.poll() is None, rig.output(process)
+        agent_pids = [p for p in namespace_pids(rig.fleet.device("sim-01").pid)
+                      if b"/.deployer" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert kill_sshd(rig.fleet, "sim-01")
+        code, devices = rig.finish(process)
+    finally:
+        rig.stop_all()
+    assert code == 1 and devices["sim-02"]["ok"] is True
+    lost = devices["sim-01"]
+    assert lost["ok"] is False and lost["failed_stage"] == "compile", lost
+    assert lost["error"].startswith("compile: device 'sim-01': connection lost while"), lost["error"]
+    assert "()" not in lost["error"]
+    # the agent outlives its sshd, finds its input gone when its build ends, and drops the release it began
+    assert agent_pids and wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in agent_pids))
+    remote = rig.remote("sim-01")
+    assert check_device(remote) is None and releases(remote) == set()
+
+    # restart the device: the same folder (homes and host keys kept), new servers; the next push completes
+    rig.fleet = start_fleet(rig.fleet.folder, specs, pocl_cache=pocl_cache)
+    run = cli("push", "--fleet", rig.fleet.inventory, "--kernels", library, "--cache", rig.cache, "--json",
+              "--smoke", "never")
+    assert run.code == 0, run.out[-2000:]
+    devices = {d["name"]: d for d in run.json()["devices"]}
+    assert check_device(remote) == devices["sim-01"]["release"]
+    assert not devices["sim-02"]["changed"]  # it already had this release
+
+
+# --- a read-only remote dir ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_read_only_remote_dir(make_fleet: MakeFleet, tmp_path: Path, cli: Cli, pocl_cache: Path) -> None:
+    """The remote dir is a read-only bind mount: on a board never pushed the bootstrap cannot create it; on one
+    pushed before (remounted read-only since) `begin` cannot take the lock. Each fails only its device, with
+    an `io` error naming the path; the other device passes."""
+    rig = Rig(make_fleet([DeviceSpec("sim-01", read_only=True), DeviceSpec("sim-02")]), tmp_path)
+    run = cli("push", "--fleet", rig.fleet.inventory, "--kernels", rig.library(), "--cache", rig.cache, "--json")
+    devices = {d["name"]: d for d in run.json()["devices"]}
+    assert run.code == 1 and devices["sim-02"]["ok"] is True and "Traceback" not in run.err
+    fresh = devices["sim-01"]
+    assert fresh["failed_stage"] == "connect", fresh
+    assert fresh["error"] == ("connect: cannot create the remote dir ~/.deployer: mkdir: cannot create directory "
+                              "'/home/deploysim/.deployer/agent': Read-only file system [io]")
+
+    specs = [DeviceSpec("sim-01"), DeviceSpec("sim-02")]
+    rig.fleet = start_fleet(rig.fleet.folder, specs, pocl_cache=pocl_cache)  # writable again: one push lands
+    assert cli("push", "--fleet", rig.fleet.inventory, "--kernels", rig.library(), "--cache", rig.cache).code == 0
+    deployed = check_device(rig.remote())
+    rig.fleet = start_fleet(rig.fleet.folder, [DeviceSpec("sim-01", read_only=True), specs[1]], pocl_cache=pocl_cache)
+    run = cli("push", "--fleet", rig.fleet.inventory, "--kernels", rig.library(), "--cache", rig.cache, "--json")
+    devices = {d["name"]: d for d in run.json()["devices"]}
+    assert run.code == 1 and devices["sim-02"]["ok"] is True
+    assert devices["sim-01"]["failed_stage"] == "upload"
+    assert devices["sim-01"]["error"] == "upload: /home/deploysim/.deployer/.lock: Read-only file system [io]"
+    assert check_device(rig.remote()) == deployed  # untouched
