@@ -35,13 +35,13 @@ from tests.test_rollout import _namespace_processes
 MakeFleet = Callable[..., Fleet]
 
 AGENT_PHASES = ("rename", "commit", "fsync", "switch", "prune")
-CONTROLLER_PHASES = ("upload", "local-cache rename")
-# The commit rule: the state a controller killed at each phase leaves. Before the agent has read `commit`,
-# `current` stays old (the agent sees its input end and deletes the release it began); once it has read it,
-# the commit completes (stop signals wait until it is done), so `current` is new. The local cache is
-# written only after the commit reply: it stays old in every case (its rename never happened).
-EXPECTED = {"upload": "old", "rename": "old", "commit": "new", "fsync": "new", "switch": "new", "prune": "new",
-            "local-cache rename": "new"}
+CONTROLLER_PHASES = ("plan", "upload", "local-cache rename")
+# The commit rule (docs/design.md, section 12): what a controller killed at each phase leaves. Before the
+# agent has read `commit`, `current` stays old (the agent sees its input end and deletes the release it
+# began); once it has read it, the commit completes (stop signals wait until it is done): `current` is new.
+# The local cache is written only after the commit reply: it stays old in every case.
+EXPECTED = {"plan": "old", "upload": "old", "rename": "old", "commit": "new", "fsync": "new", "switch": "new",
+            "prune": "new", "local-cache rename": "new"}
 WAIT_S = 40.0  # every wait below is bounded by this (the hook's own pause is 30 s)
 
 
@@ -237,7 +237,8 @@ def push_in_process(cli: Cli, rig: Rig, library: Path, *extra: str | Path) -> di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["upload", "rename", "commit", "fsync", "switch", "prune", "local-cache rename"])
+@pytest.mark.parametrize("phase", ["plan", "upload", "rename", "commit", "fsync", "switch", "prune",
+                                   "local-cache rename"])
 def test_controller_killed_at_phase(rig: Rig, cli: Cli, phase: str) -> None:
     remote = rig.remote()
     old = push_in_process(cli, rig, rig.library(), "--smoke", "never")["release"]
