@@ -24,6 +24,7 @@ from deployer.transport import Channel, Transport, open_transport
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 512 << 20
 FINISH_TIMEOUT_S = 5.0
+NO_REMOTE_DIR = 73  # the bootstrap's exit status when it cannot create the remote dir (EX_CANTCREAT)
 
 AGENT_SOURCE = Path(agent_main.__file__).read_bytes()
 AGENT_SHA256 = hashlib.sha256(AGENT_SOURCE).hexdigest()
@@ -86,7 +87,8 @@ def bootstrap_command(device: Device, *, check: bool = False) -> str:
                    [*device.env.items(), *([(agent_main.READONLY_ENV, "1")] if check else [])])
     run = f"exec env {env} {shlex.quote(device.python)}".replace("env  ", "env ")
     return (
-        ("" if check else f"mkdir -p {root}/agent && ") + f"a={root}/agent/agent_{sha12}.py && "
+        ("" if check else f"{{ mkdir -p {root}/agent || exit {NO_REMOTE_DIR}; }} && ") +
+        f"a={root}/agent/agent_{sha12}.py && "
         f'if [ -f "$a" ]; then {run} -c {shlex.quote(agent_main.LAUNCH)} {root}/agent agent_{sha12} serve {root}; '
         f"else {run} -c {shlex.quote(agent_main.BOOTSTRAP)} {root} {sha12}; fi"
     )
@@ -166,6 +168,8 @@ class AgentSession:
                 f"install python >= 3.6 or set `python:` in the inventory",
                 kind="no_python",
             )
+        if status == NO_REMOTE_DIR:
+            return AgentError(f"cannot create the remote dir {self._device.remote_dir}{detail}", kind="io")
         if status == 126:
             return AgentError(f"{self._device.python!r} cannot be executed on the device{detail}", kind="no_python")
         if status is None:

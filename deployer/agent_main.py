@@ -32,6 +32,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -69,6 +70,8 @@ BLOB_DIR = "blobs"  # RD/blobs/<sha256>: smoke inputs and model bytes, kept by c
 KEEP_BLOBS = 8
 MAX_INDEX = 16 << 20  # the largest release index or manifest the agent reads back
 READONLY_ENV = "DEPLOYER_CHECK"  # set by `deploy push --check`: the agent writes nothing at all
+PHASE_HOOK_ENV = "DEPLOYER_TEST_PHASE_HOOK"  # tests only: "<phase>:<marker file>" (phase_hook below)
+PHASE_HOOK_PAUSE_S = 30.0
 
 RELEASE_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -494,6 +497,35 @@ def decode_any(data):
 
 
 # --------------------------------------------------------------------------------------------------
+# Test-only phase hook (docs/design.md, "Killed at a named phase"): a no-op unless the variable is set
+# --------------------------------------------------------------------------------------------------
+
+_PHASE_HOOK = os.environ.get(PHASE_HOOK_ENV, "")  # read once, at import
+_PHASES_HIT = set()
+
+
+def phase_hook(phase, watch_fd=None):
+    # type: (str, int | None) -> None
+    """At a named phase, if DEPLOYER_TEST_PHASE_HOOK is "<phase>:<marker>": append the phase name to the
+    marker file, then pause so a test can kill the controller at exactly this point. The pause ends after
+    PHASE_HOOK_PAUSE_S, when "<marker>.continue" exists, or when `watch_fd` (the agent's input) becomes
+    readable: the controller is synchronous, so at a hook point that means its input ended. Each phase
+    fires once per process. The hook only pauses: what the code does next is unchanged."""
+    name, sep, marker = _PHASE_HOOK.partition(":")
+    if not sep or not marker or name != phase or phase in _PHASES_HIT:
+        return
+    _PHASES_HIT.add(phase)
+    with open(marker, "a") as handle:
+        handle.write(phase + "\n")
+    end = time.monotonic() + PHASE_HOOK_PAUSE_S
+    while time.monotonic() < end and not os.path.exists(marker + ".continue"):
+        if watch_fd is None:
+            time.sleep(0.05)
+        elif select.select([watch_fd], [], [], 0.05)[0]:
+            return
+
+
+# --------------------------------------------------------------------------------------------------
 # Files: paths kept inside a root, atomic writes
 # --------------------------------------------------------------------------------------------------
 
@@ -534,11 +566,12 @@ def temp_name(path):
     return os.path.join(head, ".%s.tmp-%d" % (name, os.getpid()))
 
 
-def write_atomic(path, chunks, mode=0o644, check=None):
+def write_atomic(path, chunks, mode=0o644, check=None, phase=None):
     """Write an iterable of byte chunks to `path` via temp file + fsync + rename.
 
     `check(size, sha256_hex)` runs before the rename and may raise to abandon the file. The temp file
-    never survives an error. Returns (size, sha256 hex).
+    never survives an error. `phase`: the test hook's name for the moment before the rename. Returns
+    (size, sha256 hex).
     """
     tmp = temp_name(path)
     digest, size = hashlib.sha256(), 0
@@ -554,6 +587,8 @@ def write_atomic(path, chunks, mode=0o644, check=None):
         if check is not None:
             check(size, digest.hexdigest())
         os.chmod(tmp, mode)
+        if phase is not None:
+            phase_hook(phase, 0)
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -2157,6 +2192,23 @@ def _on_signal(signum, frame):
     raise SessionEnd("stopped by %s" % signal.Signals(signum).name)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class signals_deferred:
+    """Hold SIGTERM/SIGHUP while `current` is being switched: a commit the agent received completes (the
+    switch, fsync of RD, pruning) and a stop signal is acted on after it, never half-way. A
+    `with` class rather than contextlib, for the 3.6 agent's sake; only the main thread calls it."""
+
+    def __enter__(self):
+        self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        return self
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)  # a held signal is delivered here
+        return False
+
+
 WRITING_OPS = ("begin", "put", "build", "commit", "rollback", "install")
 
 
@@ -2232,10 +2284,13 @@ class Session:
                 os.unlink(tmp)
             os.symlink("releases/" + release_id, tmp)
             os.rename(tmp, os.path.join(self.rd, "current"))
-        except OSError as exc:
+        except BaseException as exc:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
-            raise io_failure(exc, "current") from exc
+            if isinstance(exc, OSError):
+                raise io_failure(exc, "current") from exc
+            raise
+        phase_hook("switch", 0)
         fsync_dir(self.rd)
 
     def current_dir(self):
@@ -2311,7 +2366,7 @@ class Session:
                                    % (rel, got_size, got_sha, size, want))
 
         try:
-            write_atomic(prepare_target(root, rel), payload.chunks(), mode, check)
+            write_atomic(prepare_target(root, rel), payload.chunks(), mode, check, phase="rename")
         except OSError as exc:
             raise io_failure(exc, rel) from exc
         self.files[rel] = {"size": size, "sha256": want, "mode": mode}
@@ -2407,19 +2462,25 @@ class Session:
         return run_child(dict(req, reuse=offsets), payload, root, timeout)
 
     def op_commit(self, req, payload):
-        keep = req_int(req, "keep", 3, lo=0)
-        release = self.need_release()
-        release_id = self.release_id
-        index = {"release": release_id, "files": self.files}
-        write_atomic(os.path.join(release, RELEASE_INDEX), [json.dumps(index, sort_keys=True).encode()])
-        for dirpath, _, _ in os.walk(release):
-            fsync_dir(dirpath)
-        fsync_dir(os.path.dirname(release))
-        self.switch_current(release_id)
-        self.release_id = None  # committed: no longer ours to delete
-        pruned = self.prune(keep, release_id)
-        prune_blobs(self.rd)
-        self.unlock()
+        """The commit rule (docs/design.md, section 12): once the agent has read `commit`, the switch
+        happens even if the controller is gone meanwhile; SIGTERM/SIGHUP wait until it is done. Only an
+        error (disk, checksum) before the rename leaves `current` as it was."""
+        with signals_deferred():
+            phase_hook("commit", 0)
+            keep = req_int(req, "keep", 3, lo=0)
+            release = self.need_release()
+            release_id = self.release_id
+            index = {"release": release_id, "files": self.files}
+            write_atomic(os.path.join(release, RELEASE_INDEX), [json.dumps(index, sort_keys=True).encode()])
+            for dirpath, _, _ in os.walk(release):
+                fsync_dir(dirpath)
+            fsync_dir(os.path.dirname(release))
+            phase_hook("fsync", 0)
+            self.switch_current(release_id)
+            self.release_id = None  # committed: no longer ours to delete
+            pruned = self.prune(keep, release_id)
+            prune_blobs(self.rd)
+            self.unlock()
         return {"current": release_id, "pruned": pruned}, b""
 
     def op_rollback(self, req, payload):
@@ -2440,7 +2501,8 @@ class Session:
                 raise AgentFailure("no_previous", "no release older than %s to roll back to (releases kept: %s)"
                                    % (current, ", ".join(names) or "none"))
             target = older[-1]
-            self.switch_current(target)
+            with signals_deferred():
+                self.switch_current(target)
         finally:
             self.unlock()
         release = os.path.join(base, target)
@@ -2459,6 +2521,7 @@ class Session:
         names = sorted((n for n in os.listdir(base)
                         if RELEASE_ID_RE.fullmatch(n) and os.path.isdir(os.path.join(base, n))), reverse=True)
         pruned = [n for n in names[keep:] if n != current]
+        phase_hook("prune", 0)
         for name in pruned:
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
         return pruned

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from deployer.agent_main import phase_hook
 from deployer.errors import LocalStateError
 
 CACHE_FILE = "mace_cl_compiled_program.bin"
@@ -29,6 +30,7 @@ RECORD_FILE = "record.json"
 CONTENT_FILE = "content.bin"
 HISTORY_FILE = "fingerprints.jsonl"
 LAST_RUN_FILE = "last-run.json"
+TEMP_MARK = ".tmp-"  # .<name>.tmp-<pid>: a file being written; stale once its run has ended
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
 
@@ -53,15 +55,18 @@ def inside(root: Path, relative: str) -> Path:
     return target
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder."""
+def write_atomic(path: Path, data: bytes, *, phase: str | None = None) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder. `phase`: the test hook's name for
+    the moment before the rename (docs/design.md, section 12)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    temp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}"
     try:
         with open(temp, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        if phase is not None:
+            phase_hook(phase)
         os.rename(temp, path)
         folder = os.open(path.parent, os.O_RDONLY)
         try:
@@ -181,16 +186,29 @@ def last_run_sets(cache: Path) -> dict[str, list[str]]:
             "passed": [name for name, d in entries if d.get("ok") is True]}
 
 
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the `.<name>.tmp-<pid>` files a killed run left in `folder` (they are never read). Called
+    under the cache lock, by the one thread writing this device's folder: no temp file there is live."""
+    try:
+        names = [p for p in folder.iterdir() if p.name.startswith(".") and TEMP_MARK in p.name and p.is_file()]
+    except OSError:
+        return
+    for path in names:
+        path.unlink(missing_ok=True)
+
+
 def store_device(cache: Path, device: str, cache_bytes: bytes, manifest: Mapping[str, Any],
                  fingerprint: Mapping[str, Any], logs: Mapping[str, str]) -> Path:
     """Store a passed push: logs, fingerprint, the cache file, and the manifest last (it names the others)."""
     root = device_dir(cache, device)
+    for folder in (root, root / LOGS):
+        remove_stale_temps(folder)
     record_fingerprint(root, fingerprint)
     for key, text in logs.items():
         write_atomic(inside(root, f"{LOGS}/{slug(key)}.log"), text.encode())
     write_json(inside(root, FINGERPRINT_FILE), fingerprint)
     target = inside(root, CACHE_FILE)
-    write_atomic(target, cache_bytes)
+    write_atomic(target, cache_bytes, phase="local-cache rename")
     write_json(inside(root, MANIFEST_FILE), manifest)
     return target
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from deployer.agent import AgentSession, Reply, open_session, printable, raise_for_failed_programs
 from deployer.agent import field as reply_field
+from deployer.agent_main import phase_hook
 from deployer.cache import CACHE_FILE, device_dir, store_device, store_failure
 from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMismatch
 from deployer.fleet import fail_limit, fan_out
@@ -199,6 +200,7 @@ class _DeviceRun:
         if self.job.check:
             self.outcome.ok = True
             return
+        phase_hook("plan")  # tests only: `state` answered and planned, nothing begun yet
         if plan.new_release:
             with self.timed("upload"):
                 self._upload(session, plan)
@@ -260,6 +262,7 @@ class _DeviceRun:
             file = by_path[path]
             session.request("put", self.job.contents.read(file), path=file.remote, size=file.size,
                             sha256=file.sha256, mode=file.mode)
+            phase_hook("upload")  # tests only: after the first put (a no-op unless the variable is set)
 
     def _program_specs(self, *, with_build_keys: bool = True) -> list[dict[str, Any]]:
         """Every program variant this device builds (those whose `requires` it meets)."""

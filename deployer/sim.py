@@ -56,6 +56,7 @@ class DeviceSpec:
     disk_kib: int = 0  # > 0: the remote dir is a tmpfs of this size
     server: str = "openssh"  # or "dropbear": no sftp-server, no SetEnv
     cut_after_bytes: int = 0  # > 0: a proxy in front resets each connection after this many bytes sent to it
+    read_only: bool = False  # the remote dir is a read-only bind mount (of itself) in the device's namespace
 
 
 @dataclass(slots=True)
@@ -64,7 +65,7 @@ class SimDevice:
 
     spec: DeviceSpec
     port: int
-    pid: int  # the server's; its process group holds the server and its sessions
+    pid: int  # the server's (its process group); each connection's processes have their own sessions
     folder: str
     host: str = "127.0.0.1"
     server_host: str = "127.0.0.1"  # where the server itself listens (inside its namespace with rate_kbit)
@@ -173,6 +174,10 @@ def _start_script(spec: DeviceSpec, device: SimDevice, ids: tuple[int, int], poc
             f"mkdir -p {remote}",
             f"mount -t tmpfs -o size={spec.disk_kib}k,uid={ids[0]},gid={ids[1]},mode=0755 tmpfs {remote}",
         ]
+    if spec.read_only:
+        remote = SIM_HOME / ".deployer"
+        lines += [f"mkdir -p {remote}", f"chown {ids[0]}:{ids[1]} {remote}", f"mount --bind {remote} {remote}",
+                  f"mount -o remount,ro,bind {remote}"]
     log = quote(device.log)
     if spec.server == "dropbear":
         # A board with dropbear has no sftp-server (/usr/lib/sftp-server links into this folder). dropbear has
@@ -453,11 +458,37 @@ def _stop_pid(pid: int, *, group: bool, timeout: float = 5.0) -> None:
             pass
 
 
+def namespace_pids(pid: int) -> list[int]:
+    """The processes in the mount namespace of `pid` (a device's server): the server, each connection's
+    server processes (sshd puts them in sessions of their own) and what they run; [] if `pid` is gone."""
+    try:
+        namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+        if namespace == os.readlink("/proc/self/ns/mnt"):
+            return []  # not a device (its PID was reused by a process of ours): never the host's processes
+    except OSError:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/mnt") == namespace:
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
 def stop_device(device: SimDevice, *, timeout: float = 5.0) -> None:
-    """Stop one device: its server (and its sessions: they share its process group) and its proxy by PID,
-    then delete its network namespace and veth by name."""
+    """Stop one device: its server's process group, then the processes its connections left in its namespace
+    (their own sessions), and its proxy by PID; then delete its network namespace and veth by name."""
     if device.pid:
+        sessions = [p for p in namespace_pids(device.pid) if p != device.pid]
         _stop_pid(device.pid, group=True, timeout=timeout)
+        for pid in sessions:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     if device.proxy_pid is not None:
         _stop_pid(device.proxy_pid, group=False, timeout=timeout)
     netsim.remove_link(device.netns, device.veth)

@@ -157,7 +157,10 @@ class SshChannel(_BufferedReader):
 
     def _lost(self, doing: str, exc: BaseException | None) -> TransportError:
         """The connection died: say so, with the socket's own error when paramiko kept it."""
-        cause = str(exc or "") or getattr(self._channel.get_transport(), "saved_exception", None)
+        saved = getattr(self._channel.get_transport(), "saved_exception", None)
+        cause = str(exc or "") or str(saved or "")
+        if not cause and isinstance(exc or saved, EOFError):  # a bare EOFError() would print as "()"
+            cause = "the SSH server closed the connection"
         return TransportError(f"{self._what}: connection lost while {doing}{f' ({cause})' if cause else ''}")
 
     def close_input(self) -> None:
