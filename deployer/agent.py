@@ -139,7 +139,12 @@ class AgentSession:
         fields = dict(header)
         if payload:
             fields["payload_size"] = len(payload)
-        self._channel.write(json.dumps(fields).encode() + b"\n" + payload)
+        line = json.dumps(fields).encode() + b"\n"
+        if len(payload) < 1 << 16:
+            self._channel.write(line + payload)  # one packet for the usual small request
+        else:
+            self._channel.write(line)  # a large payload is not copied into one buffer with its header
+            self._channel.write(payload)
 
     def _read(self) -> Reply:
         line = self._channel.read_line(MAX_HEADER)
