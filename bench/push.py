@@ -219,7 +219,7 @@ def close_masters(control_dir: Path) -> None:
 
 def write_ansible(fleet: Any, work: Path, built: list[str]) -> Path:
     folder = work / "ansible"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     key, known = fleet.folder / "client_key", fleet.known_hosts
     (folder / "hosts.ini").write_text("[sim]\n" + "".join(
         f"{name} ansible_host=127.0.0.1 ansible_port={port} ansible_user=deploysim "
@@ -249,7 +249,7 @@ def write_ansible(fleet: Any, work: Path, built: list[str]) -> Path:
 
 def write_pyinfra(fleet: Any, work: Path, built: list[str]) -> Path:
     folder = work / "pyinfra"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     data = {"ssh_hostname": "127.0.0.1", "ssh_user": "deploysim", "ssh_key": str(fleet.folder / "client_key"),
             "ssh_known_hosts_file": str(fleet.known_hosts), "ssh_strict_host_key_checking": "yes",
             "ssh_allow_agent": False, "ssh_look_for_keys": False}
@@ -546,6 +546,7 @@ def main() -> int:
     parser.add_argument("--default-smoke", action="store_true", help="Also one cold deploy with --smoke changed.")
     parser.add_argument("--no-help-check", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--append", action="store_true", help="Keep the scenarios already in --out (a run in parts).")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/push.py needs root (the simulated fleet does)")
@@ -554,10 +555,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-push-", dir="/tmp"))
     today = datetime.date.today().isoformat()
     out = args.out or REPO / "bench" / "results" / f"push-{today}{'-n%d' % args.devices if args.devices != 8 else ''}.json"
-    results = []
+    results = json.loads(out.read_text())["scenarios"] if args.append and out.exists() else []
     try:
         payload = make_payload(work)
         help_ = None if args.no_help_check else help_figures()
+        if help_ is None and args.append and out.exists():
+            help_ = json.loads(out.read_text()).get("help")
         if help_:
             print(f"deploy --help: {help_}", flush=True)
         for name in args.scenarios.split(","):
