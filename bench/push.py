@@ -53,14 +53,16 @@ def env_with_repo(**extra: str) -> dict[str, str]:
 # ---------------------------------------------------------------- the fleet and the payload
 
 def start_fleet(folder: Path, count: int, rtt_ms: int, rate_kbit: int) -> Any:
-    """Start the fleet from a child pinned to CPU 1: every sshd, session and proxy inherits that CPU."""
+    """Start the fleet with this process pinned to CPU 1 for the while: every sshd, session and proxy
+    inherits that CPU. (Not from a pinned child process: the servers would outlive their parent, and
+    stop_fleet, which cannot reap another's zombies, would wait 5 s on each before its SIGKILL.)"""
     from deployer import sim
-    code = ("import sys; from pathlib import Path; from deployer import sim; "
-            "sim.start_fleet(Path(sys.argv[1]), sim.fleet_specs(int(sys.argv[2])), rtt_ms=int(sys.argv[3]), "
-            "rate_kbit=int(sys.argv[4]), proxy=True)")
-    subprocess.run(["taskset", "-c", "1", PYTHON, "-c", code, str(folder), str(count), str(rtt_ms),
-                    str(rate_kbit)], check=True, env=env_with_repo(), timeout=300)
-    fleet = sim.load_fleet(folder)
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {1})
+    try:
+        fleet = sim.start_fleet(folder, sim.fleet_specs(count), rtt_ms=rtt_ms, rate_kbit=rate_kbit, proxy=True)
+    finally:
+        os.sched_setaffinity(0, before)
     for device in fleet.devices:  # check the pinning took: the server and its proxy
         for pid in filter(None, [device.pid, device.proxy_pid]):
             if os.sched_getaffinity(pid) != {1}:
