@@ -217,7 +217,7 @@ def _sshd_config(spec: DeviceSpec, device: SimDevice, pocl_cache: Path | None) -
 
 
 def _start_device(spec: DeviceSpec, fleet: Path, ids: tuple[int, int], pocl_cache: Path | None, *,
-                  rtt_ms: int, rate_kbit: int, started: list[SimDevice]) -> None:
+                  rtt_ms: int, rate_kbit: int, started: list[SimDevice], proxy: bool = False) -> None:
     """Start one device (its namespace, server and proxy), appending it to `started` as soon as there is
     anything to stop, so that a failure half-way is cleaned up too."""
     if spec.server not in SERVERS:
@@ -248,7 +248,7 @@ def _start_device(spec: DeviceSpec, fleet: Path, ids: tuple[int, int], pocl_cach
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         ).pid
     device.host, device.port = device.server_host, device.server_port
-    if rtt_ms or spec.cut_after_bytes:
+    if rtt_ms or spec.cut_after_bytes or proxy:
         device.host, device.port = "127.0.0.1", _free_port()
         _start_proxy(device)
 
@@ -382,11 +382,12 @@ def load_fleet(folder: Path) -> Fleet:
 
 
 def start_fleet(folder: Path, specs: Sequence[DeviceSpec], *, pocl_cache: Path | None = None, rtt_ms: int = 0,
-                rate_kbit: int = 0) -> Fleet:
+                rate_kbit: int = 0, proxy: bool = False) -> Fleet:
     """Start one server per spec; return when every device answers SSH (or raise, stopping them).
 
-    `rtt_ms` > 0 puts a delay proxy in front of each device (half of it each way); `rate_kbit` > 0 gives each
-    device a network namespace whose veth pair is limited to that rate in each direction."""
+    `rtt_ms` > 0 puts a delay proxy in front of each device (half of it each way); `proxy` puts one there
+    even at 0 ms, to count bytes (the benchmarks); `rate_kbit` > 0 gives each device a network namespace
+    whose veth pair is limited to that rate in each direction."""
     if rtt_ms < 0 or rate_kbit < 0:
         raise LocalStateError(f"sim: rtt_ms and rate_kbit must not be negative (got {rtt_ms}, {rate_kbit})")
     folder = folder.resolve()
@@ -403,7 +404,7 @@ def start_fleet(folder: Path, specs: Sequence[DeviceSpec], *, pocl_cache: Path |
         for spec in specs:
             try:
                 _start_device(spec, folder, ids, pocl_cache, rtt_ms=rtt_ms, rate_kbit=rate_kbit,
-                              started=fleet.devices)
+                              started=fleet.devices, proxy=proxy)
             finally:
                 _save_state(fleet)
         deadline = time.monotonic() + START_TIMEOUT_S

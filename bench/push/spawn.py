@@ -1,0 +1,30 @@
+"""Run one measured command and report its wall time, exit code and peak RSS as one JSON line on stdout.
+
+    python spawn.py TIMEOUT_S STDOUT STDERR -- ARGV...
+
+Why a launcher: a child's ru_maxrss counts the resident set it had between fork and exec, a copy of its
+parent's. bench/push.py holds the 16 MiB model and its imports (~60 MiB); this process holds ~10 MiB
+(printed as launcher_rss_kib), so that is the floor under every figure instead. The command is started
+with subprocess.Popen in its own session (killed whole on timeout, SIGALRM) and reaped with os.wait4.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+timeout, out, err = int(float(sys.argv[1])), sys.argv[2], sys.argv[3]
+argv = sys.argv[sys.argv.index("--") + 1:]
+with open(out, "wb") as stdout, open(err, "wb") as stderr:
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True)
+    signal.signal(signal.SIGALRM, lambda *_: os.killpg(proc.pid, signal.SIGKILL))
+    signal.alarm(timeout)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    signal.alarm(0)
+proc.returncode = os.waitstatus_to_exitcode(status)
+# This process's own peak since its exec (VmHWM; its ru_maxrss would count its parent's copy, as above).
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))  # so Popen's finalizer does not wait again
+print('{"wall_s": %.4f, "rc": %d, "maxrss_kib": %d, "launcher_rss_kib": %d}'
+      % (wall, proc.returncode, usage.ru_maxrss, hwm))
