@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from deployer import DEFAULT_MACE_VERSION
 from deployer.errors import DeployError, InputError
-from deployer.mace import DEFAULT_MACE_VERSION
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

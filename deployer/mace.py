@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# MACE compares the whole platform string, MaceVersion() included: DEFAULT_MACE_VERSION must match the
+# app's libmace (re-exported here).
+from deployer import DEFAULT_MACE_VERSION
 from deployer.agent_main import (
     DEVICE_NAME_KEY,
     PLATFORM_INFO_KEY,
@@ -24,8 +27,6 @@ from deployer.agent_main import (
     mace_program_key,
 )
 
-# MACE compares the whole platform string, MaceVersion() included: this must match the app's libmace.
-DEFAULT_MACE_VERSION = "v1.1.1-0-g8c75d39"
 PROGRAM_HASH_PREFIX = "program_hash_ "
 
 __all__ = [
