@@ -25,6 +25,7 @@ MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 512 << 20
 FINISH_TIMEOUT_S = 5.0
 NO_REMOTE_DIR = 73  # the bootstrap's exit status when it cannot create the remote dir (EX_CANTCREAT)
+NEED_AGENT = 75  # the run command's exit status when this agent is not on the device yet (EX_TEMPFAIL)
 
 AGENT_SOURCE = Path(agent_main.__file__).read_bytes()
 AGENT_SHA256 = hashlib.sha256(AGENT_SOURCE).hexdigest()
@@ -77,21 +78,33 @@ def remote_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def bootstrap_command(device: Device, *, check: bool = False) -> str:
-    """The one remote command of a session: run the agent, or the bootstrap that receives it first.
-    `check`: a read-only session (push --check): nothing is created on the device, and a missing agent
-    runs from a temp copy that it removes when it exits."""
-    root = remote_path(device.remote_dir)
-    sha12 = AGENT_SHA256[:12]
+def _runner(device: Device, check: bool) -> tuple[str, str, str]:
+    """(remote dir as a shell word, the agent's sha12, `exec env K=V.. PYTHON`)."""
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in
                    [*device.env.items(), *([(agent_main.READONLY_ENV, "1")] if check else [])])
     run = f"exec env {env} {shlex.quote(device.python)}".replace("env  ", "env ")
-    return (
-        ("" if check else f"{{ mkdir -p {root}/agent || exit {NO_REMOTE_DIR}; }} && ") +
-        f"a={root}/agent/agent_{sha12}.py && "
-        f'if [ -f "$a" ]; then {run} -c {shlex.quote(agent_main.LAUNCH)} {root}/agent agent_{sha12} serve {root}; '
-        f"else {run} -c {shlex.quote(agent_main.BOOTSTRAP)} {root} {sha12}; fi"
-    )
+    return remote_path(device.remote_dir), AGENT_SHA256[:12], run
+
+
+def run_command(device: Device, *, check: bool = False) -> str:
+    """A session's remote command: run the stored agent, or exit NEED_AGENT when it is not there yet.
+    Short on purpose (it travels with every push); the bootstrap comes only when needed."""
+    root, sha12, run = _runner(device, check)
+    return (f'a={root}/agent/agent_{sha12}.py; [ -f "$a" ] || exit {NEED_AGENT}; '
+            f"{run} -c {shlex.quote(agent_main.LAUNCH)} {root}/agent agent_{sha12} serve {root}")
+
+
+def bootstrap_command(device: Device, *, check: bool = False) -> str:
+    """The second remote command, only on a device without this agent: the bootstrap receives it, stores it
+    and runs it. `check`: a read-only session (push --check): nothing is created on the device, and the
+    agent runs from a temp copy that it removes when it exits."""
+    root, sha12, run = _runner(device, check)
+    return (("" if check else f"{{ mkdir -p {root}/agent || exit {NO_REMOTE_DIR}; }} && ")
+            + f"{run} -c {shlex.quote(agent_main.BOOTSTRAP)} {root} {sha12}")
+
+
+class AgentMissing(AgentError):
+    """The device does not have this agent yet (the run command exited NEED_AGENT)."""
 
 
 class AgentSession:
@@ -105,9 +118,15 @@ class AgentSession:
 
     @classmethod
     def start(cls, transport: Transport, device: Device, *, check: bool = False) -> AgentSession:
-        session = cls(transport.exec(bootstrap_command(device, check=check)), device)
+        """One remote command when the device has this agent; two (run, then bootstrap) when it has not."""
+        session = cls(transport.exec(run_command(device, check=check)), device)
         try:
-            session._handshake()
+            try:
+                session._handshake()
+            except AgentMissing:
+                session.close()
+                session = cls(transport.exec(bootstrap_command(device, check=check)), device)
+                session._handshake()
         except BaseException:
             session.close()
             raise
@@ -167,6 +186,8 @@ class AgentSession:
         status, stderr = self._channel.finish(FINISH_TIMEOUT_S)
         tail = stderr.strip().splitlines()[-3:] if stderr.strip() else []
         detail = f": {' | '.join(tail)}" if tail else ""
+        if status == NEED_AGENT:
+            return AgentMissing("the agent is not on the device yet", kind="need_agent")
         if status == 127:
             return AgentError(
                 f"no python on the device: {self._device.python!r} not found (exit 127){detail}; "

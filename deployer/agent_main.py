@@ -82,16 +82,10 @@ BUILD_KEY_RE = re.compile(r"[0-9a-f]{16,64}")
 # these 2,400 lines again (~40 ms here, several times that on a board).
 # A full disk can leave a truncated .pyc behind (a short write that Python does not check): then the
 # cache is dropped and the agent imported without writing bytecode.
-LAUNCH = """import sys
-sys.path.insert(0, sys.argv[1])
-try:
-    m = __import__(sys.argv[2])
-except (EOFError, ValueError, ImportError):
-    import os, shutil
-    shutil.rmtree(os.path.join(sys.argv[1], "__pycache__"), True)
-    sys.dont_write_bytecode = True
-    m = __import__(sys.argv[2])
-sys.exit(m.main([m.__file__] + sys.argv[3:]))"""
+LAUNCH = """import sys,shutil;p=sys.argv[1];sys.path[:0]=[p];i=lambda:__import__(sys.argv[2])
+try:m=i()
+except Exception:shutil.rmtree(p+'/__pycache__',1);sys.dont_write_bytecode=1;m=i()
+sys.exit(m.main(sys.argv[2:]))"""
 
 # The bootstrap runs as `python3 -c BOOTSTRAP RD SHA12` when RD/agent/agent_SHA12.py is missing. It
 # stays tiny and 3.6-safe: ask for the agent, check its hash, store it atomically, exec it.
