@@ -257,6 +257,8 @@ def _device_lines(o: DeviceOutcome) -> list[str]:
         error = f", max abs error {m.max_abs_error:.2g}" if m.max_abs_error is not None else ""
         times = (f", first inference {m.first_inference_ms:.0f} ms, steady {m.steady_ms:.2f} ms"
                  if m.first_inference_ms is not None and m.steady_ms is not None else "")
+        if m.ok is None and m.detail:
+            verdict = m.detail  # "not run: <why>"
         lines.append(f"{o.name}: model {m.name} {verdict}{error}{times}")
     figures = o.startup.to_json() if o.startup else {}
     source, binary = figures.get("build_from_source_ms"), figures.get("load_from_binary_ms")

@@ -326,8 +326,11 @@ def test_summary_shows_models_and_startup(capsys: pytest.CaptureFixture[str]) ->
                             startup=Startup((ProgramStartup("a", 150.0, 1.5), ProgramStartup("b", 170.0, 1.0)), 500.0))
     failed = DeviceOutcome("pi-02", ok=False, error="smoke: model tiny_cnn: ...", failed_stage="smoke",
                            models=[ModelResult("tiny_cnn", False, 0.02, 900.0, 2.0, "exceeds tolerance")])
-    _print_summary(FleetResult((outcome, failed)))
+    unchanged = DeviceOutcome("pi-03", ok=True, models=[ModelResult("tiny_cnn", None,
+                                                                    detail="not run: its programs are unchanged")])
+    _print_summary(FleetResult((outcome, failed, unchanged)))
     out = capsys.readouterr().out
+    assert "pi-03: model tiny_cnn not run: its programs are unchanged" in out
     assert "pi-01: model tiny_cnn passed, max abs error 6e-08, first inference 812 ms, steady 1.25 ms" in out
     assert "pi-01: start-up of 2 programs: 320 ms from source, 2 ms from the cached binaries" in out
     assert "pi-02: model tiny_cnn failed, max abs error 0.02" in out
