@@ -107,6 +107,16 @@ class AgentMissing(AgentError):
     """The device does not have this agent yet (the run command exited NEED_AGENT)."""
 
 
+def _agent_failure(reply: Reply) -> AgentError | None:
+    """The error a well-formed failure reply (`ok: false` with a string kind and message) carries."""
+    error = reply.fields.get("error")
+    if reply.fields.get("ok") is False and isinstance(error, dict):
+        kind, message = error.get("kind"), error.get("message")
+        if isinstance(kind, str) and isinstance(message, str):
+            return AgentError(printable(message, 2000), kind=printable(kind, 40))
+    return None
+
+
 class AgentSession:
     """One running agent on one device, spoken to over one exec channel."""
 
@@ -146,9 +156,9 @@ class AgentSession:
             self._write({"op": "agent", "sha256": AGENT_SHA256}, AGENT_SOURCE)
             self.agent_uploaded = True
             first = self._read()
-        error = first.fields.get("error")
-        if first.fields.get("ok") is False and isinstance(error, dict):  # the bootstrap could not start it
-            raise AgentError(printable(str(error.get("message")), 2000), kind=printable(str(error.get("kind")), 40))
+        failure = _agent_failure(first)  # the bootstrap could not store or start the agent
+        if failure is not None:
+            raise failure
         if first.fields.get("op") != "hello":
             raise AgentError(f"agent did not say hello (got {_show(dict(first.fields))})")
         first.get("python", str)
@@ -205,14 +215,11 @@ class AgentSession:
     def request(self, op: str, payload: bytes = b"", **fields: Any) -> Reply:
         self._write({"op": op, **fields}, payload)
         reply = self._read()
-        ok = reply.fields.get("ok")
-        if ok is True:
+        if reply.fields.get("ok") is True:
             return reply
-        error = reply.fields.get("error")
-        if ok is False and isinstance(error, dict):
-            kind, message = error.get("kind"), error.get("message")
-            if isinstance(kind, str) and isinstance(message, str):
-                raise AgentError(printable(message, 2000), kind=printable(kind, 40))
+        failure = _agent_failure(reply)
+        if failure is not None:
+            raise failure
         raise AgentError(f"agent reply to {op!r} has neither ok nor a well-formed error: {_show(dict(reply.fields))}")
 
     def close(self) -> None:
