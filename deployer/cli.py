@@ -241,14 +241,6 @@ def _print_check(result: FleetResult) -> None:
     stdout.print(f"checked {total - len(result.failed)}/{total} device(s); nothing was changed")
 
 
-def _human_bytes(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024  # type: ignore[assignment]
-    return f"{size} B"
-
-
 def _device_lines(o: DeviceOutcome) -> list[str]:
     """Below the table: each model's verdict and latency, and the start-up figures of the device."""
     lines = []
@@ -278,6 +270,8 @@ def _changes(o: DeviceOutcome) -> str:
 
 
 def _print_summary(result: FleetResult) -> None:
+    from deployer.progress import human_bytes
+
     table = Table(title="deploy push", title_justify="left")
     for column in ("device", "status", "platform / driver", "built", "changes", "smoke", "sent", "compile s",
                    "total s"):
@@ -293,7 +287,7 @@ def _print_summary(result: FleetResult) -> None:
                  + (f" +{skipped} skipped" if skipped else ""))
         status = "[green]passed[/green]" if o.ok else f"[red]failed[/red] ({o.failed_stage})"
         table.add_row(escape(o.name), status, escape(f"{platform} / {driver}"), str(o.built), _changes(o), smoke,
-                      _human_bytes(o.bytes_sent),
+                      human_bytes(o.bytes_sent),
                       f"{o.stages.get('compile', 0):.2f}", f"{sum(o.stages.values()):.2f}")
     stdout.print(table)
     for o in result.outcomes:

@@ -120,7 +120,7 @@ class LiveProgress(Progress):
                 elapsed = ((row.ended or now) - row.started) if row.started else 0.0
                 failed = f"[red]failed[/red] at {escape(row.stage)}" if row.started else "[red]not started[/red]"
                 stage = {True: "[green]passed[/green]", False: failed, None: escape(row.stage)}[row.ok]
-                table.add_row(escape(name), stage, _size(sent), _size(received), f"{elapsed:.1f} s")
+                table.add_row(escape(name), stage, human_bytes(sent), human_bytes(received), f"{elapsed:.1f} s")
             bar = ProgressBar(total=max(1, len(rows)), completed=done, width=40)
         return Group(table, bar)
 
@@ -135,12 +135,14 @@ def _read(row: _Row) -> tuple[int, int]:
     return row.last_bytes
 
 
-def _size(n: int) -> str:
+def human_bytes(size: int) -> str:
+    """1536 -> "1.5 KiB": the summary's and the live table's sizes."""
+    value = float(size)
     for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n:.1f} GiB"
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def make_progress(console: Console, devices: Sequence[str], *, title: str, quiet: bool) -> Progress:
