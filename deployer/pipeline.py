@@ -39,9 +39,6 @@ STAGES = ("connect", "state", "fingerprint", "upload", "compile", "pull", "smoke
 MAX_PULL = 256 << 20
 
 
-SMOKE_MODES = ("changed", "always", "never")
-
-
 @dataclass(frozen=True, slots=True)
 class PushJob:
     """What every device of one `deploy push` gets; built once, shared read-only by the workers."""
@@ -55,11 +52,10 @@ class PushJob:
     accept_new_host_keys: bool = False
     mace_format: str = "pb"  # "legacy" for apps on MACE v1.0.x
     models: tuple[ModelPlan, ...] = ()  # models of the deployer's format: their forward pass is smoked too
+    max_fail_percentage: float | None = None  # past it, devices not yet started are not started
     smoke_mode: str = "changed"  # changed: only programs whose binary (or the device's fingerprint) changed
     check: bool = False  # plan only: say what would travel and be rebuilt, touch nothing
     contents: FileContents = field(default_factory=FileContents, compare=False)
-
-    max_fail_percentage: float | None = None  # past it, devices not yet started are not started
 
     @property
     def shas(self) -> dict[str, str]:
@@ -145,7 +141,7 @@ class _DeviceRun:
         self.skipped: dict[str, str] = {}  # program key -> why this device skips it (unmet `requires`)
         self.state: RemoteState | None = None
         self.build_keys: dict[str, str] = {}  # program key -> build key, for the programs this device builds
-        self.programs: dict[str, bytes] = {}  # program key -> binary, from the cache file as pulled
+        self.binary_shas: dict[str, str] = {}  # program key -> sha256 of its binary in the cache file as pulled
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -232,11 +228,12 @@ class _DeviceRun:
         self.outcome.fingerprint = _fingerprint(fingerprint)
         self.skipped = self.job.library.skipped(self.outcome.fingerprint)
         fingerprint_id = str(self.outcome.fingerprint.get("id", ""))
+        shas, mace_version = self.job.shas, self._mace_version()
         self.build_keys = {
-            spec["key"]: build_key(spec, self.job.shas, mace_version=self._mace_version(),
-                                   mace_format=self.job.mace_format, fingerprint_id=fingerprint_id)
+            spec["key"]: build_key(spec, shas, mace_version=mace_version, mace_format=self.job.mace_format,
+                                   fingerprint_id=fingerprint_id)
             for spec in self._program_specs(with_build_keys=False)}
-        plan = plan_device(self.job.files, self.build_keys, state, mace_version=self._mace_version(),
+        plan = plan_device(self.job.files, self.build_keys, state, mace_version=mace_version,
                            mace_format=self.job.mace_format)
         self.outcome.plan = plan
         self.outcome.release = state.current
@@ -330,7 +327,7 @@ class _DeviceRun:
         missing = sorted(k for k in self.build_keys if k not in entries)
         if missing:
             raise AgentError(f"the pulled cache file lacks program(s) {missing}", kind="bad_cache")
-        self.programs = {k: entries[k] for k in self.build_keys}
+        self.binary_shas = {k: hashlib.sha256(entries[k]).hexdigest() for k in self.build_keys}
         return cache_bytes, manifest
 
     # ----- smoke: what changed (or everything, or nothing) -----
@@ -351,16 +348,13 @@ class _DeviceRun:
         not_smoked = {k: self._why_not_smoked() for k in self.build_keys if k not in keys}
         smoke, left_out = self.job.smoke, {**self.skipped, **not_smoked}
         run = smoke.requests(left_out)
+        reply = Reply({"cases": []}, b"")  # nothing to run: every case is left out, and says why
         if run:
             cases = smoke.requests(self.skipped)  # all of this device's cases travel (once) in the blob
             reply = self._blob_request(session, "smoke", {"cases": cases}, bytes(smoke.payload),
                                        run=[c["id"] for c in run], cache_file=f"build/{CACHE_FILE}",
                                        expected=self._expected({c["program_key"] for c in run}))
-            kernels = check_cases(smoke, reply, left_out)
-        else:
-            kernels = [KernelResult(c.id, c.program_key, True, "skipped", detail=c.skip_reason) if c.skip_reason
-                       else KernelResult(c.id, c.program_key, False, "skipped", detail=left_out.get(c.program_key))
-                       for c in smoke.cases]
+        kernels = check_cases(smoke, reply, left_out)
         status = "unchanged" if self.job.smoke_mode == "changed" else "skipped"
         self.outcome.kernels = [replace(k, built=True, smoke=status) if k.program_key in not_smoked and not k.built
                                 else k for k in kernels]
@@ -372,7 +366,7 @@ class _DeviceRun:
 
     def _expected(self, keys: set[str]) -> dict[str, str]:
         """sha256 of the pulled binaries the device may load: it checks each before any driver sees it."""
-        return {key: hashlib.sha256(self.programs[key]).hexdigest() for key in sorted(keys)}
+        return {key: self.binary_shas[key] for key in sorted(keys)}
 
     def _why_not_smoked(self) -> str:
         if self.job.smoke_mode == "never":
