@@ -834,13 +834,18 @@ def icd_files():
     return label, [os.path.join(where, n) for n in names]
 
 
+def icd_library(path):
+    """The library an ICD file names (its first line); OSError if the file cannot be read."""
+    with open(path, "rb") as handle:
+        return handle.read(4096).decode("utf-8", "replace").strip().split("\n")[0].strip()
+
+
 def diagnose_no_platform():
     """An ICD file naming a library that does not load is the usual cause; say which one."""
     where, files = icd_files()
     for path in files:
         try:
-            with open(path, "rb") as handle:
-                library = handle.read(4096).decode("utf-8", "replace").strip().split("\n")[0].strip()
+            library = icd_library(path)
         except OSError as exc:
             return AgentFailure("icd_missing_library", "cannot read ICD file %s: %s" % (path, exc))
         try:
@@ -1849,8 +1854,7 @@ def driver_stamp(selection):
     icds = []
     for path in files:
         try:
-            with open(path, "rb") as handle:
-                library = handle.read(4096).decode("utf-8", "replace").strip().split("\n")[0].strip()
+            library = icd_library(path)
         except OSError:
             library = ""
         icds.append([_stat_record(path), library, _stat_record(_find_library(library)) if library else None])
