@@ -53,12 +53,12 @@ def driver_slug(device: dict[str, Any]) -> str:
 def cross_feed(inventory: Path, cache: Path, work: Path) -> list[dict[str, Any]]:
     """Each driver given the other's cache file: refused by the fingerprint check (cache install), and
     refused by the driver itself when the bytes reach it anyway (smoke on the foreign file)."""
-    from deployer.agent import open_session
-    from deployer.inventory import load_inventory
-    from deployer.kernels import load_library
-    from deployer.mace import parse_cache
-    from deployer.pipeline import check_cases
-    from deployer.smoke import load_references, plan_smoke
+    from deployer.cache.mace import parse_cache
+    from deployer.config.inventory import load_inventory
+    from deployer.config.kernels import load_library
+    from deployer.protocol.session import open_session
+    from deployer.tasks.push import check_cases
+    from deployer.tasks.smoke import load_references, plan_smoke
 
     devices = {d.name: d for d in load_inventory(inventory).devices}
     library = load_library(REPO / "kernels")
@@ -136,7 +136,7 @@ def gemm_timing(platform_name: str, size: int) -> dict[str, Any]:
 
 def _binary_kinds(cache_file: Path) -> dict[str, int]:
     """How many programs of each binary kind (poclbin, PTX, ELF, opaque) the driver produced."""
-    from deployer.mace import binary_kind, parse_cache
+    from deployer.cache.mace import binary_kind, parse_cache
 
     if not cache_file.exists():
         return {}

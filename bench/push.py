@@ -56,7 +56,7 @@ def start_fleet(folder: Path, count: int, rtt_ms: int, rate_kbit: int) -> Any:
     """Start the fleet with this process pinned to CPU 1 for the while: every sshd, session and proxy
     inherits that CPU. (Not from a pinned child process: the servers would outlive their parent, and
     stop_fleet, which cannot reap another's zombies, would wait 5 s on each before its SIGKILL.)"""
-    from deployer import sim
+    from deployer.sim import fleet as sim
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {1})
     try:
@@ -72,7 +72,7 @@ def start_fleet(folder: Path, count: int, rtt_ms: int, rate_kbit: int) -> Any:
 
 def make_payload(work: Path) -> dict[str, Any]:
     """W/payload (what the contenders copy) and W/deploy-kernels (deploy's --kernels, with kernels.yml)."""
-    from deployer.kernels import load_library
+    from deployer.config.kernels import load_library
     payload = work / "payload"
     (payload / "models").mkdir(parents=True)
     model = payload / "models" / "bench16.bin"
@@ -107,7 +107,7 @@ def clear_devices(fleet: Any, *, deployer: bool) -> None:
 # ---------------------------------------------------------------- counting
 
 def counters(fleet: Any) -> dict[str, dict[str, Any]]:
-    from deployer import sim
+    from deployer.sim import fleet as sim
     out = {}
     for device in fleet.devices:
         stats = sim.proxy_stats(device)
@@ -308,7 +308,7 @@ def deploy_figures(result: dict[str, Any], logs: Path) -> None:
 
 def run_scenario(name: str, count: int, reps: int, tools: list[str], work: Path, payload: dict[str, Any],
                  *, cold_reps: int, default_smoke: bool) -> dict[str, Any]:
-    from deployer import sim
+    from deployer.sim import fleet as sim
     rtt_ms, rate_kbit = SCENARIOS[name]
     folder = work / f"fleet-{name}-{count}"
     logs = work / "logs" / f"{name}-{count}"
@@ -339,7 +339,7 @@ def run_scenario(name: str, count: int, reps: int, tools: list[str], work: Path,
                 control = Path(tempfile.mkdtemp(prefix="bench-ctl-", dir="/tmp"))
                 args = [a for n, p in hosts(fleet) for a in (n, str(p))]
                 result = measure(fleet, ["bash", str(shell), str(work), str(control), *args], logs,
-                                 f"shell-{rep}", env=env, after=lambda: close_masters(control))
+                                 f"shell-{rep}", env=env, after=lambda control=control: close_masters(control))
                 result["compile_s"] = remote_compile_s(fleet)
                 shutil.rmtree(control, ignore_errors=True)
                 record("shell", result)
@@ -349,7 +349,7 @@ def run_scenario(name: str, count: int, reps: int, tools: list[str], work: Path,
                 aenv = env_with_repo(ANSIBLE_CONFIG=str(ansible / "ansible.cfg"),
                                      ANSIBLE_SSH_CONTROL_PATH_DIR=str(control), ANSIBLE_LOCAL_TEMP=str(work / "atmp"))
                 result = measure(fleet, [str(BENCH_BIN / "ansible-playbook"), str(ansible / "site.yml")], logs,
-                                 f"ansible-{rep}", env=aenv, after=lambda: close_masters(control))
+                                 f"ansible-{rep}", env=aenv, after=lambda control=control: close_masters(control))
                 result["compile_s"] = remote_compile_s(fleet)
                 shutil.rmtree(control, ignore_errors=True)
                 record("ansible", result)
@@ -431,7 +431,7 @@ def summarize(scenario: dict[str, Any]) -> dict[str, dict[str, Any]]:
     table = {}
     for tool, runs in scenario["runs"].items():
         good = [r for r in runs if r["rc"] == 0] or runs
-        def per_dev(key: str, fn: Any) -> float | None:
+        def per_dev(key: str, fn: Any, good: list[dict[str, Any]] = good) -> float | None:
             return median([fn([d[key] for d in r["devices"].values()]) for r in good])
         compiles = [r.get("compile_s") for r in good]
         table[tool] = {
@@ -441,7 +441,8 @@ def summarize(scenario: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "wall_minus_compile_s": median([r["wall_s"] - (r.get("compile_s") or 0.0) for r in good]),
             "connections_max": per_dev("connections", max), "commands_max": per_dev("commands", max),
             "subsystems_max": per_dev("subsystems", max),
-            "sent_per_device": per_dev("sent", statistics.mean), "received_per_device": per_dev("received", statistics.mean),
+            "sent_per_device": per_dev("sent", statistics.mean),
+            "received_per_device": per_dev("received", statistics.mean),
             "sent_max": per_dev("sent", max),
             "rss_mib": median([r["rss_mib"] for r in good]),
         }
@@ -476,7 +477,8 @@ def print_table(name: str, count: int, table: dict[str, dict[str, Any]]) -> list
             f"{fmt(r['x_floor'])} | {fmt(r.get('x_shell'))} | {fmt(r.get('x_shell_no_compile'))} | "
             f"{fmt(r['connections_max'], 'g')} | {fmt(r['commands_max'], 'g')} (+{fmt(r['subsystems_max'], 'g')}) | "
             f"{fmt(r['sent_per_device'] and r['sent_per_device'] / 1024, '.1f')} | "
-            f"{fmt(r['received_per_device'] and r['received_per_device'] / 1024, '.1f')} | {fmt(r['rss_mib'], '.1f')} |")
+            f"{fmt(r['received_per_device'] and r['received_per_device'] / 1024, '.1f')} | "
+            f"{fmt(r['rss_mib'], '.1f')} |")
     print("\n".join(lines), flush=True)
     return lines
 
@@ -556,7 +558,8 @@ def main() -> int:
     tools = args.tools.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-push-", dir="/tmp"))
     today = datetime.date.today().isoformat()
-    out = args.out or REPO / "bench" / "results" / f"push-{today}{'-n%d' % args.devices if args.devices != 8 else ''}.json"
+    suffix = f"-n{args.devices}" if args.devices != 8 else ""
+    out = args.out or REPO / "bench" / "results" / f"push-{today}{suffix}.json"
     results = json.loads(out.read_text())["scenarios"] if args.append and out.exists() else []
     try:
         payload = make_payload(work)

@@ -1,3 +1,3 @@
-from deployer.cli import console_main
+from deployer.cli.main import console_main
 
 console_main()

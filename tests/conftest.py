@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from deployer.cli import main
-from deployer.progress import Progress
-from deployer.sim import DeviceSpec, Fleet, fleet_specs, start_fleet
+from deployer.cli.main import main
+from deployer.sim.fleet import DeviceSpec, Fleet, fleet_specs, start_fleet
+from deployer.tasks.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels"
@@ -87,7 +87,8 @@ class Pushed:
 
     @property
     def report(self) -> dict[str, Any]:
-        return json.loads(self.run.out)
+        report: dict[str, Any] = json.loads(self.run.out)
+        return report
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ crash, broken ICD setups, bootstrap). pyopencl is the oracle for the fingerprint
 
 from __future__ import annotations
 
-import ast
+import atexit
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,23 +27,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deployer import agent_main
-from deployer.agent_main import (
-    BOOTSTRAP,
+from deployer.protocol.bundle import agent_bundle
+from deployer.remote.boot import BOOTSTRAP, LAUNCH
+from deployer.remote.framing import read_message, write_message
+from deployer.remote.layout import AGENT_VERSION
+from deployer.remote.mace import (
     DEVICE_NAME_KEY,
     PLATFORM_INFO_KEY,
     decode_mace_pb,
     encode_mace_pb,
     mace_device_name,
+    mace_platform_info,
     mace_program_hash,
     mace_program_key,
-    read_message,
-    write_message,
 )
 
-AGENT = Path(agent_main.__file__).resolve()
-AGENT_SOURCE = AGENT.read_bytes()
-AGENT_SHA = hashlib.sha256(AGENT_SOURCE).hexdigest()
+BUNDLE = agent_bundle()
 MACE_VERSION = "v1.1.1-0-g8c75d39"
 
 COMMON_H = b"#define SCALE(v) (v)\n"
@@ -76,8 +78,20 @@ def agent_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return env
 
 
+@functools.cache
+def stored_bundle() -> Path:
+    """The agent bundle unpacked as a board keeps it (RD/agent/<id12>/deployer_remote/), once per test run."""
+    root = Path(tempfile.mkdtemp(prefix="deployer-bundle-")) / BUNDLE.id12
+    for path, data in BUNDLE.files:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    atexit.register(shutil.rmtree, root.parent, True)
+    return root
+
+
 class Agent:
-    """One `agent_main.py serve RD` process spoken to over its stdin/stdout pipes."""
+    """One agent (`deployer_remote.main serve RD`, run from a stored bundle by LAUNCH, as on a board) spoken
+    to over its stdin/stdout pipes."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -88,7 +102,7 @@ class Agent:
 
     @classmethod
     def serve(cls, rd: Path, env: dict[str, str], python: str = sys.executable) -> Agent:
-        agent = cls([python, str(AGENT), "serve", str(rd)], env)
+        agent = cls([python, "-c", LAUNCH, str(stored_bundle()), "deployer_remote.main", "serve", str(rd)], env)
         agent.hello, _ = read_message(agent.stdout)
         assert agent.hello["op"] == "hello", agent.hello
         return agent
@@ -227,7 +241,7 @@ def pushed(tmp_path_factory: pytest.TempPathFactory, agent_env: dict[str, str]) 
 
 
 def test_hello_names_agent_and_python(pushed: Pushed) -> None:
-    assert pushed.hello["agent_version"] == agent_main.AGENT_VERSION
+    assert pushed.hello["agent_version"] == AGENT_VERSION
     assert pushed.hello["python"] == "{}.{}.{}".format(*sys.version_info[:3])
     assert isinstance(pushed.hello["pid"], int)
     assert pushed.begin == {"ok": True, "release": "r1", "previous": None, "need": None}
@@ -339,7 +353,7 @@ def test_mace_rules() -> None:
     assert mace_device_name("Mali-G52", "OpenCL 2.0 v1.r16p0") == "Mali-G52"
     assert mace_device_name("PowerVR Rogue GE8320", "OpenCL 1.2") == "PowerVR Rogue GE8320"
     assert mace_device_name("pthread-skylake", "OpenCL 3.0 PoCL") == ""
-    info = agent_main.mace_platform_info("P", "FULL_PROFILE", "OpenCL 3.0", "v1")
+    info = mace_platform_info("P", "FULL_PROFILE", "OpenCL 3.0", "v1")
     assert info == "P, FULL_PROFILE, OpenCL 3.0, v1"
 
 
@@ -627,33 +641,116 @@ def test_opencl_setup_errors(setup: str, kind: str, words: list[str], tmp_path: 
 # bootstrap, and the oldest supported Python
 # --------------------------------------------------------------------------------------------------
 
+def bootstrap(rd: Path, env: dict[str, str], python: str = sys.executable) -> Agent:
+    """The bootstrap, as the second remote command runs it; it has asked for the bundle."""
+    agent = Agent([python, "-c", BOOTSTRAP, str(rd), BUNDLE.id12], env)
+    assert agent.stdout.readline() == b'{"op":"need_agent"}\n'
+    return agent
+
+
 def test_bootstrap_receives_and_runs_the_agent(tmp_path: Path, agent_env: dict[str, str],
                                                agents: list[Agent]) -> None:
     rd = tmp_path / "rd"
-    sha12 = AGENT_SHA[:12]
-    agent = Agent([sys.executable, "-c", BOOTSTRAP, str(rd), sha12], agent_env)
+    agent = bootstrap(rd, agent_env)
     agents.append(agent)
-    assert agent.stdout.readline() == b'{"op":"need_agent"}\n'
-    agent.send({"op": "agent", "sha256": AGENT_SHA}, AGENT_SOURCE)
+    agent.send(*BUNDLE.message())
     hello, _ = agent.recv()
-    assert hello["op"] == "hello"
-    stored = rd / "agent" / f"agent_{sha12}.py"
-    assert stored.read_bytes() == AGENT_SOURCE
-    assert sorted(p.name for p in stored.parent.iterdir()) == ["__pycache__", stored.name]  # run by import
+    assert hello["op"] == "hello" and hello["agent"] == BUNDLE.id
+    stored = rd / "agent" / BUNDLE.id12
+    assert sorted(p.name for p in (rd / "agent").iterdir()) == [BUNDLE.id12]  # no temp folder left
+    for path, data in BUNDLE.files:
+        assert (stored / path).read_bytes() == data
+    assert list((stored / "deployer_remote" / "__pycache__").glob("session.*.pyc"))  # run by import
     assert agent.bye() == 0
 
 
-def test_bootstrap_refuses_a_wrong_agent(tmp_path: Path, agent_env: dict[str, str],
-                                         agents: list[Agent]) -> None:
+@pytest.mark.parametrize("damage", ["bytes", "path", "order"])
+def test_bootstrap_refuses_a_wrong_bundle(tmp_path: Path, agent_env: dict[str, str], agents: list[Agent],
+                                          damage: str) -> None:
     rd = tmp_path / "rd"
-    agent = Agent([sys.executable, "-c", BOOTSTRAP, str(rd), AGENT_SHA[:12]], agent_env)
+    agent = bootstrap(rd, agent_env)
     agents.append(agent)
-    agent.stdout.readline()
-    agent.send({"op": "agent", "sha256": AGENT_SHA}, AGENT_SOURCE[:-1] + b"#")
+    header, payload = BUNDLE.message()
+    index = list(header["files"])  # type: ignore[call-overload]
+    if damage == "bytes":
+        payload = payload[:-1] + b"#"
+    elif damage == "path":
+        index[0] = ["deployer_remote/../../evil.py", index[0][1]]
+    else:
+        index = index[::-1]
+    try:
+        agent.send(dict(header, files=index), payload)
+    except BrokenPipeError:
+        pass  # a bad index is refused before the bytes are read
     reply, _ = agent.recv()
-    assert reply["ok"] is False and reply["error"]["kind"] == "checksum"
+    assert reply["ok"] is False and reply["error"]["kind"] == ("checksum" if damage == "bytes" else "bad_request")
     assert agent.proc.wait(10) == 1
     assert not (rd / "agent").exists() or list((rd / "agent").iterdir()) == []
+    assert not (tmp_path / "evil.py").exists()
+
+
+def test_bootstrap_uses_a_bundle_another_controller_stored_first(tmp_path: Path, agent_env: dict[str, str],
+                                                                 agents: list[Agent]) -> None:
+    """Two controllers bootstrapping one board at once: the second rename finds the folder there and runs it."""
+    rd = tmp_path / "rd"
+    agent = bootstrap(rd, agent_env)
+    agents.append(agent)
+    shutil.copytree(stored_bundle(), rd / "agent" / BUNDLE.id12)  # stored meanwhile by the other one
+    agent.send(*BUNDLE.message())
+    hello, _ = agent.recv()
+    assert hello["op"] == "hello" and hello["agent"] == BUNDLE.id
+    assert sorted(p.name for p in (rd / "agent").iterdir()) == [BUNDLE.id12]
+    assert agent.bye() == 0
+
+
+def test_truncated_bytecode_of_any_module_is_dropped(tmp_path: Path, agent_env: dict[str, str],
+                                                     agents: list[Agent]) -> None:
+    """A full disk can leave a truncated .pyc (Python does not check its short write): LAUNCH drops every
+    __pycache__ of the bundle and imports without writing bytecode, whichever module it was."""
+    root = tmp_path / BUNDLE.id12
+    shutil.copytree(stored_bundle(), root)
+    warm = Agent([sys.executable, "-c", LAUNCH, str(root), "deployer_remote.main", "serve", str(tmp_path / "rd")],
+                 agent_env)
+    agents.append(warm)
+    warm.recv()
+    assert warm.bye() == 0
+    cached = list((root / "deployer_remote" / "__pycache__").glob("*.pyc"))
+    assert {p.name.split(".")[0] for p in cached} >= {"session", "framing", "bundle"}
+    for pyc in cached:
+        pyc.write_bytes(pyc.read_bytes()[:20])  # header intact, marshal data cut short
+    agent = Agent([sys.executable, "-c", LAUNCH, str(root), "deployer_remote.main", "serve", str(tmp_path / "rd")],
+                  agent_env)
+    agents.append(agent)
+    hello, _ = agent.recv()
+    assert hello["op"] == "hello" and hello["agent"] == BUNDLE.id
+    assert not (root / "deployer_remote" / "__pycache__").exists()
+    assert agent.bye() == 0
+
+
+def test_commit_prunes_old_bundles(tmp_path: Path, agent_env: dict[str, str], agents: list[Agent]) -> None:
+    """As releases are: the running bundle and the two used last stay; older bundles, the one-file agents of
+    earlier versions (and their bytecode) and a killed bootstrap's stale temp folder go."""
+    rd = tmp_path / "rd"
+    agent_dir = rd / "agent"
+    now = time.time()
+    olds = [f"{n:012x}" for n in range(4)]  # used 4, 3, 2 and 1 hours ago
+    for age, name in zip((4, 3, 2, 1), olds, strict=True):
+        (agent_dir / name / "deployer_remote").mkdir(parents=True)
+        os.utime(agent_dir / name, (now - age * 3600, now - age * 3600))
+    legacy = agent_dir / "agent_0123456789ab.py"
+    legacy.write_text("# the one-file agent\n")
+    os.utime(legacy, (now - 9000, now - 9000))
+    (agent_dir / "__pycache__").mkdir()
+    stale, fresh = agent_dir / ".tmp-aaaaaaaaaaaa-1", agent_dir / ".tmp-bbbbbbbbbbbb-2"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (now - 3600, now - 3600))
+    agent = Agent.serve(rd, agent_env)  # runs from a bundle outside RD: every folder here is another's
+    agents.append(agent)
+    start_release(agent, "p1")
+    agent.ok("commit", keep=1)
+    assert agent.bye() == 0
+    assert sorted(p.name for p in agent_dir.iterdir()) == sorted([olds[2], olds[3], fresh.name])
 
 
 def find_python36() -> str | None:
@@ -675,10 +772,9 @@ def test_runs_on_python_36(tmp_path: Path, agent_env: dict[str, str], agents: li
     python = find_python36()
     if python is None:
         pytest.skip("no python3.6 on this machine")
-    agent = Agent([python, "-c", BOOTSTRAP, str(tmp_path / "rd"), AGENT_SHA[:12]], agent_env)  # bootstrap too
+    agent = bootstrap(tmp_path / "rd", agent_env, python)  # the bootstrap on 3.6 too
     agents.append(agent)
-    assert agent.stdout.readline() == b'{"op":"need_agent"}\n'
-    agent.send({"op": "agent", "sha256": AGENT_SHA}, AGENT_SOURCE)
+    agent.send(*BUNDLE.message())
     agent.hello, _ = agent.recv()
     assert agent.hello["python"].startswith("3.6.")
     start_release(agent, "py36")
@@ -694,24 +790,6 @@ def test_runs_on_python_36(tmp_path: Path, agent_env: dict[str, str], agents: li
                                rtol=1e-6, atol=1e-6)
     agent.ok("commit", keep=1)
     assert agent.bye() == 0
-
-
-def test_agent_is_python36_stdlib_only(tmp_path: Path) -> None:
-    tree = ast.parse(AGENT_SOURCE)
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
-    vermin = shutil.which("vermin")
-    if vermin is None:
-        pytest.skip("vermin is not installed")
-    bootstrap = tmp_path / "bootstrap.py"
-    bootstrap.write_text(BOOTSTRAP)
-    for path in (AGENT, bootstrap):
-        check = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", str(path)],
-                               capture_output=True, text=True, timeout=60)
-        assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_sigterm_drops_an_uncommitted_release(tmp_path: Path, agent_env: dict[str, str],

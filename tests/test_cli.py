@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployer.inventory import load_inventory
-from deployer.kernels import load_library
-from deployer.pipeline import PushJob, release_paths, run_fleet
-from deployer.plan import HashIndex, local_files
-from deployer.sim import DeviceSpec, Fleet, fleet_status
-from deployer.smoke import load_references, plan_smoke
+from deployer.config.inventory import load_inventory
+from deployer.config.kernels import load_library
+from deployer.sim.fleet import DeviceSpec, Fleet, fleet_status
+from deployer.tasks.plan import HashIndex, local_files
+from deployer.tasks.push import PushJob, release_paths, run_fleet
+from deployer.tasks.smoke import load_references, plan_smoke
 from tests.conftest import KERNELS, REPO, Cli, StageHook
 from tests.test_faults import MakeFleet
 

@@ -14,9 +14,7 @@ from typing import Any
 
 import pytest
 
-from deployer.collect import CollectJob, check_found, collect_fleet, local_folder
-from deployer.inventory import load_inventory
-from deployer.mace import (
+from deployer.cache.mace import (
     DEVICE_NAME_KEY,
     PLATFORM_INFO_KEY,
     decode_legacy,
@@ -25,7 +23,9 @@ from deployer.mace import (
     mace_verdict,
     parse_cache,
 )
-from deployer.sim import DeviceSpec, Fleet, fleet_specs
+from deployer.config.inventory import load_inventory
+from deployer.sim.fleet import DeviceSpec, Fleet, fleet_specs
+from deployer.tasks.collect import CollectJob, check_found, collect_fleet, local_folder
 from tests.conftest import KERNELS, Cli, StageHook
 from tests.test_faults import MakeFleet
 
@@ -245,7 +245,7 @@ def exported_bytes(cache: Path) -> bytes:
 
 
 def test_a_second_run_on_the_same_cache_is_refused(fleet: Fleet, cli: Cli, tmp_path: Path) -> None:
-    from deployer.cache import cache_lock
+    from deployer.cache.store import cache_lock
 
     cache = tmp_path / "cache"
     with cache_lock(cache):

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from deployer.agent import open_session
+from deployer.config.inventory import Device, load_inventory
+from deployer.config.sshconfig import JumpHost
+from deployer.connect.transport import open_transport
 from deployer.errors import AuthError, ConnectError, HostKeyError
-from deployer.inventory import Device, load_inventory
-from deployer.sim import DeviceSpec, Fleet
-from deployer.sshconfig import JumpHost
-from deployer.transport import open_transport
+from deployer.protocol.session import open_session
+from deployer.sim.fleet import DeviceSpec, Fleet
 from tests.conftest import Cli
 from tests.test_faults import _saxpy_only, device_entry, edit_inventory
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deployer.sim import DeviceSpec, Fleet
+from deployer.sim.fleet import DeviceSpec, Fleet
 from tests.conftest import KERNELS, Cli
 
 MakeFleet = Callable[[Sequence[DeviceSpec]], Fleet]

@@ -18,15 +18,15 @@ from typing import Any
 
 import pytest
 
-from deployer import plan as plan_module
-from deployer.cli import main
-from deployer.inventory import load_inventory
-from deployer.kernels import load_library
-from deployer.pipeline import PushJob, release_paths, run_fleet
-from deployer.plan import HashIndex, local_files
-from deployer.progress import Progress
-from deployer.sim import DeviceSpec, Fleet, start_fleet
-from deployer.smoke import load_references, plan_smoke
+from deployer.cli.main import main
+from deployer.config.inventory import load_inventory
+from deployer.config.kernels import load_library
+from deployer.sim.fleet import DeviceSpec, Fleet, start_fleet
+from deployer.tasks import plan as plan_module
+from deployer.tasks.plan import HashIndex, local_files
+from deployer.tasks.progress import Progress
+from deployer.tasks.push import PushJob, release_paths, run_fleet
+from deployer.tasks.smoke import load_references, plan_smoke
 from tests.conftest import KERNELS, Cli
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny_cnn.npz"
@@ -265,7 +265,11 @@ def test_the_hash_index_hashes_a_file_once_per_change(tmp_path: Path, monkeypatc
     os.utime(big, (1e9, 1e9))  # old enough to be trusted (git's racy-file rule)
     hashed: list[Path] = []
     real = plan_module._hash_file
-    monkeypatch.setattr(plan_module, "_hash_file", lambda p: hashed.append(p) or real(p))
+
+    def counting(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+    monkeypatch.setattr(plan_module, "_hash_file", counting)
     index_file = tmp_path / "index.json"
     first = local_files([("models/model.bin", big)], HashIndex(index_file))
     again = local_files([("models/model.bin", big)], HashIndex(index_file))  # a new run reads the index

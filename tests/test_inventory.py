@@ -19,9 +19,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployer import sshconfig
+from deployer.config import sshconfig
+from deployer.config.inventory import Device, Inventory, describe, load_inventory, parse_inventory
+from deployer.config.selection import select
 from deployer.errors import InputError, InventoryError, Where
-from deployer.inventory import Device, Inventory, describe, load_inventory, parse_inventory, select
 
 REPO = Path(__file__).resolve().parents[1]
 FILE = "lab.yml"
@@ -381,7 +382,7 @@ def test_defaults_and_builtins(home: Path) -> None:
 
 
 def test_retries_deadline_agent_and_override() -> None:
-    from deployer.inventory import override
+    from deployer.config.inventory import override
 
     text = """\
         defaults: {connect_retries: 0, timeouts: {device: 90}, ssh: {agent: false}}

@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 import yaml
 
-from deployer.agent import Reply
+from deployer.cache.mace import parse_cache
+from deployer.config.kernels import Library, load_library, unmet_requirement
 from deployer.errors import InputError
-from deployer.kernels import Library, load_library, unmet_requirement
-from deployer.mace import parse_cache
-from deployer.pipeline import check_cases
-from deployer.sim import DeviceSpec
-from deployer.smoke import SmokePlan, compare, load_references, plan_smoke
+from deployer.protocol.reply import Reply
+from deployer.sim.fleet import DeviceSpec
+from deployer.tasks.push import check_cases
+from deployer.tasks.smoke import SmokePlan, compare, load_references, plan_smoke
 from tests.conftest import KERNELS, Cli
 from tests.test_agent_main import MACE_VERSION, Agent, find_python36
 from tests.test_faults import MakeFleet
@@ -184,7 +184,7 @@ def test_half_arithmetic_variants_compile_where_fp16_exists() -> None:
 
 PYOPENCL_RUNNER = textwrap.dedent("""
     import json, sys, numpy as np, pyopencl as cl
-    from deployer.mace import parse_cache
+    from deployer.cache.mace import parse_cache
     job = json.load(open(sys.argv[1])); payload = open(sys.argv[2], "rb").read()
     binaries = parse_cache(open(job["cache"], "rb").read()).programs
     ctx = cl.Context([cl.get_platforms()[0].get_devices()[0]]); queue = cl.CommandQueue(ctx)

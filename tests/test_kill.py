@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,13 +27,14 @@ from typing import Any
 
 import pytest
 
-from deployer.agent_main import PHASE_HOOK_ENV
-from deployer.sim import SIM_HOME, DeviceSpec, Fleet, namespace_pids, start_fleet
+from deployer.sim.fleet import SIM_HOME, DeviceSpec, Fleet, namespace_pids, start_fleet
 from tests.conftest import REPO, Cli
+from tests.hooks.sitecustomize import ENV as PHASE_HOOK_ENV
 from tests.test_faults import _saxpy_only, device_entry, edit_inventory
 from tests.test_rollout import _namespace_processes
 
 MakeFleet = Callable[..., Fleet]
+HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py there installs the phase observer (PYTHONPATH)
 
 AGENT_PHASES = ("rename", "commit", "fsync", "switch", "prune")
 CONTROLLER_PHASES = ("plan", "upload", "local-cache rename")
@@ -90,16 +92,21 @@ class Rig:
             self.marker(name).unlink(missing_ok=True)
             Path(f"{self.marker(name)}.continue").unlink(missing_ok=True)
 
+            hooks = self.marker(name).parent / "hooks"  # the device sees it as /home/deploysim/hooks
+            hooks.mkdir(exist_ok=True)
+            shutil.copy(HOOKS / "sitecustomize.py", hooks / "sitecustomize.py")
+
         def change(doc: dict[str, Any]) -> None:
             for name in names or [self.name]:
-                device_entry(doc, name)["env"] = {PHASE_HOOK_ENV: f"{phase}:{SIM_HOME / 'phase-marker'}"}
+                device_entry(doc, name)["env"] = {PHASE_HOOK_ENV: f"{phase}:{SIM_HOME / 'phase-marker'}",
+                                                  "PYTHONPATH": str(SIM_HOME / "hooks")}
         return edit_inventory(self.fleet, change)
 
     def start(self, library: Path, *, inventory: Path | None = None, cache: Path | None = None, hook: str | None = None,
               marker: Path | None = None, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         """`deploy push --json` as a process of its own (its own session, so its whole group can be killed);
         `hook`: the controller-side phase to pause at."""
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": f"{REPO}:{HOOKS}"}
         env.pop(PHASE_HOOK_ENV, None)
         if hook is not None:
             assert marker is not None

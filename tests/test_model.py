@@ -23,23 +23,15 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployer.agent import Reply
-from deployer.cli import _print_summary
+from deployer.cli.push import _print_summary
+from deployer.config.kernels import Library, load_library
+from deployer.config.models import load_model, load_models
 from deployer.errors import AgentError, InputError
-from deployer.kernels import Library, load_library
-from deployer.model import (
-    ModelPlan,
-    ModelResult,
-    check_models,
-    forward,
-    load_model,
-    load_models,
-    plan_model,
-    wire_models,
-)
-from deployer.pipeline import DeviceOutcome, FleetResult
-from deployer.sim import Fleet
-from deployer.smoke import ProgramStartup, Startup, parse_startup
+from deployer.protocol.reply import Reply
+from deployer.sim.fleet import Fleet
+from deployer.tasks.models import ModelPlan, ModelResult, check_models, forward, plan_model, wire_models
+from deployer.tasks.push import DeviceOutcome, FleetResult
+from deployer.tasks.smoke import ProgramStartup, Startup, parse_startup
 from tests.conftest import KERNELS, REPO, Cli
 from tests.test_agent_main import Agent
 from tests.test_kernels import Built, program_specs

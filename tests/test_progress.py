@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from deployer.progress import LiveProgress, PlainProgress, Progress, make_progress
-from deployer.sim import DeviceSpec, Fleet
+from deployer.sim.fleet import DeviceSpec, Fleet
+from deployer.tasks.progress import LiveProgress, PlainProgress, Progress, make_progress
 from tests.conftest import REPO, Cli
 from tests.test_faults import MakeFleet, _saxpy_only
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from deployer.kernels import load_library
-from deployer.mace import DEFAULT_MACE_VERSION, encode_mace_pb, mace_program_key, parse_cache
-from deployer.sim import Fleet
+from deployer.cache.mace import DEFAULT_MACE_VERSION, encode_mace_pb, mace_program_key, parse_cache
+from deployer.config.kernels import load_library
+from deployer.protocol.bundle import agent_bundle
+from deployer.sim.fleet import Fleet
 from tests.conftest import KERNELS, Cli, Pushed
 
 PROTO = Path(__file__).parent / "mace.proto"
@@ -145,15 +146,19 @@ def test_remote_layout(pushed: Pushed) -> None:
     assert {p.name for p in (release / "kernels").iterdir()} >= {"saxpy.cl", "common.h", "matmul.cl"}
     assert (release / "models" / "tiny.bin").stat().st_size == 4096
     assert (release / "build" / "mace_cl_compiled_program.bin").exists()
-    assert len(list((home / "agent").glob("agent_*.py"))) == 1
-    assert list((home / "agent" / "__pycache__").glob("agent_*.pyc"))  # imported: its bytecode is kept
+    bundle = agent_bundle()
+    assert [p.name for p in (home / "agent").iterdir()] == [bundle.id12]  # one bundle, no temp folder
+    assert sorted(p.name for p in (home / "agent" / bundle.id12 / "deployer_remote").glob("*.py")) == \
+        sorted(path.split("/")[1] for path, _ in bundle.files)
+    cached = (home / "agent" / bundle.id12 / "deployer_remote" / "__pycache__").glob("*.pyc")
+    assert {p.name.split(".")[0] for p in cached} >= {"main", "session", "build"}  # imported: bytecode is kept
 
 
 def test_pulled_binary_runs_under_pyopencl(pushed: Pushed) -> None:
     """The oracle: pyopencl, in a child process, runs saxpy from the pulled bytes and agrees with numpy."""
     script = textwrap.dedent("""
         import sys, numpy as np, pyopencl as cl
-        from deployer.mace import parse_cache
+        from deployer.cache.mace import parse_cache
         binary = parse_cache(open(sys.argv[1], "rb").read()).programs["saxpy -DDATA_TYPE=float"]
         ctx = cl.Context([cl.get_platforms()[0].get_devices()[0]])
         prog = cl.Program(ctx, ctx.devices, [binary]).build()

@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 
-from deployer.cache import cache_lock
+from deployer.cache.store import cache_lock
+from deployer.config.inventory import parse_inventory
+from deployer.connect.deadline import deadline_scope
+from deployer.connect.transport import open_transport
 from deployer.errors import DeadlineExceeded, LocalStateError
-from deployer.fleet import deadline_scope, fail_limit, fan_out
-from deployer.inventory import parse_inventory
-from deployer.sim import DeviceSpec, Fleet
-from deployer.transport import open_transport
+from deployer.sim.fleet import DeviceSpec, Fleet
+from deployer.tasks.fleet import fail_limit, fan_out
 from tests.conftest import Cli
 from tests.test_connect import connections
 from tests.test_faults import _saxpy_only, device_entry, edit_inventory

@@ -20,7 +20,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from deployer.sim import SIM_USER, DeviceSpec, Fleet, proxy_stats, restart_proxy
+from deployer.sim.fleet import SIM_USER, DeviceSpec, Fleet, proxy_stats, restart_proxy
 from tests.conftest import Cli
 from tests.test_faults import _saxpy_only
 

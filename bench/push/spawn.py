@@ -25,6 +25,7 @@ with open(out, "wb") as stdout, open(err, "wb") as stderr:
     signal.alarm(0)
 proc.returncode = os.waitstatus_to_exitcode(status)
 # This process's own peak since its exec (VmHWM; its ru_maxrss would count its parent's copy, as above).
-hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))  # so Popen's finalizer does not wait again
+# (proc.returncode is set above so Popen's finalizer does not wait again)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print('{"wall_s": %.4f, "rc": %d, "maxrss_kib": %d, "launcher_rss_kib": %d}'
       % (wall, proc.returncode, usage.ru_maxrss, hwm))

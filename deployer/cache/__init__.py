@@ -1,0 +1,1 @@
+"""The local per-device cache: atomic stores, the admin commands, and reading MACE cache files."""

@@ -1,0 +1,3 @@
+"""`deploy`, the command line: one module per command group; `main` is the one place that prints an error and
+picks the exit code.
+"""

@@ -1,0 +1,78 @@
+"""The Typer app, its command groups and shared options, and the consoles every command prints through.
+
+Heavy modules (paramiko, numpy, the push stages) are imported inside commands: `deploy --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from deployer.config.inventory import Device
+
+
+DEFAULT_SIM_DIR = Path(".deploy-sim")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Push OpenCL kernels and models to a fleet of boards, compile them there, "
+                       "cache the binaries in MACE's format and smoke-test them.")
+
+inventory_app = typer.Typer(no_args_is_help=True, help="Check and list a device inventory.")
+
+sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet of real SSH servers (sshd or dropbear).")
+
+app.add_typer(inventory_app, name="inventory")
+
+app.add_typer(sim_app, name="sim")
+
+
+class SimServer(str, Enum):
+    openssh = "openssh"
+    dropbear = "dropbear"
+
+
+class MaceFormat(str, Enum):
+    pb = "pb"
+    legacy = "legacy"
+
+
+class SmokeMode(str, Enum):
+    changed = "changed"
+    always = "always"
+    never = "never"
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Off a terminal (logs, CI, pipes) Rich would assume 80 columns and fold the summary table.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+FleetOption = Annotated[Path, typer.Option("--fleet", "-f", help="Inventory YAML file.")]
+
+LimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices: names, groups, globs, "
+                                                 "a,b lists, !exclusions; @failed: those that failed the "
+                                                 "last push on this cache.")]
+
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (the summary or JSON "
+                                       "still goes to stdout).")]
+
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on stdout (docs/json.md).")]
+
+SimDirOption = Annotated[Path, typer.Option("--dir", help="Folder of the simulated fleet.")]
+
+WaitOption = Annotated[float, typer.Option("--wait", min=0, help="If another run holds the cache, wait up to "
+                                           "this many seconds for it instead of refusing at once.")]
+
+
+def select_devices(fleet: Path, limit: str | None, cache: Path | None = None) -> list[Device]:
+    """The devices of `--limit`; with a cache, `@failed`/`@passed` name the devices of its last run."""
+    from deployer.cache.store import last_run_sets
+    from deployer.config.inventory import load_inventory
+    from deployer.config.selection import select
+
+    return list(select(load_inventory(fleet), limit, named_sets=last_run_sets(cache) if cache else None))

@@ -1,0 +1,68 @@
+"""`deploy collect`: gather the caches apps wrote on the devices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from deployer.cli.app import FleetOption, JsonOption, LimitOption, QuietOption, WaitOption, app, select_devices, stdout
+from deployer.cli.push import CacheOption, make_fleet_progress
+
+
+@app.command()
+def collect(
+    fleet: FleetOption,
+    limit: LimitOption = None,
+    path: Annotated[list[str] | None, typer.Option("--path", "-p", help="Glob of cache files on the devices "
+                    "(repeatable; `~` and `**` allowed); default: vars.collect_paths, else MACE's usual "
+                    "places.")] = None,
+    cache: CacheOption = Path("cache"),
+    max_size: Annotated[int, typer.Option("--max-size", min=1, help="Refuse files larger than this (bytes), "
+                        "before pulling.")] = 256 << 20,
+    max_files: Annotated[int, typer.Option("--max-files", min=1, max=100000, help="Stop listing a device "
+                         "after this many files.")] = 1000,
+    forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
+    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    wait: WaitOption = 0.0,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Gather the cache files apps wrote on the devices; say which are stale and whether MACE would use them."""
+    from deployer.cache.store import cache_lock
+    from deployer.tasks.collect import CollectJob, collect_fleet
+
+    devices = select_devices(fleet, limit)
+    job = CollectJob(cache=cache, patterns=tuple(path or ()), max_size=max_size, max_files=max_files,
+                     accept_new_host_keys=accept_new_host_keys)
+    with cache_lock(cache, wait=wait):
+        with make_fleet_progress(devices, "deploy collect", quiet) as progress:
+            outcomes = collect_fleet(devices, job, forks=forks, progress=progress)
+    ok = all(o.ok for o in outcomes)
+    if as_json:
+        stdout.print_json(json.dumps({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]}))
+    else:
+        _print_collect(outcomes)
+    raise typer.Exit(0 if ok else 1)
+
+
+def _print_collect(outcomes: list[Any]) -> None:
+    table = Table("device", "file", "status", "format", "programs", "MACE", "drift", title="deploy collect",
+                  title_justify="left")
+    for o in outcomes:
+        if o.error:
+            table.add_row(escape(o.name), "-", "[red]failed[/red]", "", "", "", escape(o.error))
+        for f in o.files:
+            record = f.record or {}
+            verdict = record.get("verdict") or {}
+            status = f.status if f.ok else f"[red]{f.status}[/red]: {escape(f.detail or '')}"
+            table.add_row(escape(o.name), escape(f.remote_path), status, record.get("format", ""),
+                          str(len(record.get("programs", []))) if record else "", verdict.get("mace", ""),
+                          "yes" if verdict.get("drift") else ("no" if verdict else ""))
+        if o.truncated:
+            table.add_row(escape(o.name), "...", "[yellow]listing truncated[/yellow] (--max-files)", "", "", "", "")
+    stdout.print(table)

@@ -1,0 +1,65 @@
+"""`deploy`'s entry point: the one place that turns an error into a message and an exit code.
+
+Exit codes: 0 every selected device passed; 1 some device failed (the summary says which and why);
+2 bad input, found before any device is touched; 3 the local cache could not be written;
+70 a bug (one line on screen, the traceback saved to a file); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+import threading
+import traceback
+
+from rich.markup import escape
+
+from deployer.cli import cache, collect, inventory, push, sim  # noqa: F401  (each adds its commands to app)
+from deployer.cli.app import app, stderr
+from deployer.errors import DeployError
+
+
+def _report_bug() -> int:
+    with tempfile.NamedTemporaryFile("w", prefix="deploy-crash-", suffix=".txt", delete=False) as out:
+        traceback.print_exc(file=out)
+    kind = sys.exc_info()[0]
+    stderr.print(f"deploy: internal error ({kind.__name__ if kind else 'unknown'}); "
+                 f"traceback saved to {out.name}; please report it")
+    return 70
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, raised past Typer's own handling (which would exit 1) so that we exit 130."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script passes it to sys.exit).
+
+    Typer runs in standalone mode: it prints usage errors itself and exits 2, as Click does."""
+    previous = signal.signal(signal.SIGINT, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        app(args=argv, prog_name="deploy")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Interrupted:
+        stderr.print("deploy: interrupted")
+        return 130
+    except DeployError as exc:
+        stderr.print(f"deploy: {escape(str(exc))}")
+        return exc.exit_code
+    except Exception:
+        return _report_bug()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""`deploy push` and `deploy rollback`, and their summaries (table, --check plan, JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from deployer import DEFAULT_MACE_VERSION
+from deployer.cli.app import (
+    FleetOption,
+    JsonOption,
+    LimitOption,
+    MaceFormat,
+    QuietOption,
+    SmokeMode,
+    WaitOption,
+    app,
+    select_devices,
+    stderr,
+    stdout,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from deployer.config.inventory import Device
+    from deployer.tasks.progress import Progress
+    from deployer.tasks.push import DeviceOutcome, FleetResult
+
+
+@app.command()
+def push(
+    fleet: FleetOption,
+    limit: LimitOption = None,
+    model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="A model file to push (repeatable); a "
+                     "model of the deployer's format (docs/models.md) is also run on each device.")] = None,
+    kernels: Annotated[Path, typer.Option("--kernels", help="Kernel library folder (with kernels.yml).")] = Path(
+        "kernels"),
+    cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
+    mace_version: Annotated[str | None, typer.Option("--mace-version", help="MaceVersion() of the app's libmace; "
+                            f"default: the device's vars.mace_version, else {DEFAULT_MACE_VERSION}.")] = None,
+    forks: Annotated[int, typer.Option("--forks", min=1, max=256, help="Devices worked on at once.")] = 16,
+    keep: Annotated[int, typer.Option("--keep", min=1, help="Releases kept on each device.")] = 3,
+    mace_format: Annotated[MaceFormat, typer.Option("--mace-format", help="Cache container: pb (MACE v1.1+) "
+                           "or legacy (v1.0.x apps).")] = MaceFormat.pb,
+    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys", help="Trust and record the key "
+                                    "of a device never seen before (a changed key is always refused).")] = False,
+    smoke: Annotated[SmokeMode, typer.Option("--smoke", help="Smoke-test the programs whose binary or "
+                     "fingerprint changed (changed), every program (always), or none (never).")] = SmokeMode.changed,
+    check: Annotated[bool, typer.Option("--check", help="Only say, per device, which files would travel and "
+                     "which programs would be rebuilt; change nothing.")] = False,
+    retries: Annotated[int | None, typer.Option("--retries", min=0, max=10, help="Connect retries after a refused, "
+                       "reset or timed-out connection; default: the inventory's connect_retries (2).")] = None,
+    deadline: Annotated[float | None, typer.Option("--deadline", min=0, help="Seconds one device's whole push may "
+                        "take (0: no limit); default: the inventory's timeouts.device.")] = None,
+    max_fail_percentage: Annotated[float | None, typer.Option("--max-fail-percentage", min=0, max=100, help="Once "
+                                   "more than this % of the devices failed, start no more.")] = None,
+    wait: WaitOption = 0.0,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it (incrementally)."""
+    from deployer.cache.store import cache_lock, record_run
+    from deployer.config.inventory import override
+    from deployer.config.kernels import load_library
+    from deployer.config.models import load_models
+    from deployer.tasks.models import plan_model
+    from deployer.tasks.plan import HASH_INDEX, HashIndex, local_files
+    from deployer.tasks.push import PushJob, release_paths, run_fleet
+    from deployer.tasks.smoke import load_references, plan_smoke
+
+    devices = [override(d, connect_retries=retries, deadline=deadline) for d in select_devices(fleet, limit, cache)]
+    library = load_library(kernels)
+    model_files, models = load_models(model or [])  # a model of our format: its graph and weights travel
+    files = local_files(release_paths(library, model_files), HashIndex(None if check else cache / HASH_INDEX))
+    job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
+                  files=files, cache=cache, mace_version=mace_version or "",
+                  keep=keep, accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
+                  models=tuple(plan_model(m, library) for m in models), smoke_mode=smoke.value, check=check,
+                  max_fail_percentage=max_fail_percentage)
+    if check:
+        with make_fleet_progress(devices, "deploy push --check", quiet) as progress:
+            result = run_fleet(devices, job, forks=forks, progress=progress)
+    else:
+        with cache_lock(cache, wait=wait), make_fleet_progress(devices, "deploy push", quiet) as progress:
+            result = run_fleet(devices, job, forks=forks, progress=progress)
+            record_run(cache, "push", str(fleet), {o.name: o.error for o in result.outcomes})
+    if as_json:
+        stdout.print_json(json.dumps(_push_json(result, check=check)))
+    elif check:
+        _print_check(result)
+    else:
+        _print_summary(result)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def rollback(
+    fleet: FleetOption,
+    limit: LimitOption = None,
+    cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
+    forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
+    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    wait: WaitOption = 0.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Switch each device back to its previous release; the local cache follows."""
+    from deployer.cache.store import cache_lock, record_run
+    from deployer.tasks.push import rollback_fleet
+
+    devices = select_devices(fleet, limit, cache)
+    with cache_lock(cache, wait=wait):
+        outcomes = rollback_fleet(devices, cache, forks=forks, accept_new_host_keys=accept_new_host_keys)
+        record_run(cache, "rollback", str(fleet), {o.name: None if o.ok else o.error for o in outcomes})
+    ok = all(o.ok for o in outcomes)
+    if as_json:
+        stdout.print_json(json.dumps({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]}))
+    else:
+        for o in outcomes:
+            if o.ok:
+                stdout.print(f"{escape(o.name)}: [green]rolled back[/green] {escape(str(o.previous))} -> "
+                             f"{escape(str(o.current))}" + (f" ({escape(o.error)})" if o.error else ""))
+            else:
+                stdout.print(f"{escape(o.name)}: [red]failed[/red] {escape(o.error or '')}")
+    raise typer.Exit(0 if ok else 1)
+
+
+def make_fleet_progress(devices: Sequence[Device], title: str, quiet: bool) -> Progress:
+    """A live table on a terminal, plain lines when stderr is a log, nothing with --quiet."""
+    from deployer.tasks.progress import make_progress
+
+    return make_progress(stderr, [d.name for d in devices], title=title, quiet=quiet)
+
+PUSH_SCHEMA_VERSION = 1
+
+
+def _push_json(result: FleetResult, *, check: bool = False) -> dict[str, Any]:
+    return {"schema_version": PUSH_SCHEMA_VERSION, "ok": result.ok, "check": check,
+            "devices": [o.to_json() for o in result.outcomes]}
+
+
+def _print_check(result: FleetResult) -> None:
+    """push --check: per device, what would travel and be rebuilt."""
+    for o in result.outcomes:
+        if not o.ok or o.plan is None:
+            stdout.print(f"[red]{escape(o.name)}[/red]: {escape(o.error or 'failed')}")
+            continue
+        plan = o.plan
+        if not plan.new_release:
+            stdout.print(f"{escape(o.name)}: up to date (release {escape(str(plan.current))}); nothing would change")
+            continue
+        stdout.print(f"{escape(o.name)}: a new release over {escape(str(plan.current or 'nothing deployed'))}")
+        stdout.print(f"  would send {len(plan.upload)} file(s), link {len(plan.unchanged)} unchanged"
+                     + "".join(f"\n    {escape(p)}" for p in plan.upload))
+        if plan.removed:
+            stdout.print(f"  would drop {len(plan.removed)} file(s): {escape(', '.join(plan.removed))}")
+        stdout.print(f"  would rebuild {len(plan.rebuild)} program(s), reuse {len(plan.reuse)}"
+                     + "".join(f"\n    {escape(k)}" for k in plan.rebuild))
+    total = len(result.outcomes)
+    stdout.print(f"checked {total - len(result.failed)}/{total} device(s); nothing was changed")
+
+
+def _device_lines(o: DeviceOutcome) -> list[str]:
+    """Below the table: each model's verdict and latency, and the start-up figures of the device."""
+    lines = []
+    for m in o.models:
+        verdict = {True: "passed", False: "failed", None: "not run"}[m.ok]
+        error = f", max abs error {m.max_abs_error:.2g}" if m.max_abs_error is not None else ""
+        times = (f", first inference {m.first_inference_ms:.0f} ms, steady {m.steady_ms:.2f} ms"
+                 if m.first_inference_ms is not None and m.steady_ms is not None else "")
+        if m.ok is None and m.detail:
+            verdict = m.detail  # "not run: <why>"
+        lines.append(f"{o.name}: model {m.name} {verdict}{error}{times}")
+    figures = o.startup.to_json() if o.startup else {}
+    source, binary = figures.get("build_from_source_ms"), figures.get("load_from_binary_ms")
+    if source is not None and binary is not None:
+        lines.append(f"{o.name}: start-up of {len(figures['programs'])} programs: {source:.0f} ms from source, "
+                     f"{binary:.0f} ms from the cached binaries")
+    return lines
+
+
+def _changes(o: DeviceOutcome) -> str:
+    """What the push changed on the device: files sent and programs rebuilt, or none at all."""
+    if o.plan is None:
+        return "-"
+    if not o.plan.new_release:
+        return "none"
+    return f"{len(o.plan.upload)} file(s), {len(o.plan.rebuild)} rebuilt"
+
+
+def _print_summary(result: FleetResult) -> None:
+    from deployer.tasks.progress import human_bytes
+
+    table = Table(title="deploy push", title_justify="left")
+    for column in ("device", "status", "platform / driver", "built", "changes", "smoke", "sent", "compile s",
+                   "total s"):
+        table.add_column(column, no_wrap=column in ("device", "status"))
+    for o in result.outcomes:
+        fingerprint = o.fingerprint or {}
+        platform = fingerprint.get("platform", {}).get("name", "-")
+        driver = fingerprint.get("device", {}).get("driver_version", "")
+        passed = sum(k.smoke == "passed" for k in o.kernels)
+        skipped = sum(k.smoke == "skipped" for k in o.kernels)
+        unchanged = sum(k.smoke == "unchanged" for k in o.kernels)
+        smoke = (f"{passed}/{len(o.kernels) - skipped - unchanged}" + (f" +{unchanged} unchanged" if unchanged else "")
+                 + (f" +{skipped} skipped" if skipped else ""))
+        status = "[green]passed[/green]" if o.ok else f"[red]failed[/red] ({o.failed_stage})"
+        table.add_row(escape(o.name), status, escape(f"{platform} / {driver}"), str(o.built), _changes(o), smoke,
+                      human_bytes(o.bytes_sent),
+                      f"{o.stages.get('compile', 0):.2f}", f"{sum(o.stages.values()):.2f}")
+    stdout.print(table)
+    for o in result.outcomes:
+        for line in _device_lines(o):
+            stdout.print(escape(line))
+    for o in result.failed:
+        stdout.print(f"[red]{escape(o.name)}[/red]: {escape(o.error or 'failed')}")
+    total = len(result.outcomes)
+    stdout.print(f"{total - len(result.failed)}/{total} device(s) passed "
+                 "(seconds per stage: --json)")
+
+CacheOption = Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")]

@@ -1,0 +1,178 @@
+"""Field parsers for line-tracked YAML: each takes a node and a `Context` and returns a plain value or raises an
+`InventoryError` naming file:line and the field; `parse_fields` checks a mapping against a closed schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, cast
+
+from yaml.nodes import Node, ScalarNode
+
+from deployer.config import sshconfig
+from deployer.config.yamlnodes import CONTROL, Context, as_mapping, freeze, is_null, mapping_pairs, scalar, show_node
+
+MAX_CONNECT_RETRIES = 10
+ALL = ("all", "*")  # --limit patterns meaning every device; `all` is no device or group name
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # a device name becomes a folder name
+
+# --- fields -----------------------------------------------------------------------------------------------
+
+Parser = Callable[[Node, Context], object]
+
+
+def parse_fields(
+    node: Node, ctx: Context, schema: Mapping[str, Parser], skip: Collection[str] = ()
+) -> dict[str, Any]:
+    """Parse a mapping against a closed schema: an unknown key is an error naming the closest valid one."""
+    out: dict[str, Any] = {}
+    for key, (key_node, value_node) in as_mapping(node, ctx).items():
+        parser = schema.get(key)
+        if key in skip:
+            continue
+        if parser is None:
+            raise ctx.sub(key).error(key_node, _unknown(key, [*skip, *schema]))
+        out[key] = parser(value_node, ctx.sub(key))
+    return out
+
+
+def _unknown(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        return f"unknown field; did you mean {close[0]!r}?"
+    return f"unknown field (valid: {', '.join(valid)})"
+
+
+def parse_text(node: Node, ctx: Context) -> str:
+    value = scalar(node, ctx)
+    if not isinstance(value, str) or not value or CONTROL.search(value):
+        raise ctx.error(node, f"expected non-empty text on one line (got {show_node(node)})")
+    return value
+
+
+def parse_word(node: Node, ctx: Context) -> str:
+    value = parse_text(node, ctx)
+    if any(char.isspace() for char in value):
+        raise ctx.error(node, f"expected one word, no spaces (got {show_node(node)})")
+    return value
+
+
+def parse_name(node: Node, ctx: Context) -> str:
+    """A device or group name: text as written (quoted or not), checked later by `check_name`."""
+    if not isinstance(node, ScalarNode) or is_null(node):
+        raise ctx.error(node, f"expected a name (got {show_node(node)})")
+    return str(node.value)
+
+
+def check_name(name: str, node: Node, ctx: Context, kind: str) -> None:
+    if name in ALL:
+        raise ctx.error(node, f"{name!r} means every device in --limit: pick another {kind} name")
+    if not _NAME.fullmatch(name):
+        rule = "up to 255 letters, digits, '.', '_', '-', starting with a letter or digit"
+        raise ctx.error(node, f"invalid {kind} name {name!r}: {rule}")
+
+
+def parse_port(node: Node, ctx: Context) -> int:
+    value = scalar(node, ctx)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ctx.error(node, f"expected an integer 1-65535 (got {show_node(node)})")
+    return value
+
+
+def parse_seconds(node: Node, ctx: Context) -> float:
+    value = scalar(node, ctx)
+    if isinstance(value, (bool, str)) or value is None or not math.isfinite(value) or value <= 0:
+        raise ctx.error(node, f"expected a number of seconds > 0 (got {show_node(node)})")
+    return float(value)
+
+
+def parse_retries(node: Node, ctx: Context) -> int:
+    value = scalar(node, ctx)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CONNECT_RETRIES:
+        raise ctx.error(node, f"expected an integer 0-{MAX_CONNECT_RETRIES} (got {show_node(node)})")
+    return value
+
+
+def parse_bool(node: Node, ctx: Context) -> bool:
+    value = scalar(node, ctx)
+    if not isinstance(value, bool):
+        raise ctx.error(node, f"expected true or false (got {show_node(node)})")
+    return value
+
+
+def parse_jump(node: Node, ctx: Context) -> str:
+    """`proxy_jump`: checked here for its form; resolved once every device is known (`_with_jumps`)."""
+    value = parse_word(node, ctx)
+    try:
+        sshconfig.parse_jump(value)
+    except ValueError as exc:
+        raise ctx.error(node, str(exc)) from None
+    return value
+
+
+def parse_path(node: Node, ctx: Context) -> str:
+    """A controller path: `~` is the controller user's home; relative to the inventory's folder."""
+    return os.path.join(ctx.doc.base_dir, os.path.expanduser(parse_text(node, ctx)))
+
+
+def optional(parser: Parser) -> Parser:
+    return lambda node, ctx: None if is_null(node) else parser(node, ctx)
+
+
+def parse_choice(*choices: str) -> Parser:
+    def parse(node: Node, ctx: Context) -> str:
+        value = scalar(node, ctx)
+        if not isinstance(value, str) or value not in choices:
+            close = difflib.get_close_matches(str(value).lower(), choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ctx.error(node, f"expected one of {', '.join(choices)} (got {show_node(node)}){hint}")
+        return value
+
+    return parse
+
+
+def parse_index_or_text(node: Node, ctx: Context) -> int | str | None:
+    value = scalar(node, ctx)
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ctx.error(node, f"expected an index >= 0, a name substring or nothing (got {show_node(node)})")
+
+
+def parse_text_map(key_re: re.Pattern[str] | None, what: str) -> Parser:
+    """A mapping of text to text; `key_re` restricts its keys."""
+
+    def parse(node: Node, ctx: Context) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, (key_node, value_node) in as_mapping(node, ctx).items():
+            if not key or (key_re is not None and not key_re.fullmatch(key)):
+                raise ctx.error(key_node, f"{key!r} is not {what}")
+            value = scalar(value_node, ctx.sub(key))
+            if not isinstance(value, str):
+                raise ctx.sub(key).error(value_node, f"expected text (got {show_node(value_node)}): quote it")
+            out[key] = value
+        return out
+
+    return parse
+
+
+def parse_vars(node: Node, ctx: Context) -> Mapping[str, object]:
+    if is_null(node):
+        return MappingProxyType({})
+    mapping_pairs(node, ctx)  # a mapping, not a list or a value
+    return cast(Mapping[str, object], freeze(node, ctx)[0])
+
+
+def section(schema: Mapping[str, Parser]) -> Parser:
+    return lambda node, ctx: parse_fields(node, ctx, schema)
+
+
+def did_you_mean(name: str, known: Collection[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -1,0 +1,92 @@
+"""A per-device deadline: each device's work runs inside a `Deadline`, which a transport opened in that
+work finds with `current_deadline()` and asks to be closed at expiry (from a timer thread). A context
+variable carries it rather than an argument, so the layers between (the push stages, the agent session)
+need not pass it along: only the fan-out sets it, only the transport reads it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+
+class Deadline:
+    """A limit on one device's whole run. At expiry every registered closer runs once, from a timer thread;
+    the work then sees its connection end and asks `expired` why."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._closers: dict[int, Callable[[], None]] = {}
+        self._next = 0
+        self._fired = threading.Event()
+        self._started = time.monotonic()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    @property
+    def expired(self) -> bool:
+        return self._fired.is_set()
+
+    def remaining(self) -> float:
+        return max(0.0, self.seconds - (time.monotonic() - self._started))
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep, cut short by expiry; True if the deadline has passed."""
+        return self._fired.wait(seconds)
+
+    def on_expiry(self, close: Callable[[], None]) -> Callable[[], None]:
+        """Run `close` at expiry (at once if already expired); returns a function that unregisters it."""
+        with self._lock:
+            fired = self._fired.is_set()
+            key, self._next = self._next, self._next + 1
+            if not fired:
+                self._closers[key] = close
+
+        def unregister() -> None:
+            with self._lock:
+                self._closers.pop(key, None)
+
+        if fired:
+            close()
+        return unregister
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._fired.set()
+            closers, self._closers = list(self._closers.values()), {}
+        for close in closers:
+            close()
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+_current: ContextVar[Deadline | None] = ContextVar("deployer_deadline", default=None)
+
+
+def current_deadline() -> Deadline | None:
+    """The deadline of the device whose work runs in this thread, if it has one."""
+    return _current.get()
+
+
+@contextmanager
+def deadline_scope(seconds: float | None) -> Iterator[Deadline | None]:
+    """Run a block under a deadline of `seconds` (None or <= 0: none)."""
+    if seconds is None or seconds <= 0:
+        yield None
+        return
+    deadline = Deadline(seconds)
+    token = _current.set(deadline)
+    deadline.start()
+    try:
+        yield deadline
+    finally:
+        deadline.cancel()
+        _current.reset(token)

@@ -1,0 +1,93 @@
+"""The agent as shipped: the bundle of `deployer.remote`, its identity, and the commands that run it.
+
+One upload per agent version: the board keeps each bundle in RD/agent/<id12>/ and runs it by import
+(docs/design.md, section 1). The identity is `deployer.remote.bundle.bundle_id` over the sorted (path,
+bytes) of the package's modules, so two controllers with the same code agree on it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from deployer import remote
+from deployer.config.inventory import Device
+from deployer.remote.boot import BOOTSTRAP, LAUNCH
+from deployer.remote.bundle import PACKAGE, bundle_files, bundle_id
+from deployer.remote.layout import AGENT_DIR, READONLY_ENV
+
+NO_REMOTE_DIR = 73  # the bootstrap's exit status when it cannot create the remote dir (EX_CANTCREAT)
+NEED_AGENT = 75  # the run command's exit status when this agent is not on the device yet (EX_TEMPFAIL)
+
+# The board modules a compiled binary and the cache file depend on: the build op, the OpenCL binding and the
+# container writer. A program's build key hashes these, not the whole bundle, so a change to another part of
+# the agent (collect, the session, smoke) rebuilds nothing on any board.
+BUILD_MODULES = ("build.py", "opencl.py", "mace.py")
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    files: tuple[tuple[str, bytes], ...]  # (path on the board, bytes), sorted by path
+    id: str  # sha256 hex over the sorted (path, size, bytes)
+    build_id: str  # the same over BUILD_MODULES only
+
+    @property
+    def id12(self) -> str:
+        return self.id[:12]
+
+    def message(self) -> tuple[dict[str, object], bytes]:
+        """The `agent` message the bootstrap reads: the index (path, size) and the bytes in that order."""
+        index = [[path, len(data)] for path, data in self.files]
+        header: dict[str, object] = {"op": "agent", "sha256": self.id, "files": index}
+        return header, b"".join(data for _, data in self.files)
+
+
+def build_bundle(folder: Path) -> Bundle:
+    files = tuple(bundle_files(str(folder)))
+    if not files or any(path.count("/") != 1 for path, _ in files):
+        raise RuntimeError(f"{folder}: the agent bundle is flat modules only")
+    wanted = {f"{PACKAGE}/{name}" for name in BUILD_MODULES}
+    return Bundle(files, bundle_id(files), bundle_id(f for f in files if f[0] in wanted))
+
+
+@cache
+def agent_bundle() -> Bundle:
+    """This controller's agent (read once per process)."""
+    return build_bundle(Path(remote.__file__).parent)
+
+
+def remote_path(path: str) -> str:
+    """A shell word for a remote path; `~/x` becomes "$HOME"/x so the device's shell expands it."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def _runner(device: Device, check: bool) -> tuple[str, str, str]:
+    """(remote dir as a shell word, the bundle's id12, `exec env K=V.. PYTHON`)."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in
+                   [*device.env.items(), *([(READONLY_ENV, "1")] if check else [])])
+    run = f"exec env {env} {shlex.quote(device.python)}".replace("env  ", "env ")
+    return remote_path(device.remote_dir), agent_bundle().id12, run
+
+
+def run_command(device: Device, *, check: bool = False) -> str:
+    """A session's remote command: run the stored bundle, or exit NEED_AGENT when it is not there yet.
+    Short on purpose (it travels with every push); the bootstrap comes only when needed."""
+    root, id12, run = _runner(device, check)
+    where = f"{root}/{AGENT_DIR}/{id12}"
+    return (f'[ -d {where}/{PACKAGE} ] || exit {NEED_AGENT}; '
+            f"{run} -c {shlex.quote(LAUNCH)} {where} {PACKAGE}.main serve {root}")
+
+
+def bootstrap_command(device: Device, *, check: bool = False) -> str:
+    """The second remote command, only on a device without this bundle: the bootstrap receives it, unpacks it
+    and runs it. `check`: a read-only session (push --check): nothing is created in the remote dir, and the
+    bundle runs from a temp folder that it removes when it exits."""
+    root, id12, run = _runner(device, check)
+    return (("" if check else f"{{ mkdir -p {root}/{AGENT_DIR} || exit {NO_REMOTE_DIR}; }} && ")
+            + f"{run} -c {shlex.quote(BOOTSTRAP)} {root} {id12}")

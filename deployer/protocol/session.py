@@ -1,0 +1,178 @@
+"""The controller's side of the agent protocol (docs/design.md, sections 1-2).
+
+`AgentSession` starts the agent on a device with one remote command (uploading the bundle first if the
+device lacks this version), then sends framed requests and parses each reply strictly: a device is
+untrusted, so every field is type-checked and every size bounded before use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from deployer.config.inventory import Device
+from deployer.connect.channel import Channel, Transport
+from deployer.connect.transport import open_transport
+from deployer.errors import AgentError, TransportError
+from deployer.protocol.bundle import NEED_AGENT, NO_REMOTE_DIR, agent_bundle, bootstrap_command, run_command
+from deployer.protocol.reply import Reply, printable, printable_line, show
+
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 512 << 20
+FINISH_TIMEOUT_S = 5.0
+
+
+class AgentMissing(AgentError):
+    """The device does not have this agent yet (the run command exited NEED_AGENT)."""
+
+
+def agent_failure(reply: Reply) -> AgentError | None:
+    """The error a well-formed failure reply (`ok: false` with a string kind and message) carries."""
+    error = reply.fields.get("error")
+    if reply.fields.get("ok") is False and isinstance(error, dict):
+        kind, message = error.get("kind"), error.get("message")
+        if isinstance(kind, str) and isinstance(message, str):
+            return AgentError(printable(message, 2000), kind=printable(kind, 40))
+    return None
+
+
+class AgentSession:
+    """One running agent on one device, spoken to over one exec channel."""
+
+    def __init__(self, channel: Channel, device: Device) -> None:
+        self._channel = channel
+        self._device = device
+        self.hello: Reply | None = None
+        self.agent_uploaded = False
+
+    @classmethod
+    def start(cls, transport: Transport, device: Device, *, check: bool = False) -> AgentSession:
+        """One remote command when the device has this agent; two (run, then bootstrap) when it has not."""
+        session = cls(transport.exec(run_command(device, check=check)), device)
+        try:
+            try:
+                session._handshake()
+            except AgentMissing:
+                session.close()
+                session = cls(transport.exec(bootstrap_command(device, check=check)), device)
+                session._handshake()
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._channel.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._channel.bytes_received
+
+    def _handshake(self) -> None:
+        first = self._read()
+        if first.fields.get("op") == "need_agent":
+            self._write(*agent_bundle().message())
+            self.agent_uploaded = True
+            first = self._read()
+        failure = agent_failure(first)  # the bootstrap could not store or start the agent
+        if failure is not None:
+            raise failure
+        if first.fields.get("op") != "hello":
+            raise AgentError(f"agent did not say hello (got {show(dict(first.fields))})")
+        first.get("python", str)
+        running = first.get("agent", str)
+        if running != agent_bundle().id:  # never talk to a stale or altered agent as if it were this one
+            raise AgentError(f"the device runs agent {printable_line(running, 80)}, not this controller's "
+                             f"{agent_bundle().id12}: its bundle folder was changed on the device; delete "
+                             f"{self._device.remote_dir}/agent and push again", kind="bad_reply")
+        self.hello = first
+
+    def _write(self, header: Mapping[str, Any], payload: bytes = b"") -> None:
+        fields = dict(header)
+        if payload:
+            fields["payload_size"] = len(payload)
+        line = json.dumps(fields).encode() + b"\n"
+        if len(payload) < 1 << 16:
+            self._channel.write(line + payload)  # one packet for the usual small request
+        else:
+            self._channel.write(line)  # a large payload is not copied into one buffer with its header
+            self._channel.write(payload)
+
+    def _read(self) -> Reply:
+        line = self._channel.read_line(MAX_HEADER)
+        if not line.endswith(b"\n"):
+            raise self._ended_early(line)
+        try:
+            fields = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AgentError(f"agent sent a malformed reply ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
+        if not isinstance(fields, dict):
+            raise AgentError(f"agent reply is not a JSON object: {show(fields)}")
+        size = fields.get("payload_size", 0)
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_PAYLOAD:
+            raise AgentError(f"agent reply field 'payload_size': out of range ({show(size)})")
+        return Reply(fields, self._channel.read_exact(size) if size else b"")
+
+    def _ended_early(self, partial: bytes) -> AgentError:
+        """Explain why the agent's output ended: no python, a crash, a killed process."""
+        self._channel.close_input()
+        status, stderr = self._channel.finish(FINISH_TIMEOUT_S)
+        tail = stderr.strip().splitlines()[-3:] if stderr.strip() else []
+        detail = f": {' | '.join(tail)}" if tail else ""
+        if status == NEED_AGENT:
+            return AgentMissing("the agent is not on the device yet", kind="need_agent")
+        if status == 127:
+            return AgentError(
+                f"no python on the device: {self._device.python!r} not found (exit 127){detail}; "
+                f"install python >= 3.6 or set `python:` in the inventory",
+                kind="no_python",
+            )
+        if status == NO_REMOTE_DIR:
+            return AgentError(f"cannot create the remote dir {self._device.remote_dir}{detail}", kind="io")
+        if status == 126:
+            return AgentError(f"{self._device.python!r} cannot be executed on the device{detail}", kind="no_python")
+        if status is None:
+            return AgentError(f"the agent stopped answering{detail}", kind="agent_died")
+        return AgentError(f"the agent exited with status {status}{detail}", kind="agent_died")
+
+    def request(self, op: str, payload: bytes = b"", **fields: Any) -> Reply:
+        self._write({"op": op, **fields}, payload)
+        reply = self._read()
+        if reply.fields.get("ok") is True:
+            return reply
+        failure = agent_failure(reply)
+        if failure is not None:
+            raise failure
+        raise AgentError(f"agent reply to {op!r} has neither ok nor a well-formed error: {show(dict(reply.fields))}")
+
+    def close(self) -> None:
+        try:
+            self._channel.close_input()
+        except TransportError:
+            pass
+        self._channel.close()
+
+    def bye(self) -> None:
+        try:
+            self.request("bye")
+        except (AgentError, TransportError):
+            pass
+        self.close()
+
+
+@contextmanager
+def open_session(device: Device, *, accept_new_host_keys: bool = False,
+                 check: bool = False) -> Iterator[AgentSession]:
+    """One connection and one agent session on a device, closed (with a `bye`) however the block ends."""
+    transport = open_transport(device, accept_new_host_keys=accept_new_host_keys)
+    try:
+        session = AgentSession.start(transport, device, check=check)
+        try:
+            yield session
+        finally:
+            session.bye()
+    finally:
+        transport.close()

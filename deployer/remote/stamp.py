@@ -1,0 +1,58 @@
+"""The driver stamp: what decides the fingerprint, read without loading the driver (design.md section 11)."""
+
+import glob
+import hashlib
+import json
+import os
+import re
+
+from .layout import AGENT_VERSION
+from .selection import icd_files, icd_library
+
+DRIVER_ENV_RE = re.compile(r"(OCL_|POCL_|CUDA_|OPENCL|CL_|GPU_|HSA_|ROC|MALI|ADRENO|LD_LIBRARY_PATH$|LD_PRELOAD$)")
+
+LIBRARY_GLOBS = ("/usr/lib", "/usr/lib/*-linux-*", "/usr/lib64", "/lib", "/lib/*-linux-*", "/lib64",
+                 "/usr/local/lib", "/vendor/lib64", "/vendor/lib", "/system/vendor/lib64", "/system/lib64")
+
+
+def _stat_record(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _find_library(name):
+    """Where the dynamic loader would most likely find `name`: a path as is, else the usual folders."""
+    if "/" in name:
+        return name
+    folders = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    for pattern in LIBRARY_GLOBS:
+        folders += sorted(glob.glob(pattern))
+    for folder in folders:
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate):
+            return candidate
+    return name
+
+
+def driver_stamp(selection):
+    """A hash of everything that decides the fingerprint without loading a driver: the kernel release,
+    the driver-related environment, the ICD files and the files of the libraries they name, the loader,
+    and the OpenCL selection. A driver upgrade changes a library's size, mtime or inode, so the stamp
+    changes and the next push fingerprints again (child process, ~80 ms on PoCL); otherwise the cached
+    fingerprint stands."""
+    where, files = icd_files()
+    icds = []
+    for path in files:
+        try:
+            library = icd_library(path)
+        except OSError:
+            library = ""
+        icds.append([_stat_record(path), library, _stat_record(_find_library(library)) if library else None])
+    parts = {"uname": os.uname().release, "where": where, "icds": icds,
+             "loader": _stat_record(_find_library("libOpenCL.so.1")),
+             "env": sorted((k, v) for k, v in os.environ.items() if DRIVER_ENV_RE.match(k)),
+             "selection": selection, "agent": AGENT_VERSION}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()

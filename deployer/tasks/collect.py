@@ -1,0 +1,284 @@
+"""`deploy collect`: gather the cache files that apps wrote on the devices, and judge each one.
+
+Per device: one session (the same agent and connection as a push), the device's current fingerprint,
+then `find` (bounded glob on the device, hashes computed there), and `read` only for files whose hash
+is not already in the local cache. Everything the device sends is untrusted: paths are checked, sizes
+capped, names never used as local paths, and a file is parsed as a MACE container in pure Python (never
+handed to an OpenCL driver) before it is kept. A file that is not a MACE container stays out of the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deployer.cache.mace import binary_kind, mace_verdict, parse_cache
+from deployer.cache.store import (
+    CACHE_FILE,
+    COLLECTED,
+    collected_entries,
+    device_dir,
+    fingerprint_history,
+    inside,
+    record_fingerprint,
+    slug,
+    write_atomic,
+    write_json,
+)
+from deployer.config.inventory import Device
+from deployer.errors import AgentError, DeviceError, LocalStateError
+from deployer.protocol.reply import printable, printable_line
+from deployer.protocol.session import AgentSession, open_session
+from deployer.tasks.fleet import fan_out
+from deployer.tasks.progress import Progress
+
+CACHE_NAMES = ("mace_cl_compiled_program.bin", "mace_run.config")
+# MACE's usual work dirs (format note, section 6) and anywhere under the login home.
+DEFAULT_DIRS = ("~", "/data/local/tmp/mace_run", "/tmp/data/mace_run", "/tmp/mace_run")
+MAX_SIZE = 256 << 20
+MAX_FILES = 1000
+
+
+def default_patterns() -> list[str]:
+    return [f"{d}/**/{name}" for d in DEFAULT_DIRS for name in CACHE_NAMES]
+
+
+@dataclass(frozen=True, slots=True)
+class CollectJob:
+    cache: Path
+    patterns: tuple[str, ...] = ()  # empty: each device's vars.collect_paths, else default_patterns()
+    max_size: int = MAX_SIZE
+    max_files: int = MAX_FILES
+    accept_new_host_keys: bool = False
+
+
+@dataclass(slots=True)
+class FileOutcome:
+    remote_path: str
+    status: str  # "new" | "updated" | "unchanged" | "refused" | "failed"
+    detail: str | None = None
+    record: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("new", "updated", "unchanged")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"remote_path": self.remote_path, "status": self.status, "ok": self.ok, "detail": self.detail,
+                "record": self.record}
+
+
+@dataclass(slots=True)
+class CollectOutcome:
+    name: str
+    error: str | None = None
+    fingerprint: dict[str, Any] | None = None
+    files: list[FileOutcome] = field(default_factory=list)
+    truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(f.ok for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "error": self.error, "fingerprint": self.fingerprint,
+                "truncated": self.truncated, "files": [f.to_json() for f in self.files]}
+
+
+def _patterns(device: Device, job: CollectJob) -> list[str]:
+    configured = device.vars.get("collect_paths")
+    if job.patterns:
+        chosen = list(job.patterns)
+    elif isinstance(configured, list) and all(isinstance(p, str) for p in configured):
+        chosen = list(configured)
+    else:
+        chosen = default_patterns()
+    # Normalised here, so that a `..` in what the device reports back can only be hostile.
+    return [p if p.startswith("~") else posixpath.normpath(p) for p in chosen]
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A file the device listed, after checking what it said about it."""
+
+    path: str
+    size: int
+    sha256: str
+    mtime: float | None
+
+
+def check_found(entry: Any, max_size: int) -> Found | str:
+    """A `find` entry that may be read, or why it may not (the device's reply is untrusted)."""
+    if not isinstance(entry, Mapping):
+        return "malformed entry"
+    path = entry.get("path")
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        return "not an absolute path"
+    if ".." in path.split("/") or posixpath.normpath(path) != path:
+        return "path with '..' or not normalised: refused"
+    kind = entry.get("kind")
+    if kind != "file":
+        error = entry.get("error")
+        return printable(str(error if isinstance(error, str) else kind), 300)
+    size, sha, mtime = entry.get("size"), entry.get("sha256"), entry.get("mtime")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= max_size:
+        return f"size {printable(repr(size), 40)} outside 0..{max_size} bytes: refused before pulling"
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        return "malformed sha256"
+    if not isinstance(mtime, (int, float)) or isinstance(mtime, bool):
+        mtime = None
+    return Found(path, size, sha, mtime)
+
+
+def local_folder(remote_path: str) -> str:
+    """A folder name for a remote path: readable slug plus a hash, so two odd names never collide."""
+    digest = hashlib.sha256(remote_path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{slug(remote_path.strip('/'), 120)}-{digest}"
+
+
+def describe_file(data: bytes, remote_path: str, fingerprint: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a collected file holds, and MACE's verdict; ValueError if it is not a MACE container."""
+    cache = parse_cache(data)
+    kind = "tuned_parameters" if posixpath.basename(remote_path) == "mace_run.config" else "compiled_programs"
+    record: dict[str, Any] = {
+        "format": cache.format, "kind": kind, "platform_info": cache.platform_info,
+        "device_name": cache.device_name,
+        "programs": [{"key": key, "size": len(binary), "binary_kind": binary_kind(binary)}
+                     for key, binary in sorted(cache.programs.items())],
+    }
+    if kind == "compiled_programs" and fingerprint:
+        record["verdict"] = mace_verdict(cache, fingerprint).to_json()
+    return record
+
+
+def _fingerprint(session: AgentSession, device: Device) -> dict[str, Any]:
+    """The device's current fingerprint, reduced to what records keep."""
+    reply = session.request("fingerprint", opencl=device.opencl.as_request())
+    fingerprint = reply.get("fingerprint", dict)
+    return {k: fingerprint.get(k) for k in ("id", "platform", "device", "cpu_only")}
+
+
+class _Collector:
+    def __init__(self, device: Device, job: CollectJob, progress: Progress) -> None:
+        self.device, self.job, self.progress = device, job, progress
+        self.outcome = CollectOutcome(device.name)
+        self.root = device_dir(job.cache, device.name)
+
+    def run(self) -> CollectOutcome:
+        self.progress.stage(self.device.name, "connect")
+        try:
+            with open_session(self.device, accept_new_host_keys=self.job.accept_new_host_keys) as session:
+                self.progress.traffic(self.device.name, lambda: (session.bytes_sent, session.bytes_received))
+                self._collect(session)
+        except DeviceError as exc:
+            self.outcome.error = exc.reason
+        self.progress.finished(self.device.name, self.outcome.error is None, self.outcome.error)
+        return self.outcome
+
+    def _collect(self, session: AgentSession) -> None:
+        self.progress.stage(self.device.name, "fingerprint")
+        try:
+            self.outcome.fingerprint = _fingerprint(session, self.device)
+        except AgentError:
+            self.outcome.fingerprint = None  # a device without OpenCL can still be collected from
+        self.progress.stage(self.device.name, "find")
+        reply = session.request("find", patterns=_patterns(self.device, self.job), max_files=self.job.max_files,
+                                max_size=self.job.max_size)
+        self.outcome.truncated = bool(reply.get("truncated", bool))
+        known = {r.get("remote_path"): r for r in collected_entries(self.root)}
+        for entry in reply.get("files", list)[: self.job.max_files]:
+            checked = check_found(entry, self.job.max_size)
+            if isinstance(checked, str):
+                path = entry.get("path") if isinstance(entry, Mapping) else None
+                self.outcome.files.append(FileOutcome(printable_line(str(path), 300), "refused", checked))
+                continue
+            self.outcome.files.append(self._one(session, checked, known.get(checked.path)))
+        record_fingerprint(self.root, self.outcome.fingerprint)
+
+    def _one(self, session: AgentSession, found: Found, previous: Mapping[str, Any] | None) -> FileOutcome:
+        shown = printable_line(found.path, 300)
+        if previous is not None and previous.get("sha256") == found.sha256:
+            return FileOutcome(shown, "unchanged", record=self._store(previous, None))
+        self.progress.stage(self.device.name, f"read {shown}")
+        try:
+            reply = session.request("read", path=found.path, size=found.size, sha256=found.sha256)
+        except AgentError as exc:
+            return FileOutcome(shown, "failed", exc.reason)
+        data = reply.payload
+        if len(data) != found.size or hashlib.sha256(data).hexdigest() != found.sha256:
+            return FileOutcome(shown, "failed", "pulled bytes differ from what the device announced")
+        try:
+            described = describe_file(data, found.path, self.outcome.fingerprint)
+        except ValueError as exc:
+            return FileOutcome(shown, "failed", f"kept out of the cache: {exc}")
+        record = {"device": self.device.name, "remote_path": found.path, "size": found.size,
+                  "sha256": found.sha256, "mtime": found.mtime, "collected_at": time.time(),
+                  "file": posixpath.basename(found.path), **described}
+        return FileOutcome(shown, "updated" if previous else "new", record=self._store(record, data))
+
+    def _store(self, record: Mapping[str, Any], data: bytes | None) -> dict[str, Any]:
+        """Content first, then the record that names it; a previous record only gets a new verdict."""
+        folder = inside(self.root, f"{COLLECTED}/{local_folder(str(record['remote_path']))}")
+        updated = dict(record, fingerprint=self.outcome.fingerprint)
+        if data is not None:
+            write_atomic(inside(folder, "content.bin"), data)
+        elif self.outcome.fingerprint and updated.get("kind") == "compiled_programs":
+            content = (folder / "content.bin").read_bytes()
+            updated["verdict"] = mace_verdict(parse_cache(content), self.outcome.fingerprint).to_json()
+        write_json(inside(folder, "record.json"), updated)
+        return updated
+
+
+def collect_device(device: Device, job: CollectJob, progress: Progress) -> CollectOutcome:
+    try:
+        return _Collector(device, job, progress).run()
+    except (LocalStateError, OSError, ValueError, json.JSONDecodeError) as exc:
+        return CollectOutcome(device.name, error=f"local cache: {exc}")
+
+
+def collect_fleet(devices: Sequence[Device], job: CollectJob, *, forks: int,
+                  progress: Progress) -> list[CollectOutcome]:
+    return fan_out(devices, lambda d: collect_device(d, job, progress), forks=forks, label="collect",
+                   deadline=lambda d: d.timeouts.device)
+
+
+@dataclass(slots=True)
+class InstallOutcome:
+    name: str
+    status: str  # "installed" | "skipped" | "failed"
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "ok": self.status != "failed", "detail": self.detail}
+
+
+def _install_one(device: Device, cache: Path, to: str, accept_new: bool) -> InstallOutcome:
+    """Put the device's pushed cache file at `to` on it, only if its driver is still the one that built it."""
+    root = device_dir(cache, device.name)
+    source, history = root / CACHE_FILE, fingerprint_history(root)
+    if not source.exists() or not history:
+        return InstallOutcome(device.name, "skipped", f"no pushed cache for this device in {cache}")
+    data = source.read_bytes()
+    try:
+        with open_session(device, accept_new_host_keys=accept_new) as session:
+            current = str(_fingerprint(session, device).get("id"))
+            if current != history[-1].get("id"):
+                built_for = history[-1].get("id")
+                why = f"fingerprint changed (cache built for {built_for}, device now {printable(current, 40)})"
+                return InstallOutcome(device.name, "skipped", why + ": push again first")
+            session.request("install", data, to=to, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+            return InstallOutcome(device.name, "installed", to)
+    except DeviceError as exc:
+        return InstallOutcome(device.name, "failed", exc.reason)
+
+
+def install_fleet(devices: Sequence[Device], cache: Path, to: str, *, forks: int,
+                  accept_new_host_keys: bool = False) -> list[InstallOutcome]:
+    return fan_out(devices, lambda d: _install_one(d, cache, to, accept_new_host_keys), forks=forks,
+                   label="install", deadline=lambda d: d.timeouts.device)

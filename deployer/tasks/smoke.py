@@ -1,0 +1,272 @@
+"""Smoke tests, controller side: inputs from a fixed seed, the numpy reference, the tolerance check.
+
+numpy lives here and never on a device: `plan_smoke` turns the library into agent cases plus one
+payload of input bytes; `compare` checks the output bytes the device sent back against the reference.
+A kernel passes when every element satisfies |out - ref| <= tol * (1 + |ref|) for its tolerance (the
+variant's own, else its dtype's). A variant whose `requires` a device lacks is skipped there, with the
+reason (`Library.skipped`). `parse_startup` reads the start-up figures of the agent's `startup` op.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from deployer.config.kernels import Arg, KernelSpec, Library, Program, Variant
+from deployer.errors import AgentError, InputError, Where
+from deployer.protocol.reply import Reply, printable
+from deployer.protocol.reply import field as reply_field
+
+REFERENCE_MODULE = "reference.py"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelResult:
+    """One kernel of one variant on one device: the JSON contract's `kernels[]` entry."""
+
+    name: str
+    program_key: str
+    built: bool
+    smoke: str  # "passed" | "failed" | "skipped"
+    max_abs_error: float | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "program_key": self.program_key, "built": self.built, "smoke": self.smoke,
+                "max_abs_error": self.max_abs_error, "detail": self.detail}
+
+
+@dataclass(slots=True)
+class Case:
+    id: str
+    program_key: str
+    spec: KernelSpec
+    dtype: str
+    variant: str
+    request: dict[str, Any]
+    outputs: list[tuple[str, np.dtype[Any], tuple[int, ...]]]
+    expected: dict[str, np.ndarray] | None
+    skip_reason: str | None = None
+
+
+@dataclass(slots=True)
+class SmokePlan:
+    cases: list[Case] = field(default_factory=list)
+    payload: bytearray = field(default_factory=bytearray)
+
+    def requests(self, skipped: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """The cases a device runs: not skipped by the plan, nor by the device (`skipped`: key -> why)."""
+        skipped = skipped or {}
+        return [c.request for c in self.cases if c.skip_reason is None and c.program_key not in skipped]
+
+
+def case_name(program: Program, spec: KernelSpec, variant: Variant) -> str:
+    entry = spec.entry if spec.entry == program.name else f"{program.name}.{spec.entry}"
+    return f"{entry}[{variant.name}]"
+
+
+def load_references(library: Library) -> ModuleType | None:
+    path = library.folder / REFERENCE_MODULE
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("deployer_kernel_references", path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # user code: any error is an input error naming the file
+        raise InputError(Where(str(path)), None, f"cannot load the references: {exc}") from exc
+    return module
+
+
+def _dim(value: str | int, sizes: Mapping[str, int]) -> int:
+    return value if isinstance(value, int) else sizes[value]
+
+
+def _generate(arg: Arg, dtype: np.dtype[Any], sizes: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
+    shape = tuple(_dim(d, sizes) for d in arg.shape)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)  # float16 included: the inputs are exact halves
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -100), min(info.max, 100), size=shape, endpoint=True).astype(dtype)
+
+
+def _rounded_global(spec: KernelSpec) -> list[int]:
+    sizes = [_dim(d, spec.sizes) for d in spec.global_size]
+    if spec.local_size:
+        sizes = [math.ceil(g / loc) * loc for g, loc in zip(sizes, spec.local_size, strict=True)]
+    return sizes
+
+
+def _plan_case(plan: SmokePlan, program: Program, spec: KernelSpec, variant: Variant,
+               references: ModuleType | None, rng: np.random.Generator) -> Case:
+    dtypes = {a.name: np.dtype(a.dtype or variant.dtype).newbyteorder("<") for a in spec.args}
+    values: dict[str, Any] = {}
+    wire_args: list[dict[str, int]] = []
+    outputs = []
+    for arg in spec.args:
+        dtype = dtypes[arg.name]
+        if arg.role in ("in", "image"):
+            values[arg.name] = _generate(arg, dtype, spec.sizes, rng)
+            data = values[arg.name].tobytes()
+            wire: dict[str, int] = {arg.role: len(plan.payload), "size": len(data)}
+            if arg.role == "image":
+                height, width, _ = values[arg.name].shape
+                wire.update(width=width, height=height)
+            wire_args.append(wire)
+            plan.payload += data
+        elif arg.role == "scalar":
+            raw = arg.value if arg.value is not None else spec.sizes[arg.name]
+            values[arg.name] = dtype.type(raw)
+            data = np.array(raw, dtype=dtype).tobytes()
+            wire_args.append({"scalar": len(plan.payload), "size": len(data)})
+            plan.payload += data
+        elif arg.role == "out":
+            shape = tuple(_dim(d, spec.sizes) for d in arg.shape)
+            outputs.append((arg.name, dtype, shape))
+            wire_args.append({"out": int(np.prod(shape)) * dtype.itemsize})
+        else:
+            shape = tuple(_dim(d, spec.sizes) for d in arg.shape)
+            wire_args.append({"local": int(np.prod(shape)) * dtype.itemsize})
+    name = case_name(program, spec, variant)
+    expected = _reference(references, spec, values, name)
+    request = {"id": name, "program_key": program.key(variant), "kernel": spec.entry, "args": wire_args,
+               "global": _rounded_global(spec), "local": list(spec.local_size) if spec.local_size else None}
+    return Case(name, program.key(variant), spec, variant.dtype, variant.name, request, outputs, expected)
+
+
+def _reference(references: ModuleType | None, spec: KernelSpec, values: dict[str, Any],
+               name: str) -> dict[str, np.ndarray] | None:
+    if references is None or spec.reference is None:
+        return None
+    function: Callable[..., Mapping[str, np.ndarray]] | None = getattr(references, spec.reference, None)
+    if function is None:
+        raise InputError(spec.where, "reference", f"{name}: no function {spec.reference!r} in {REFERENCE_MODULE}")
+    scalars = {k: v for k, v in spec.sizes.items() if k not in values}
+    return {k: np.asarray(v) for k, v in function(**values, **scalars).items()}
+
+
+def plan_smoke(library: Library, references: ModuleType | None) -> SmokePlan:
+    """Every kernel of every variant, with inputs from the library's seed (same bytes on every run)."""
+    plan = SmokePlan()
+    rng = np.random.default_rng(library.seed)
+    for program in library.programs:
+        for variant in program.variants:
+            for spec in program.kernels:
+                plan.cases.append(_plan_case(plan, program, spec, variant, references, rng))
+    return plan
+
+
+def check_output(name: str, got: np.ndarray, expected: np.ndarray, tolerance: float,
+                 what: str) -> tuple[float, str | None]:
+    """(max abs error, why not) of one output: every element needs |got - want| <= tol * (1 + |want|)."""
+    got = np.asarray(got, dtype=np.float64).reshape(-1)
+    want = np.asarray(expected, dtype=np.float64).reshape(-1)
+    if got.shape != want.shape:
+        return math.nan, f"output {name!r}: {got.size} elements, reference has {want.size}"
+    if not np.all(np.isfinite(got)):
+        return math.inf, f"output {name!r} has non-finite values"
+    error = np.abs(got - want)
+    worst = float(error.max(initial=0.0))
+    scaled = error / (1.0 + np.abs(want))
+    if scaled.size and float(scaled.max()) > tolerance:
+        at = int(scaled.argmax())
+        return worst, (f"output {name!r}: max abs error {worst:.3g} (element {at}: got {got[at]:.6g}, "
+                       f"want {want[at]:.6g}) exceeds tolerance {tolerance:g} for {what}")
+    return worst, None
+
+
+def compare(case: Case, outputs: Mapping[str, np.ndarray]) -> tuple[bool, float, str | None]:
+    """(passed, max abs error, why not) of device outputs against the case's reference."""
+    assert case.expected is not None
+    tolerance = case.spec.tolerance_for(case.variant, case.dtype)
+    if tolerance is None:
+        return False, math.nan, f"no tolerance for variant {case.variant} or dtype {case.dtype} in the kernel manifest"
+    worst, reason = 0.0, None
+    for name, expected in case.expected.items():
+        what = case.dtype if case.variant not in case.spec.tolerance else f"variant {case.variant}"
+        error, why = check_output(name, outputs[name], expected, tolerance, what)
+        if math.isnan(error) or math.isinf(error):
+            return False, error, why
+        worst = max(worst, error)
+        reason = reason or why
+    return reason is None, worst, reason
+
+
+def split_outputs(case: Case, payload: memoryview, sizes: Sequence[int]) -> dict[str, np.ndarray]:
+    """The device's output bytes of one case, checked against the sizes the case asked for."""
+    if len(sizes) != len(case.outputs):
+        raise ValueError(f"{len(sizes)} outputs, expected {len(case.outputs)}")
+    arrays, offset = {}, 0
+    for (name, dtype, shape), size in zip(case.outputs, sizes, strict=True):
+        want = int(np.prod(shape)) * dtype.itemsize
+        if size != want:
+            raise ValueError(f"output {name!r} is {size} bytes, expected {want}")
+        arrays[name] = np.frombuffer(payload[offset: offset + size], dtype=dtype).reshape(shape)
+        offset += size
+    return arrays
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramStartup:
+    """One program at start-up, PoCL's own kernel cache off: built from source vs created from the binary."""
+
+    key: str
+    build_from_source_ms: float | None
+    load_from_binary_ms: float | None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "build_from_source_ms": self.build_from_source_ms,
+                "load_from_binary_ms": self.load_from_binary_ms, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class Startup:
+    """The JSON contract's `startup`: totals over the device's programs, and each program."""
+
+    programs: tuple[ProgramStartup, ...]
+    compiler_start_ms: float | None  # the first (throw-away) build of the process: the compiler's own start
+
+    def total(self, name: str) -> float | None:
+        values = [getattr(p, name) for p in self.programs]
+        return None if not values or None in values else round(sum(values), 3)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"build_from_source_ms": self.total("build_from_source_ms"),
+                "load_from_binary_ms": self.total("load_from_binary_ms"),
+                "compiler_start_ms": self.compiler_start_ms,
+                "programs": [p.to_json() for p in self.programs]}
+
+
+def _milliseconds(record: Mapping[str, Any], key: str) -> float | None:
+    value = reply_field(record, key, (int, float), optional=True)
+    if value is not None and not 0 <= value < 1e9:
+        raise AgentError(f"agent reply field {key!r}: {value!r} is not a duration in ms")
+    return None if value is None else float(value)
+
+
+def parse_startup(reply: Reply, keys: Sequence[str]) -> Startup:
+    """The `startup` reply's figures for the programs asked for (a device-sent record is checked field by
+    field; one that lacks a key we asked for counts as not measured)."""
+    by_key = {}
+    for record in reply.get("programs", list):
+        by_key[str(reply_field(record, "key", str))] = record
+    programs = []
+    for key in keys:
+        record = by_key.get(key)
+        if record is None:
+            programs.append(ProgramStartup(key, None, None, "not measured by the device"))
+            continue
+        error = reply_field(record, "error", str, optional=True)
+        programs.append(ProgramStartup(key, _milliseconds(record, "build_from_source_ms"),
+                                       _milliseconds(record, "load_from_binary_ms"),
+                                       None if error is None else printable(error, 500)))
+    return Startup(tuple(programs), _milliseconds(reply.fields, "compiler_start_ms"))
