@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# What CI runs after `scripts/install.sh --test`: the checks a review would make, then the whole suite.
+#   ruff         lint of everything (the board's code keeps 3.6 syntax: per-file ignores in pyproject.toml)
+#   mypy         strict on the controller packages and the tests; deployer.remote (Python 3.6 code with type
+#                comments) at check_untyped_defs: every body is checked, annotations are not required
+#   vermin       deployer.remote and the test hook it loads run on Python >= 3.6
+#   lint-imports the package layers and the board program's stdlib-only contract (pyproject.toml)
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=.venv/bin
+echo "== ruff" && "$bin/ruff" check .
+echo "== mypy" && "$bin/mypy" deployer tests
+echo "== vermin" && "$bin/vermin" -q -t=3.6- --no-tips --violations --eval-annotations deployer/remote tests/hooks
+echo "== lint-imports" && "$bin/lint-imports" --no-cache | tail -n 3
+echo "== pytest" && exec "$bin/python" -m pytest -q "$@"
