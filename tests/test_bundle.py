@@ -55,6 +55,23 @@ def remote_dir(fleet: Fleet) -> Path:
     return Path(fleet.device("sim-01").folder) / "home" / ".deployer"
 
 
+def test_the_identity_is_the_content_not_the_copy(tmp_path: Path) -> None:
+    """Two controllers with the same code agree on the bundle's identity, wherever and however their copy was
+    made; any byte, and the build identity only for the modules that make binaries, changes it."""
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO / "deployer" / "remote", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for module in copy.iterdir():
+        os.utime(module, (1e9, 1e9))
+    (copy / "notes.txt").write_text("not a module: never shipped")
+    ours, theirs = agent_bundle(), build_bundle(copy)
+    assert (theirs.id, theirs.build_id, theirs.files) == (ours.id, ours.build_id, ours.files)
+    assert [path for path, _ in ours.files] == sorted(path for path, _ in ours.files)
+    (copy / "smoke.py").write_bytes((copy / "smoke.py").read_bytes() + b" ")
+    assert build_bundle(copy).id != ours.id and build_bundle(copy).build_id == ours.build_id
+    (copy / "mace.py").write_bytes((copy / "mace.py").read_bytes() + b" ")
+    assert build_bundle(copy).build_id != ours.build_id
+
+
 def test_build_keys_follow_the_modules_that_make_binaries(make_fleet: MakeFleet, tmp_path: Path) -> None:
     fleet = make_fleet([DeviceSpec("sim-01")])
     library = _saxpy_only(tmp_path, "keys")
