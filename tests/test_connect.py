@@ -374,3 +374,73 @@ def test_agent_key_refused_is_named_by_fingerprint_only(two: Fleet, ssh_agent: P
     assert "tried: ssh-agent key SHA256:" in message and "the SSH agent offered 1 key(s)" in message
     public = (tmp_path / "stranger.pub").read_text().split()[1]
     assert public not in message and "PRIVATE" not in message
+
+
+# --- encrypted keys: never a crash, the agent's copy used, a clear error otherwise ---------------------------
+
+PASSPHRASE = "correct horse battery"
+KEY_FORMATS = {"openssh": ["-t", "ed25519"], "pem": ["-t", "rsa", "-b", "2048", "-m", "PEM"]}
+
+
+def encrypted_key(fleet: Fleet, folder: Path, fmt: str, name: str = "sealed") -> Path:
+    """A passphrase-protected key in `fmt`, authorised on every device of the fleet."""
+    key = folder / f"{name}-{fmt}"
+    subprocess.run(["ssh-keygen", "-q", *KEY_FORMATS[fmt], "-N", PASSPHRASE, "-f", str(key)], check=True,
+                   timeout=30)
+    for device in fleet.devices:
+        with open(Path(device.folder) / "home" / ".ssh" / "authorized_keys", "ab") as keys:
+            keys.write(Path(f"{key}.pub").read_bytes())
+    return key
+
+
+def ssh_add(agent: Path, key: Path, tmp_path: Path) -> None:
+    """`ssh-add` of an encrypted key, its passphrase given through SSH_ASKPASS (no terminal here)."""
+    askpass = tmp_path / "askpass.sh"
+    askpass.write_text(f"#!/bin/sh\necho '{PASSPHRASE}'\n")
+    askpass.chmod(0o700)
+    env = {**os.environ, "SSH_AUTH_SOCK": str(agent), "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
+           "DISPLAY": ":0"}
+    subprocess.run(["ssh-add", "-q", str(key)], check=True, env=env, stdin=subprocess.DEVNULL, timeout=20)
+
+
+@pytest.mark.parametrize("fmt", sorted(KEY_FORMATS))
+def test_an_encrypted_identity_file_is_that_devices_clear_error(two: Fleet, ssh_agent: Path, tmp_path: Path,
+                                                                cli: Cli, fmt: str) -> None:
+    """Not a crash (it was exit 70 for the whole run): sim-02's key is encrypted and not in the agent, so
+    sim-02 fails saying what to do; sim-01 is pushed; the JSON summary covers both."""
+    key = encrypted_key(two, tmp_path, fmt)
+    inventory = edit_inventory(two, lambda doc: device_entry(doc, "sim-02").update(identity_file=str(key)))
+    run = cli("push", "--fleet", inventory, "--kernels", _saxpy_only(tmp_path, fmt), "--cache", tmp_path / "c",
+              "--json")
+    assert run.code == 1, run.err
+    devices = {d["name"]: d for d in run.json()["devices"]}
+    assert devices["sim-01"]["ok"] is True
+    error = devices["sim-02"]["error"]
+    assert f"key {key} is encrypted" in error and f"ssh-add {key}" in error, error
+    assert PASSPHRASE not in run.out + run.err and "PRIVATE" not in run.out + run.err
+
+
+@pytest.mark.parametrize("fmt", sorted(KEY_FORMATS))
+def test_an_encrypted_key_logs_in_through_the_agents_copy(two: Fleet, ssh_agent: Path, tmp_path: Path,
+                                                          fmt: str) -> None:
+    key = encrypted_key(two, tmp_path, fmt)
+    ssh_add(ssh_agent, key, tmp_path)
+    check_session(replace(sim_device(two, "sim-01"), identity_file=str(key)))
+
+
+def test_an_encrypted_default_key_is_skipped_for_the_agents_keys(two: Fleet, ssh_agent: Path,
+                                                                 tmp_path: Path) -> None:
+    """Anyone who uses ssh-agent has an encrypted ~/.ssh/id_ed25519: it is passed over, the agent's keys log in;
+    and when none does, the error names the encrypted file among those tried."""
+    home_ssh = tmp_path / "home" / ".ssh"  # HOME, as the ssh_agent fixture set it
+    home_ssh.mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", PASSPHRASE, "-f", str(home_ssh / "id_ed25519")],
+                   check=True, timeout=30)
+    device = replace(sim_device(two, "sim-01"), identity_file=None)
+    with pytest.raises(AuthError) as caught:
+        open_transport(device)
+    assert f"key {home_ssh / 'id_ed25519'} is encrypted" in str(caught.value)
+    assert "the SSH agent holds no keys" in str(caught.value)
+    subprocess.run(["ssh-add", "-q", str(two.folder / "client_key")], check=True, timeout=10,
+                   env={**os.environ, "SSH_AUTH_SOCK": str(ssh_agent)})
+    check_session(device)

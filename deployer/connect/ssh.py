@@ -339,28 +339,35 @@ class SshTransport:
         except OSError as exc:
             raise HostKeyError(f"cannot add the host key of {name} to {path}: {exc}") from exc
 
-    def _key_files(self, endpoint: _Endpoint) -> list[tuple[str, paramiko.PKey]]:
+    def _key_files(self, endpoint: _Endpoint) -> tuple[list[tuple[str, paramiko.PKey]], list[str]]:
+        """The identity file's key (or the default keys'), read from disk, and the files that are encrypted:
+        those are not read (no passphrase is asked for); the SSH agent's copy of one is offered with the
+        agent's keys."""
         files = [endpoint.identity_file] if endpoint.identity_file else [
             os.path.expanduser(f"~/.ssh/{name}") for name in ("id_ed25519", "id_ecdsa", "id_rsa")
         ]
         keys: list[tuple[str, paramiko.PKey]] = []
+        encrypted: list[str] = []
         for file in files:
             if not os.path.exists(file):
                 if endpoint.identity_file:
                     raise AuthError(f"identity file {file} does not exist")
                 continue
-            try:
-                keys.append((file, paramiko.PKey.from_path(file)))
-            except (OSError, paramiko.SSHException, ValueError) as exc:
-                raise AuthError(f"cannot read identity file {file}: {exc}") from exc
-        return keys
+            key = _read_key(file)
+            if key is None:
+                encrypted.append(file)
+            else:
+                keys.append((file, key))
+        return keys, encrypted
 
     def _authenticate(self, transport: paramiko.Transport, endpoint: _Endpoint) -> None:
         """Offer the identity file (or the default keys), then the SSH agent's keys; keys are named in
-        messages by file or fingerprint, never shown."""
+        messages by file or fingerprint, never shown. An encrypted key file is skipped: it logs in only
+        through the agent's copy, and if nothing else does, the error says so."""
         tried: list[str] = []
+        keys, encrypted = self._key_files(endpoint)
         with _agent(self._device.ssh.agent) as (agent_keys, agent_note):
-            for source, key in self._key_files(endpoint) + agent_keys:
+            for source, key in keys + agent_keys:
                 try:
                     transport.auth_publickey(endpoint.user, key)
                 except paramiko.AuthenticationException:
@@ -370,10 +377,13 @@ class SshTransport:
                     raise AuthError(f"authentication with {endpoint.address} broke off: {exc}") from exc
                 if transport.is_authenticated():
                     return
-        raise AuthError(
-            f"{endpoint.address} refused every key for user {endpoint.user!r} "
-            f"(tried: {', '.join(tried) or 'none found'}; {agent_note})"
-        )
+        refused = (f"{endpoint.address} refused every key for user {endpoint.user!r} "
+                   f"(tried: {', '.join(tried) or 'none found'}; {agent_note})")
+        if encrypted:
+            named = ", ".join(encrypted)
+            raise AuthError(f"key {named} is encrypted and no passphrase is asked for: add it to the SSH agent "
+                            f"(`ssh-add {encrypted[0]}`) and run again, or use an unencrypted key; {refused}")
+        raise AuthError(refused)
 
     def exec(self, command: str) -> SshChannel:
         try:
@@ -400,6 +410,21 @@ class SshTransport:
             transport.close()
         if unwatch is not None:
             unwatch()
+
+
+def _read_key(file: str) -> paramiko.PKey | None:
+    """The private key in `file`, or None if it is encrypted (Paramiko says so with a TypeError, or with
+    PasswordRequiredException in older versions); anything else unreadable is an AuthError."""
+    try:
+        return paramiko.PKey.from_path(file)
+    except paramiko.PasswordRequiredException:
+        return None
+    except TypeError as exc:
+        if "password" in str(exc).lower():
+            return None
+        raise AuthError(f"cannot read identity file {file}: {exc}") from exc
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise AuthError(f"cannot read identity file {file}: {exc}") from exc
 
 
 @contextmanager
