@@ -14,7 +14,8 @@ DeployError                       exit 1
 │   ├── AgentError                      the agent failed or replied something malformed
 │   │   └── CompileError                a program failed to build: log tail
 │   └── SmokeMismatch                   outputs differ from the numpy reference beyond tolerance
-└── LocalStateError               exit 3: the local cache could not be written; nothing half-done
+├── LocalStateError               exit 3: the local cache could not be written; nothing half-done
+└── SimError                      exit 1: the simulated fleet (`deploy sim`) could not be started or stopped
 ```
 
 Messages are lower-case, name where (`file:line`), the device and the field, and the fix when known.
@@ -131,3 +132,9 @@ class SmokeMismatch(DeviceError):
 
 class LocalStateError(DeployError):
     exit_code = 3
+
+
+class SimError(DeployError):
+    """`deploy sim`: a server, proxy or network namespace of the simulated fleet failed (not the local cache)."""
+
+    exit_code = 1

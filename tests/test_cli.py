@@ -49,6 +49,32 @@ def test_bad_kernel_manifest_stops_before_any_device(cli: Cli, fleet: Fleet, tmp
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("pattern", ["model/*.bin", "./x.bin", "~pi/x.bin"])
+def test_a_relative_collect_path_is_an_input_error(cli: Cli, tmp_path: Path, pattern: str) -> None:
+    """Found before any device is touched (it used to reach the boards and fail there, exit 1)."""
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text("devices:\n  - name: a\n    host: 10.255.255.1\n")  # never reached
+    run = cli("collect", "--fleet", inventory, "--path", "/data/mace_cl_compiled_program.bin", "--path", pattern,
+              "--cache", tmp_path / "cache")
+    assert run.code == 2 and f"field 'path': {pattern!r} is relative" in run.err, run.err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_bug_in_the_references_is_an_input_error(cli: Cli, tmp_path: Path, kernels_copy: Path) -> None:
+    """The user's reference.py raising is their input, not our bug: exit 2 naming the file, line and case
+    (it was exit 70, "internal error, please report it"), found before any device is touched."""
+    references = kernels_copy / "reference.py"
+    text = references.read_text().replace("def saxpy(a, x, y, n):\n", "def saxpy(a, x, y, n):\n    1 / 0\n")
+    references.write_text(text)
+    line = text.splitlines().index("    1 / 0") + 1
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text("devices:\n  - name: a\n    host: 10.255.255.1\n")  # never reached
+    run = cli("push", "--fleet", inventory, "--kernels", kernels_copy, "--cache", tmp_path / "cache")
+    assert run.code == 2, run.err
+    assert f"{references}:{line}: field 'reference': saxpy[f32]: saxpy() raised ZeroDivisionError" in run.err, run.err
+    assert "internal error" not in run.err and not (tmp_path / "cache").exists()
+
+
 def test_missing_model_is_an_input_error(cli: Cli, fleet: Fleet, tmp_path: Path) -> None:
     run = cli("push", "--fleet", fleet.inventory, "--model", tmp_path / "absent.bin", "--cache", tmp_path / "c")
     assert run.code == 2 and "absent.bin" in run.err and "Traceback" not in run.err
@@ -100,6 +126,14 @@ def test_sim_commands(cli: Cli, tmp_path: Path) -> None:
 def test_sim_up_rejects_unknown_device(cli: Cli, tmp_path: Path) -> None:
     run = cli("sim", "up", "--devices", "2", "--dir", tmp_path / "sim", "--without-opencl", "sim-07")
     assert run.code == 2 and "sim-07" in run.err
+
+
+def test_a_sim_that_cannot_start_is_not_a_cache_error(cli: Cli, tmp_path: Path) -> None:
+    """`deploy sim` failing is exit 1 naming the folder: neither 3 ("the local cache could not be written")
+    nor 70 (an OSError escaping as a bug)."""
+    run = cli("sim", "up", "--devices", "1", "--dir", "/proc/deployer-sim")
+    assert run.code == 1 and "cannot create the sim folder /proc/deployer-sim" in run.err, run.err
+    assert "internal error" not in run.err
 
 
 def test_flipped_byte_on_the_device_fails_that_device(make_fleet: MakeFleet, tmp_path: Path) -> None:

@@ -188,9 +188,17 @@ ERRORS: list[tuple[str, str, int, str | None, str | None, str]] = [
     ),
     ("platform negative", TWO + "    opencl: {platform: -1}\n", 6, "b", "opencl.platform", "index >= 0"),
     ("platform bool", TWO + "    opencl: {device: false}\n", 6, "b", "opencl.device", "(got false)"),
+    ("remote_dir space", TWO + "    remote_dir: ~/my deployer\n", 6, "b", "remote_dir", "no spaces, quotes"),
+    ("remote_dir quote", TWO + "    remote_dir: \"~/it's\"\n", 6, "b", "remote_dir", "no spaces, quotes"),
+    ("remote_dir dash", TWO + "    remote_dir: -rf\n", 6, "b", "remote_dir", "a leading '-'"),
+    ("remote_dir other home", TWO + "    remote_dir: ~pi/x\n", 6, "b", "remote_dir", "starts with ~/, /"),
+    ("remote_dir dollar", TWO + "    remote_dir: $HOME/x\n", 6, "b", "remote_dir", "(got '$HOME/x')"),
     ("env key digit", TWO + "    env: {1BAD: x}\n", 6, "b", "env", "'1BAD' is not a variable name"),
     ("env key dash", TWO + "    env:\n      A-B: x\n", 7, "b", "env", "'A-B' is not a variable name"),
-    ("env value int", TWO + "    env:\n      N: 4\n", 7, "b", "env.N", "expected text (got 4): quote it"),
+    ("env value int", TWO + "    env:\n      N: 4\n", 7, "b", "env.N", "expected text (got a number): quote it"),
+    ("env value secret", TWO + "    env:\n      TOKEN: 5332415841\n", 7, "b", "env.TOKEN",
+     "expected text (got a number): quote it"),
+    ("env value bool", TWO + "    env: {N: yes}\n", 6, "b", "env.N", "expected text (got a boolean): quote it"),
     ("env value null", TWO + "    env: {N: null}\n", 6, "b", "env.N", "expected text (got null)"),
     ("env value list", TWO + "    env: {N: [a]}\n", 6, "b", "env.N", "expected a single value (got a list)"),
     ("env is a list", TWO + "    env: [A]\n", 6, "b", "env", "expected a mapping (got a list)"),
@@ -329,6 +337,8 @@ def test_error(text: str, line: int, device_name: str | None, field: str | None,
         assert f"device {device_name!r}: " in str(error)
     if field:
         assert f"field {field!r}: " in str(error)
+    if field and field.startswith("env."):  # env values may be tokens: the error names the type, never the value
+        assert "5332415841" not in str(error) and " 4)" not in str(error), str(error)
 
 
 def test_message_shape() -> None:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from deployer.cli.app import FleetOption, JsonOption, LimitOption, QuietOption, WaitOption, app, select_devices, stdout
 from deployer.cli.push import CacheOption, make_fleet_progress
+from deployer.errors import InputError
 
 
 @app.command()
@@ -36,6 +37,10 @@ def collect(
     from deployer.cache.store import cache_lock
     from deployer.tasks.collect import CollectJob, collect_fleet
 
+    for pattern in path or ():
+        if not (pattern == "~" or pattern.startswith(("/", "~/"))):
+            raise InputError(None, "path", f"{pattern!r} is relative: give an absolute glob, or one under ~/ "
+                                           "(it is looked for on the devices, where no folder is current)")
     devices = select_devices(fleet, limit)
     job = CollectJob(cache=cache, patterns=tuple(path or ()), max_size=max_size, max_files=max_files,
                      accept_new_host_keys=accept_new_host_keys)

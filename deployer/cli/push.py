@@ -77,9 +77,9 @@ def push(
     devices = [override(d, connect_retries=retries, deadline=deadline) for d in select_devices(fleet, limit, cache)]
     library = load_library(kernels)
     model_files, models = load_models(model or [])  # a model of our format: its graph and weights travel
+    smoke_plan = plan_smoke(library, load_references(library))  # runs the user's references: input errors first
     files = local_files(release_paths(library, model_files), HashIndex(None if check else cache / HASH_INDEX))
-    job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
-                  files=files, cache=cache, mace_version=mace_version or "",
+    job = PushJob(library=library, smoke=smoke_plan, files=files, cache=cache, mace_version=mace_version or "",
                   keep=keep, accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
                   models=tuple(plan_model(m, library) for m in models), smoke_mode=smoke.value, check=check,
                   max_fail_percentage=max_fail_percentage)

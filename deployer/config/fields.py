@@ -15,7 +15,17 @@ from typing import Any, cast
 from yaml.nodes import Node, ScalarNode
 
 from deployer.config import sshconfig
-from deployer.config.yamlnodes import CONTROL, Context, as_mapping, freeze, is_null, mapping_pairs, scalar, show_node
+from deployer.config.yamlnodes import (
+    CONTROL,
+    Context,
+    as_mapping,
+    freeze,
+    is_null,
+    mapping_pairs,
+    scalar,
+    show_node,
+    show_type,
+)
 
 MAX_CONNECT_RETRIES = 10
 ALL = ("all", "*")  # --limit patterns meaning every device; `all` is no device or group name
@@ -52,6 +62,20 @@ def parse_text(node: Node, ctx: Context) -> str:
     value = scalar(node, ctx)
     if not isinstance(value, str) or not value or CONTROL.search(value):
         raise ctx.error(node, f"expected non-empty text on one line (got {show_node(node)})")
+    return value
+
+
+# A remote dir goes into the board's shell command line: plain path characters only, and never a leading `-`
+# (an option to mkdir and python). `~` alone or first is the login's home, expanded on the board.
+_REMOTE_DIR = re.compile(r"(~/|/|[A-Za-z0-9._+@%])[A-Za-z0-9._+@%/-]*|~")
+
+
+def parse_remote_dir(node: Node, ctx: Context) -> str:
+    value = parse_text(node, ctx)
+    if not _REMOTE_DIR.fullmatch(value):
+        raise ctx.error(node, f"expected a path of letters, digits and . _ + @ % / - that starts with ~/, / or a "
+                              f"letter or digit: no spaces, quotes or a leading '-', since it goes into the "
+                              f"board's shell command (got {show_node(node)})")
     return value
 
 
@@ -145,8 +169,9 @@ def parse_index_or_text(node: Node, ctx: Context) -> int | str | None:
     raise ctx.error(node, f"expected an index >= 0, a name substring or nothing (got {show_node(node)})")
 
 
-def parse_text_map(key_re: re.Pattern[str] | None, what: str) -> Parser:
-    """A mapping of text to text; `key_re` restricts its keys."""
+def parse_text_map(key_re: re.Pattern[str] | None, what: str, *, secret: bool = False) -> Parser:
+    """A mapping of text to text; `key_re` restricts its keys. `secret`: the values may be tokens, so an error
+    about one names its key and its type, never the value."""
 
     def parse(node: Node, ctx: Context) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -155,7 +180,8 @@ def parse_text_map(key_re: re.Pattern[str] | None, what: str) -> Parser:
                 raise ctx.error(key_node, f"{key!r} is not {what}")
             value = scalar(value_node, ctx.sub(key))
             if not isinstance(value, str):
-                raise ctx.sub(key).error(value_node, f"expected text (got {show_node(value_node)}): quote it")
+                got = show_type(value_node) if secret else show_node(value_node)
+                raise ctx.sub(key).error(value_node, f"expected text (got {got}): quote it")
             out[key] = value
         return out
 

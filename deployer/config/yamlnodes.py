@@ -122,6 +122,17 @@ def show_node(node: Node) -> str:
     return repr(short) if node.tag in _STR_TAGS else short
 
 
+def show_type(node: Node) -> str:
+    """What kind of value a node holds, never the value: for fields that may hold a secret (env)."""
+    if node.tag in (TAG + "int", TAG + "float"):
+        return "a number"
+    if node.tag == TAG + "bool":
+        return "a boolean"
+    if node.tag == TAG + "null":
+        return "null"
+    return show_node(node) if isinstance(node, (MappingNode, SequenceNode)) else "a value of that kind"
+
+
 def mapping_pairs(node: Node, ctx: Context, depth: int = 0) -> dict[str, tuple[Node, Node]]:
     """A mapping's entries by key, YAML merge keys (`<<`) applied; a duplicate key is an error."""
     if id(node) in ctx.doc.pairs:

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from deployer.errors import LocalStateError
+from deployer.errors import InputError, SimError
 from deployer.sim import netsim
 
 SIM_USER = "deploysim"
@@ -110,7 +110,7 @@ def fleet_specs(count: int, *, mix: bool = False) -> list[DeviceSpec]:
 def _run(argv: Sequence[str]) -> None:
     result = subprocess.run(list(argv), capture_output=True, text=True)
     if result.returncode != 0:
-        raise LocalStateError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+        raise SimError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
 
 
 def ensure_sim_user() -> tuple[int, int]:
@@ -148,7 +148,7 @@ def _whiteouts(folder: Path, lower: str, names: Sequence[str]) -> str:
         if not (upper / name).exists():
             os.mknod(upper / name, 0o600 | 0o020000, os.makedev(0, 0))
     if "," in str(folder) or ":" in str(folder):
-        raise LocalStateError(f"sim folder {folder} has ',' or ':', which overlay options cannot hold")
+        raise InputError(None, "dir", f"sim folder {folder} has ',' or ':', which overlay options cannot hold")
     return f"mount -t overlay overlay -o {quote(f'lowerdir={lower},upperdir={upper},workdir={work}')} {lower}"
 
 
@@ -221,7 +221,8 @@ def _start_device(spec: DeviceSpec, fleet: Path, ids: tuple[int, int], pocl_cach
     """Start one device (its namespace, server and proxy), appending it to `started` as soon as there is
     anything to stop, so that a failure half-way is cleaned up too."""
     if spec.server not in SERVERS:
-        raise LocalStateError(f"sim device {spec.name}: unknown server {spec.server!r} (one of {', '.join(SERVERS)})")
+        raise InputError(None, "server", f"sim device {spec.name}: unknown server {spec.server!r} "
+                                         f"(one of {', '.join(SERVERS)})")
     folder = fleet / "devices" / spec.name
     _make_home(folder / "home", (fleet / "client_key.pub").read_bytes(), ids)
     _keygen(folder / "host_ed25519", spec.name)
@@ -237,7 +238,7 @@ def _start_device(spec: DeviceSpec, fleet: Path, ids: tuple[int, int], pocl_cach
         try:
             link = netsim.make_link(spec.name, rate_kbit)
         except netsim.NetworkError as exc:
-            raise LocalStateError(f"sim network: {exc} (needs root and iproute2: bash scripts/install.sh)") from exc
+            raise SimError(f"sim network: {exc} (needs root and iproute2: bash scripts/install.sh)") from exc
         device.netns, device.veth, device.server_host = link.netns, link.veth, link.device_ip
         prefix = ["nsenter", f"--net=/run/netns/{link.netns}"]
     (folder / "sshd_config").write_text(_sshd_config(spec, device, pocl_cache))
@@ -288,7 +289,7 @@ def _wait_ready(device: SimDevice, deadline: float) -> None:
         if not _alive(device.pid):
             logs = [Path(device.folder) / "start.log", Path(device.log)]
             text = " ".join(p.read_text()[-400:].strip() for p in logs if p.exists())
-            raise LocalStateError(f"sim device {device.spec.name} exited: {text}")
+            raise SimError(f"sim device {device.spec.name} exited: {text}")
         try:
             with socket.create_connection((device.server_host, device.server_port), timeout=1) as sock:
                 if sock.recv(64).startswith(b"SSH-"):
@@ -297,7 +298,7 @@ def _wait_ready(device: SimDevice, deadline: float) -> None:
             pass
         time.sleep(0.05)
     else:
-        raise LocalStateError(f"sim device {device.spec.name} did not accept SSH within {START_TIMEOUT_S} s")
+        raise SimError(f"sim device {device.spec.name} did not accept SSH within {START_TIMEOUT_S} s")
     if device.proxy_pid is not None:
         _wait_proxy(device, deadline)
 
@@ -308,7 +309,7 @@ def _wait_proxy(device: SimDevice, deadline: float) -> None:
     while time.monotonic() < deadline:
         if not _alive(device.proxy_pid):
             log = Path(device.folder) / "proxy.log"
-            raise LocalStateError(f"sim device {device.spec.name}: its proxy exited: "
+            raise SimError(f"sim device {device.spec.name}: its proxy exited: "
                                   f"{log.read_text()[-400:].strip() if log.exists() else ''}")
         try:
             if netsim.read_stats(Path(device.proxy_stats)).get("pid") == device.proxy_pid:
@@ -316,7 +317,7 @@ def _wait_proxy(device: SimDevice, deadline: float) -> None:
         except (OSError, ValueError):
             pass
         time.sleep(0.02)
-    raise LocalStateError(f"sim device {device.spec.name}: its proxy did not listen within {START_TIMEOUT_S} s")
+    raise SimError(f"sim device {device.spec.name}: its proxy did not listen within {START_TIMEOUT_S} s")
 
 
 def _alive(pid: int) -> bool:
@@ -389,11 +390,14 @@ def start_fleet(folder: Path, specs: Sequence[DeviceSpec], *, pocl_cache: Path |
     even at 0 ms, to count bytes (the benchmarks); `rate_kbit` > 0 gives each device a network namespace
     whose veth pair is limited to that rate in each direction."""
     if rtt_ms < 0 or rate_kbit < 0:
-        raise LocalStateError(f"sim: rtt_ms and rate_kbit must not be negative (got {rtt_ms}, {rate_kbit})")
+        raise InputError(None, "rtt_ms", f"sim: rtt_ms and rate_kbit must not be negative (got {rtt_ms}, {rate_kbit})")
     folder = folder.resolve()
     if load_fleet(folder).devices:
         stop_fleet(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SimError(f"cannot create the sim folder {folder}: {exc.strerror}") from exc
     ids = ensure_sim_user()
     _keygen(folder / "client_key", "deploy-sim-client")
     if pocl_cache is not None:
@@ -422,7 +426,7 @@ def restart_proxy(fleet: Fleet, name: str, *, cut_after_bytes: int = 0) -> SimDe
     """Replace a device's proxy by a new one on the same port (now cutting after `cut_after_bytes`, or not)."""
     device = fleet.device(name)
     if device.proxy_pid is None:
-        raise LocalStateError(f"sim device {name} has no proxy in front")
+        raise SimError(f"sim device {name} has no proxy in front")
     _stop_pid(device.proxy_pid, group=False)
     device.spec = replace(device.spec, cut_after_bytes=cut_after_bytes)
     _start_proxy(device)
@@ -435,11 +439,11 @@ def proxy_stats(device: SimDevice) -> dict[str, Any]:
     """The counters of the device's proxy: `connections`, `client_to_server_bytes`, `server_to_client_bytes`,
     `cuts`, ... (`deployer.netsim.Stats`); raises if no proxy is in front of it."""
     if device.proxy_stats is None:
-        raise LocalStateError(f"sim device {device.spec.name} has no proxy in front (start it with rtt_ms > 0)")
+        raise SimError(f"sim device {device.spec.name} has no proxy in front (start it with rtt_ms > 0)")
     try:
         return netsim.read_stats(Path(device.proxy_stats))
     except (OSError, ValueError) as exc:
-        raise LocalStateError(f"sim device {device.spec.name}: cannot read {device.proxy_stats}: {exc}") from exc
+        raise SimError(f"sim device {device.spec.name}: cannot read {device.proxy_stats}: {exc}") from exc
 
 
 def _stop_pid(pid: int, *, group: bool, timeout: float = 5.0) -> None:

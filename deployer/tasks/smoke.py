@@ -150,7 +150,23 @@ def _reference(references: ModuleType | None, spec: KernelSpec, values: dict[str
     if function is None:
         raise InputError(spec.where, "reference", f"{name}: no function {spec.reference!r} in {REFERENCE_MODULE}")
     scalars = {k: v for k, v in spec.sizes.items() if k not in values}
-    return {k: np.asarray(v) for k, v in function(**values, **scalars).items()}
+    try:
+        return {k: np.asarray(v) for k, v in function(**values, **scalars).items()}
+    except Exception as exc:  # user code: any error in it is an input error naming its file and line
+        raise InputError(_user_frame(exc, references), "reference",
+                         f"{name}: {spec.reference}() raised {type(exc).__name__}: {exc}") from exc
+
+
+def _user_frame(exc: BaseException, references: ModuleType) -> Where:
+    """The innermost line of the references file in the exception's traceback (the file alone if none)."""
+    file = str(getattr(references, "__file__", REFERENCE_MODULE))
+    line = 0
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == file:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return Where(file, line or 0)
 
 
 def plan_smoke(library: Library, references: ModuleType | None) -> SmokePlan:
