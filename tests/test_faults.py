@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +294,47 @@ def test_rollback(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
     again = cli("rollback", "--fleet", fleet.inventory, "--cache", cache, "--json")
     assert again.code == 1 and "no release older than" in again.json()["devices"][0]["error"]
     assert os.readlink(current) == f"releases/{pushed[0][0]}"
+
+
+# --- a local cache that cannot be written: exit 3 before the run, or that device's failure during it ---------
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """`folder` on a read-only bind mount of itself (EROFS even for root, as a full or read-only disk is)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True, timeout=30)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True, timeout=30)
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True, timeout=30)
+
+
+def test_a_read_only_cache_is_refused_before_any_device(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    cache = tmp_path / "cache"
+    with read_only(cache):
+        run = cli("push", "--fleet", fleet.inventory, "--kernels", _saxpy_only(tmp_path, "ro"), "--cache", cache,
+                  "--json")
+    assert run.code == 3, run.out + run.err
+    assert str(cache) in run.err and "Read-only file system" in run.err, run.err
+    assert "internal error" not in run.err and run.out == ""
+    assert not (Path(fleet.device("sim-01").folder) / "home" / ".deployer" / "current").exists()
+
+
+def test_a_device_whose_local_store_fails_is_that_devices_failure(make_fleet: MakeFleet, cli: Cli,
+                                                                 tmp_path: Path) -> None:
+    """It was exit 70 after every device committed (the temp file's cleanup raised EROFS): now sim-02's
+    failure, named in the summary and in last-run.json, and sim-01 is stored."""
+    fleet = make_fleet([DeviceSpec("sim-01"), DeviceSpec("sim-02")])
+    cache = tmp_path / "cache"
+    with read_only(cache / "sim-02"):
+        code, devices = push(cli, fleet.inventory, tmp_path)
+        assert not list((cache / "sim-02").iterdir())  # nothing half-written
+    assert code == 1
+    assert devices["sim-01"]["ok"] is True and (cache / "sim-01" / "mace_cl_compiled_program.bin").exists()
+    assert devices["sim-02"]["ok"] is False
+    assert "local cache: cannot write" in devices["sim-02"]["error"] and "Read-only" in devices["sim-02"]["error"]
+    last = yaml.safe_load((cache / "last-run.json").read_text())
+    assert last["devices"]["sim-02"]["ok"] is False and last["devices"]["sim-01"]["ok"] is True

@@ -58,9 +58,9 @@ def inside(root: Path, relative: str) -> Path:
 def write_atomic(path: Path, data: bytes, *, phase: str | None = None) -> None:
     """Temp file in the same folder, fsync, rename, fsync the folder. `phase`: the test hook's name for
     the moment before the rename (docs/design.md, section 12)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "wb") as out:
             out.write(data)
             out.flush()
@@ -74,8 +74,16 @@ def write_atomic(path: Path, data: bytes, *, phase: str | None = None) -> None:
         finally:
             os.close(folder)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
+        _discard(temp)
         raise LocalStateError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _discard(path: Path) -> None:
+    """Remove a temp file if it can be: on a read-only file system even a missing one raises EROFS."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -194,7 +202,7 @@ def remove_stale_temps(folder: Path) -> None:
     except OSError:
         return
     for path in names:
-        path.unlink(missing_ok=True)
+        _discard(path)
 
 
 def store_device(cache: Path, device: str, cache_bytes: bytes, manifest: Mapping[str, Any],
