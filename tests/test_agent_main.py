@@ -8,6 +8,7 @@ crash, broken ICD setups, bootstrap). pyopencl is the oracle for the fingerprint
 from __future__ import annotations
 
 import atexit
+import fcntl
 import functools
 import hashlib
 import json
@@ -496,6 +497,45 @@ def test_lock_refuses_a_second_writer(tmp_path: Path, agent_env: dict[str, str],
     assert second.fail("begin", "bad_request", release="c")  # one release per session
     assert first.bye() == 0 and second.bye() == 0
     assert not (rd / "releases" / "b").exists()  # bye without commit drops it too
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10).stdout
+    return [int(line) for line in found.split()]
+
+
+def test_a_vanished_controller_stops_a_build_at_once(tmp_path: Path, agent_env: dict[str, str],
+                                                     agents: list[Agent]) -> None:
+    """The controller gone mid-compile (killed, Ctrl-C, link cut): the agent kills its OpenCL child, drops the
+    release and the lock within a second or two, rather than finishing a compile nobody waits for while a
+    re-run finds the device locked."""
+    rd = tmp_path / "rd"
+    agent = Agent.serve(rd, agent_env)
+    agents.append(agent)
+    agent.ok("begin", release="slow")
+    heavy = "__kernel void heavy(__global float *x) {\n  float a = x[get_global_id(0)];\n" + "".join(
+        f"  a = a * {1 + i * 1e-6:.7f}f + sin(a * {i % 7 + 1}.0f);\n" for i in range(200)) + \
+        "  x[get_global_id(0)] = a;\n}\n"
+    agent.put("kernels/heavy.cl", heavy.encode())
+    programs = [{"key": f"heavy -DV={i}", "name": "heavy", "source": "kernels/heavy.cl", "headers": [],
+                 "options": [f"-DV={i}"], "compile_options": []} for i in range(60)]  # a minute of compiling
+    agent.send({"op": "build", "opencl": {}, "mace_version": MACE_VERSION, "programs": programs})
+    end = time.monotonic() + 20
+    while not _children(agent.proc.pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    children = _children(agent.proc.pid)
+    assert children, "the build's OpenCL child never started"
+    time.sleep(1.0)  # well inside the compile
+    assert _children(agent.proc.pid) == children and agent.proc.poll() is None
+    start = time.monotonic()
+    agent.stdin.close()  # what the agent sees when sshd closes a dead controller's channel
+    assert agent.proc.wait(15) == 1  # a begun release was dropped
+    assert time.monotonic() - start < 3.0
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+    assert not (rd / "releases" / "slow").exists()
+    with open(rd / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free at once for the next push
 
 
 def test_commit_prunes_old_releases(tmp_path: Path, agent_env: dict[str, str], agents: list[Agent]) -> None:

@@ -284,6 +284,39 @@ def test_controller_killed_at_phase(rig: Rig, cli: Cli, phase: str) -> None:
     assert [p.name for p in (rig.cache / rig.name).iterdir() if ".tmp-" in p.name] == []
 
 
+def heavy_library(folder: Path, variants: int = 40) -> Path:
+    """A library that takes a while to build (~1 s a variant on these cores), never in a shared PoCL cache."""
+    folder.mkdir()
+    body = "".join(f"  a = a * {1 + i * 1e-6:.7f}f + sin(a * {i % 7 + 1}.0f);\n" for i in range(200))
+    (folder / "heavy.cl").write_text(f"/* {folder} {time.time_ns()} */\n__kernel void heavy(__global float *x) {{\n"
+                                     f"  float a = x[get_global_id(0)];\n{body}  x[get_global_id(0)] = a;\n}}\n")
+    lines = ["seed: 1", "programs:", "  heavy:", "    source: heavy.cl", "    variants:"]
+    lines += [f"      v{i}: {{dtype: float32, options: [-DV={i}]}}" for i in range(variants)]
+    lines += ["    kernels:", "      - entry: heavy", "        sizes: {n: 64}", "        global: [n]", "        args:",
+              "          - {out: x, shape: [n]}"]
+    (folder / "kernels.yml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_a_controller_killed_mid_compile_leaves_the_device_free_at_once(rig: Rig, cli: Cli) -> None:
+    """The agent watches its input during an OpenCL step: when sshd closes the dead controller's channel it
+    kills the compile, drops the release and the lock, so an immediate re-run is not refused as `locked`
+    (it was, for as long as the orphaned build went on)."""
+    process = rig.start(heavy_library(rig.tmp / "heavy"), extra=["--smoke", "never"])
+    err = rig.tmp / f"run{len(rig.runs) - 1}.err"
+    assert wait_until(lambda: "sim-01 compile" in err.read_text() or process.poll() is not None, 60)
+    time.sleep(1.5)  # well inside the compile (40 variants)
+    assert process.poll() is None, rig.output(process)
+    kill_group(process)
+    start = time.monotonic()
+    assert wait_until(rig.agent_gone, 20)
+    assert time.monotonic() - start < 5.0, time.monotonic() - start
+    assert check_device(rig.remote()) is None  # nothing was committed, nothing is left
+    device = push_in_process(cli, rig, rig.library())  # at once: the lock is free
+    assert device["ok"] and check_device(rig.remote()) == device["release"]
+
+
 def test_first_push_killed_leaves_nothing(rig: Rig, cli: Cli) -> None:
     """Killed before any commit on a device never pushed: no `current`, no release, and the next push works."""
     process = rig.start(rig.library(), inventory=rig.hooked_inventory("rename"))

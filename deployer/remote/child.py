@@ -2,9 +2,12 @@
 
 import io
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 from .boot import LAUNCH
 from .build import op_build
@@ -16,6 +19,10 @@ from .opencl import OpenCL
 from .selection import fingerprint_of, parse_selection, select_device
 from .smoke import op_smoke
 from .startup import op_startup
+
+MYPY = False
+if MYPY:  # type comments only: typing is not imported on the board
+    from typing import Dict, List  # noqa: F401
 
 CHILD_OPS = ("fingerprint", "build", "smoke", "startup")
 
@@ -72,21 +79,21 @@ def child_command():
     return [sys.executable, "-c", LAUNCH, bundle_root(), __package__ + ".main", "child"]
 
 
-def run_child(req, payload, root, timeout, env=None):
+def run_child(req, payload, root, timeout, env=None, watch_fd=None):
     """Run one OpenCL op in the `child` of this bundle: (reply, payload). A child killed by a signal is
     driver_crash, one past `timeout` seconds is killed and reported as timeout. `env`: the child's
-    environment (default: the agent's)."""
+    environment (default: the agent's). `watch_fd`: the agent's input; if it closes meanwhile (the
+    controller is gone: killed, interrupted, its link cut), the child is killed at once and EOFError
+    ends the session, so a compile never keeps a dropped release and the device lock for minutes."""
     op = req.get("op")
     request = io.BytesIO()
     write_message(request, dict(req, root=root), payload)
     child = subprocess.Popen(child_command(), env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        out, err = child.communicate(request.getvalue(), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        out, err = child.communicate()
-        tail = stderr_tail(err)
+        out, err = _exchange(child, request.getvalue(), timeout, watch_fd)
+    except _TimedOut as exc:
+        tail = stderr_tail(exc.err)
         raise AgentFailure("timeout", "OpenCL %s did not finish within %g s; the child was killed%s"
                            % (op, timeout, "; stderr: " + tail if tail else "")) from None
     finally:
@@ -110,3 +117,57 @@ def run_child(req, payload, root, timeout, env=None):
         error = reply["error"] if isinstance(reply.get("error"), dict) else {}
         raise AgentFailure(str(error.get("kind", "internal")), str(error.get("message", reply)))
     return reply, reply_payload
+
+
+class _TimedOut(Exception):
+    def __init__(self, err):
+        Exception.__init__(self, "timed out")
+        self.err = err
+
+
+def _feed(stream, data):
+    try:
+        stream.write(data)
+        stream.close()
+    except (BrokenPipeError, ValueError, OSError):
+        pass  # the child ended early: its exit status and stderr say why
+
+
+def _exchange(child, request, timeout, watch_fd):
+    """Send the request, collect the child's stdout and stderr until both end; raises _TimedOut past
+    `timeout` and EOFError as soon as `watch_fd` hangs up (polled for POLLHUP only: the controller sends
+    nothing while it waits for this reply, so nothing there is read)."""
+    writer = threading.Thread(target=_feed, args=(child.stdin, request))
+    writer.daemon = True
+    writer.start()
+    out_fd, err_fd = child.stdout.fileno(), child.stderr.fileno()
+    chunks = {out_fd: [], err_fd: []}  # type: Dict[int, List[bytes]]
+    poller = select.poll()
+    for fd in chunks:
+        poller.register(fd, select.POLLIN)
+    if watch_fd is not None:
+        poller.register(watch_fd, 0)  # hang-up and errors are always reported
+    open_fds = set(chunks)
+    deadline = time.monotonic() + timeout
+    while open_fds:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            child.kill()
+            child.wait()
+            raise _TimedOut(b"".join(chunks[err_fd]))
+        for fd, event in poller.poll(min(left, 1.0) * 1000):
+            if fd == watch_fd:
+                child.kill()
+                child.wait()
+                raise EOFError("the controller is gone (input closed during an OpenCL step)")
+            data = os.read(fd, 1 << 16) if event & (select.POLLIN | select.POLLHUP | select.POLLERR) else b""
+            if data:
+                chunks[fd].append(data)
+            else:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+    child.wait()
+    writer.join(1.0)
+    child.stdout.close()
+    child.stderr.close()
+    return b"".join(chunks[out_fd]), b"".join(chunks[err_fd])

@@ -68,6 +68,7 @@ class Session:
     def __init__(self, rd):
         self.rd = rd
         self.agent_id = bundle_id(bundle_files())  # what the controller checks in `hello`
+        self.input_fd = None  # the controller's end: watched for a hang-up during OpenCL steps
         self.lock_fd = None
         self.release_id = None
         self.files = {}  # path -> {size, sha256, mode} of the begun release: its index at commit
@@ -268,7 +269,7 @@ class Session:
                 parse_models(req, len(data), expected)
             load_checked_programs(root, req_str(req, "cache_file"), expected)  # before any driver runs
         env = dict(os.environ, **NO_DRIVER_CACHE_ENV) if op == "startup" else None
-        return run_child(req, data, root, timeout, env)
+        return run_child(req, data, root, timeout, env, watch_fd=self.input_fd)
 
     def fingerprint(self, req, timeout):
         """Fingerprint in a child; remember it with the driver stamp so the next `state` can skip this."""
@@ -276,7 +277,7 @@ class Session:
         root = self.release_dir() if self.release_id else self.rd
         if not os.path.isdir(root):  # a --check session on a device never pushed: RD is not created
             root = os.path.dirname(os.path.abspath(__file__))
-        reply, data = run_child(req, b"", root, timeout)
+        reply, data = run_child(req, b"", root, timeout, watch_fd=self.input_fd)
         if not self.readonly and req.get("remember", True):
             try:
                 write_atomic(os.path.join(self.rd, FINGERPRINT_CACHE),
@@ -291,7 +292,7 @@ class Session:
         base's, the base's build folder is linked as it is and no driver runs."""
         keep = req_str_list(req, "keep", [])
         if not keep:
-            return run_child(req, b"", root, timeout)
+            return run_child(req, b"", root, timeout, watch_fd=self.input_fd)
         base = self.base_dir(req)
         if base is None:
             raise bad_request("'keep' needs the 'base' release the binaries come from")
@@ -310,7 +311,7 @@ class Session:
             offsets.append({"offset": at, "size": len(binary), "log": log, "entry": entry})
             at += len(binary)
         payload = b"".join(binary for _, (_, binary, _) in sorted(reuse.items()))
-        return run_child(dict(req, reuse=offsets), payload, root, timeout)
+        return run_child(dict(req, reuse=offsets), payload, root, timeout, watch_fd=self.input_fd)
 
     def op_commit(self, req, payload):
         """The commit rule (docs/design.md, section 12): once the agent has read `commit`, the switch
@@ -410,6 +411,10 @@ class Session:
 
     def serve(self, inp, out):
         """Answer requests until bye (exit 0) or end of input (exit 1 if a begun release was dropped)."""
+        try:
+            self.input_fd = inp.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.input_fd = None
         try:
             write_message(out, {"op": "hello", "agent_version": AGENT_VERSION, "agent": self.agent_id,
                                 "python": "%d.%d.%d" % tuple(sys.version_info[:3]), "pid": os.getpid()})
