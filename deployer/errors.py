@@ -138,3 +138,8 @@ class SimError(DeployError):
     """`deploy sim`: a server, proxy or network namespace of the simulated fleet failed (not the local cache)."""
 
     exit_code = 1
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT), raised in the main thread by the CLI's handler: a BaseException, as KeyboardInterrupt
+    is, so that no `except Exception` takes it for an error; `deploy` exits 130 after cleaning up."""

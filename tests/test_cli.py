@@ -191,14 +191,19 @@ def test_ctrl_c_exits_130(tmp_path: Path) -> None:
     inventory.write_text(yaml.safe_dump({"devices": [{"name": "slow", "host": "127.0.0.1",
                                                       "port": stalled.getsockname()[1], "timeouts": {"connect": 5}}]}))
     process = subprocess.Popen([sys.executable, "-m", "deployer", "push", "--fleet", str(inventory), "--kernels",
-                                str(KERNELS), "--cache", str(tmp_path / "cache")], stderr=subprocess.PIPE, text=True,
+                                str(KERNELS), "--cache", str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         time.sleep(2.0)
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=20)
+        start = time.monotonic()
+        out, err = process.communicate(timeout=20)
+        stopped_s = time.monotonic() - start
     finally:
         process.kill()
         for sock in [stalled, *fillers]:
             sock.close()
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert stopped_s < 3.0, stopped_s  # the connect in progress is dropped, not waited out (it was ~13 s)
+    assert "slow: connect: interrupted (Ctrl-C)" in out and "0/1 device(s) passed" in out, out  # the summary

@@ -317,6 +317,34 @@ def test_a_controller_killed_mid_compile_leaves_the_device_free_at_once(rig: Rig
     assert device["ok"] and check_device(rig.remote()) == device["release"]
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_compile_stops_the_push_and_keeps_the_old_release(rig: Rig, cli: Cli) -> None:
+    """Ctrl-C (SIGINT to the controller's process group, as a terminal sends it): the run ends within a few
+    seconds (it used to wait for every device to finish and commit), prints what each device did, exits 130;
+    the device keeps its previous release and the next push is not refused."""
+    old = push_in_process(cli, rig, rig.library(), "--smoke", "never")["release"]
+    process = rig.start(heavy_library(rig.tmp / "heavy"), extra=["--smoke", "never"])
+    err = rig.tmp / f"run{len(rig.runs) - 1}.err"
+    assert wait_until(lambda: "sim-01 compile" in err.read_text() or process.poll() is not None, 60)
+    time.sleep(1.0)
+    assert process.poll() is None, rig.output(process)
+    os.killpg(process.pid, signal.SIGINT)
+    start = time.monotonic()
+    code = process.wait(timeout=30)
+    assert time.monotonic() - start < 5.0, time.monotonic() - start
+    out, text = rig.output(process)
+    assert code == 130 and "deploy: interrupted" in text and "Traceback" not in text, (code, text[-2000:])
+    report = json.loads(out)
+    assert report["interrupted"] is True and report["ok"] is False
+    assert report["devices"][0]["error"].startswith("compile: interrupted (Ctrl-C)"), report["devices"][0]
+    settled(rig)
+    assert check_device(rig.remote()) == old  # the begun release was dropped
+    last = json.loads((rig.cache / "last-run.json").read_text())
+    assert last["devices"]["sim-01"]["ok"] is False  # @failed picks it up
+    again = push_in_process(cli, rig, rig.library(), "--smoke", "never")
+    assert check_device(rig.remote()) == again["release"] != old
+
+
 def test_first_push_killed_leaves_nothing(rig: Rig, cli: Cli) -> None:
     """Killed before any commit on a device never pushed: no `current`, no release, and the next push works."""
     process = rig.start(rig.library(), inventory=rig.hooked_inventory("rename"))

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from deployer.cli import cache, collect, inventory, push, sim  # noqa: F401  (each adds its commands to app)
 from deployer.cli.app import app, stderr
-from deployer.errors import DeployError
+from deployer.errors import DeployError, Interrupted
 
 
 def _report_bug() -> int:
@@ -29,11 +29,11 @@ def _report_bug() -> int:
     return 70
 
 
-class Interrupted(BaseException):
-    """Ctrl-C, raised past Typer's own handling (which would exit 1) so that we exit 130."""
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C, raised past Typer's own handling (which would exit 1): a fan-out stops its devices and the
+    command prints what each did before exiting 130 (tasks/fleet.py, FleetInterrupted)."""
     raise Interrupted
 
 

@@ -96,6 +96,9 @@ def push(
         _print_check(result)
     else:
         _print_summary(result)
+    if result.interrupted:  # after the summary: what each device did, none left half-way
+        stderr.print("deploy: interrupted")
+        raise typer.Exit(130)
     raise typer.Exit(0 if result.ok else 1)
 
 
@@ -141,7 +144,7 @@ PUSH_SCHEMA_VERSION = 1
 
 def _push_json(result: FleetResult, *, check: bool = False) -> dict[str, Any]:
     return {"schema_version": PUSH_SCHEMA_VERSION, "ok": result.ok, "check": check,
-            "devices": [o.to_json() for o in result.outcomes]}
+            "interrupted": result.interrupted, "devices": [o.to_json() for o in result.outcomes]}
 
 
 def _print_check(result: FleetResult) -> None:

@@ -6,32 +6,40 @@ need not pass it along: only the fan-out sets it, only the transport reads it.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+INTERRUPTED = "interrupted (Ctrl-C)"
+
 
 class Deadline:
-    """A limit on one device's whole run. At expiry every registered closer runs once, from a timer thread;
-    the work then sees its connection end and asks `expired` why."""
+    """A limit on one device's whole run (`seconds`; None: no time limit). At expiry, or when the run is
+    interrupted, every registered closer runs once (from the timer thread, or the one that interrupts); the
+    work then sees its connection end and asks `expired` why (`reason`)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
+        self.reason = ""
         self._lock = threading.Lock()
         self._closers: dict[int, Callable[[], None]] = {}
         self._next = 0
         self._fired = threading.Event()
         self._started = time.monotonic()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
+        self._timer = threading.Timer(seconds, self._expire) if seconds else None
+        if self._timer is not None:
+            self._timer.daemon = True
 
     @property
     def expired(self) -> bool:
         return self._fired.is_set()
 
     def remaining(self) -> float:
+        if self.seconds is None:
+            return math.inf
         return max(0.0, self.seconds - (time.monotonic() - self._started))
 
     def sleep(self, seconds: float) -> bool:
@@ -54,8 +62,15 @@ class Deadline:
             close()
         return unregister
 
-    def _expire(self) -> None:
+    def interrupt(self) -> None:
+        """Expire now, because the whole run was interrupted: the device's connection is closed."""
+        self._expire(INTERRUPTED)
+
+    def _expire(self, reason: str | None = None) -> None:
         with self._lock:
+            if self._fired.is_set():
+                return
+            self.reason = reason or f"deadline of {self.seconds:g} s exceeded"
             self._fired.set()
             closers, self._closers = list(self._closers.values()), {}
         for close in closers:
@@ -63,10 +78,13 @@ class Deadline:
 
     def start(self) -> None:
         self._started = time.monotonic()
-        self._timer.start()
+        if self._timer is not None:
+            self._timer.start()
 
     def cancel(self) -> None:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+
 
 _current: ContextVar[Deadline | None] = ContextVar("deployer_deadline", default=None)
 
@@ -77,12 +95,9 @@ def current_deadline() -> Deadline | None:
 
 
 @contextmanager
-def deadline_scope(seconds: float | None) -> Iterator[Deadline | None]:
-    """Run a block under a deadline of `seconds` (None or <= 0: none)."""
-    if seconds is None or seconds <= 0:
-        yield None
-        return
-    deadline = Deadline(seconds)
+def deadline_scope(seconds: float | None) -> Iterator[Deadline]:
+    """Run a block under a deadline of `seconds` (None or <= 0: no time limit; it can still be interrupted)."""
+    deadline = Deadline(seconds if seconds is not None and seconds > 0 else None)
     token = _current.set(deadline)
     deadline.start()
     try:

@@ -9,11 +9,13 @@ an unknown key is refused with its fingerprint unless the device opts into accep
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import hashlib
 import logging
 import os
 import random
+import select
 import socket
 import sys
 import threading
@@ -240,7 +242,7 @@ class SshTransport:
         """A TCP socket to `endpoint`, or a `direct-tcpip` channel to it through the jump host `via`."""
         timeout = self._connect_timeout()
         if via is None or previous is None:
-            return _open_socket(endpoint, timeout)
+            return _open_socket(endpoint, timeout, self._deadline)
         try:
             return via.open_channel("direct-tcpip", (endpoint.host, endpoint.port), ("127.0.0.1", 0),
                                     timeout=timeout)
@@ -449,10 +451,10 @@ def _agent(enabled: bool) -> Iterator[tuple[list[tuple[str, paramiko.PKey]], str
         agent.close()
 
 
-def _open_socket(endpoint: _Endpoint, timeout: float) -> socket.socket:
+def _open_socket(endpoint: _Endpoint, timeout: float, deadline: Deadline | None) -> socket.socket:
     what = endpoint.address
     try:
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+        sock = _tcp_connect(endpoint, timeout, deadline)
     except TimeoutError as exc:
         raise ConnectError(f"connect to {what} timed out after {timeout:g} s") from exc
     except ConnectionRefusedError as exc:
@@ -466,6 +468,42 @@ def _open_socket(endpoint: _Endpoint, timeout: float) -> socket.socket:
     # Without TCP_NODELAY every request/reply exchange waits ~40 ms for a delayed ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+CONNECT_POLL_S = 0.1  # how often a TCP connect in progress looks at the device's deadline (and Ctrl-C)
+
+
+def _tcp_connect(endpoint: _Endpoint, timeout: float, deadline: Deadline | None) -> socket.socket:
+    """socket.create_connection, but a connect in progress (a board that does not answer SYN) ends within
+    CONNECT_POLL_S of its deadline expiring or the run being interrupted, not only at `timeout`."""
+    end = time.monotonic() + timeout
+    error: OSError = OSError(f"no address for {endpoint.host}")
+    for family, kind, proto, _, address in socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            code = sock.connect_ex(address)
+            while code in (errno.EINPROGRESS, errno.EALREADY):
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"connect to {endpoint.address} timed out")
+                if deadline is not None and deadline.expired:
+                    raise OSError(errno.ECANCELED, deadline.reason)
+                if select.select([], [sock], [], min(left, CONNECT_POLL_S))[1]:
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))  # ECONNREFUSED makes a ConnectionRefusedError
+            sock.setblocking(True)
+            return sock
+        except TimeoutError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            error = exc
+            if exc.errno == errno.ECANCELED:
+                raise
+    raise error
 
 
 def _relabel(exc: TransportError, prefix: str = "", suffix: str = "") -> TransportError:
@@ -483,4 +521,4 @@ def _after_attempts(exc: TransportError, attempts: int) -> TransportError:
 def _raise_if_expired(deadline: Deadline | None, cause: BaseException | None = None) -> None:
     """After a connection broke: if the device's deadline closed it, say so instead."""
     if deadline is not None and deadline.expired:
-        raise DeadlineExceeded(f"deadline of {deadline.seconds:g} s exceeded: the connection was closed") from cause
+        raise DeadlineExceeded(f"{deadline.reason}: the connection was closed") from cause

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from typing import Protocol, TypeVar
 
-from deployer.connect.deadline import deadline_scope
+from deployer.connect.deadline import INTERRUPTED, Deadline, deadline_scope
+from deployer.errors import Interrupted
 
 
 class Named(Protocol):
@@ -43,6 +44,18 @@ def fail_limit(percentage: float, total: int) -> Callable[[Sequence[Outcome]], s
     return rule
 
 
+class FleetInterrupted(Interrupted):
+    """Ctrl-C during a fan-out, after every device in flight was stopped: `results` in the order of the
+    devices, None for a device that neither ran nor got a `not_started` outcome."""
+
+    def __init__(self, results: list[object]) -> None:
+        super().__init__(INTERRUPTED)
+        self.results = results
+
+
+STOP_GRACE_S = 5.0  # after an interrupt, how long devices in flight get to notice their closed connection
+
+
 def fan_out(
     devices: Sequence[D],
     work: Callable[[D], R],
@@ -57,27 +70,56 @@ def fan_out(
 
     `deadline(device)`: seconds for that device's whole work (None: no limit). `stop`: checked as each
     device is about to start, over the outcomes finished so far; once it gives a reason, that device and
-    the rest get `not_started(device, reason)` instead of `work`."""
+    the rest get `not_started(device, reason)` instead of `work`.
+
+    Interrupted (Ctrl-C raises in this, the main, thread): every device in flight has its connection closed
+    (its agent drops the uncommitted release), devices not started get `not_started(device, INTERRUPTED)`,
+    and once they have all ended (at most STOP_GRACE_S) FleetInterrupted carries what each one did."""
     if not devices:
         return []
     if stop is not None and not_started is None:
         raise ValueError("fan_out: a stop rule needs not_started")
     lock = threading.Lock()
     done: list[R] = []
+    active: set[Deadline] = set()
+    interrupted = threading.Event()
 
     def one(device: D) -> R:
+        if interrupted.is_set() and not_started is not None:
+            return not_started(device, INTERRUPTED)
         if stop is not None and not_started is not None:
             with lock:
                 reason = stop(done)
             if reason is not None:
                 return not_started(device, reason)
-        with deadline_scope(deadline(device) if deadline else None):
-            result = work(device)
+        with deadline_scope(deadline(device) if deadline else None) as limit:
+            with lock:
+                active.add(limit)
+            if interrupted.is_set():
+                limit.interrupt()
+            try:
+                result = work(device)
+            finally:
+                with lock:
+                    active.discard(limit)
         with lock:
             done.append(result)
         return result
 
-    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(devices))), thread_name_prefix=label) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(forks, len(devices))), thread_name_prefix=label)
+    futures: dict[Future[R], str] = {}
+    try:
         futures = {pool.submit(one, device): device.name for device in devices}
         results = {futures[future]: future.result() for future in as_completed(futures)}
+    except Interrupted:
+        interrupted.set()
+        with lock:
+            stopping = list(active)
+        for limit in stopping:
+            limit.interrupt()
+        wait(futures, timeout=STOP_GRACE_S)
+        ended = {futures[f]: f.result() for f in futures if f.done() and not f.cancelled() and not f.exception()}
+        raise FleetInterrupted([ended.get(device.name) for device in devices]) from None
+    finally:
+        pool.shutdown(wait=not interrupted.is_set(), cancel_futures=interrupted.is_set())
     return [results[device.name] for device in devices]

@@ -26,11 +26,12 @@ from deployer.cache.mace import DEFAULT_MACE_VERSION, parse_cache
 from deployer.cache.store import CACHE_FILE, device_dir, store_device, store_failure
 from deployer.config.inventory import Device
 from deployer.config.kernels import Library
+from deployer.connect.deadline import INTERRUPTED
 from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMismatch
 from deployer.protocol.reply import Reply, printable, raise_for_failed_programs
 from deployer.protocol.reply import field as reply_field
 from deployer.protocol.session import AgentSession, open_session
-from deployer.tasks.fleet import fail_limit, fan_out
+from deployer.tasks.fleet import FleetInterrupted, fail_limit, fan_out
 from deployer.tasks.models import ModelPlan, ModelResult, check_models, skipped_model, wire_models
 from deployer.tasks.plan import DevicePlan, FileContents, LocalFile, RemoteState, build_key, parse_state, plan_device
 from deployer.tasks.progress import Progress
@@ -107,6 +108,7 @@ class DeviceOutcome:
 @dataclass(frozen=True, slots=True)
 class FleetResult:
     outcomes: tuple[DeviceOutcome, ...]
+    interrupted: bool = False  # Ctrl-C: the devices in flight were stopped, those not started were not
 
     @property
     def ok(self) -> bool:
@@ -522,10 +524,15 @@ def run_fleet(devices: Sequence[Device], job: PushJob, *, forks: int, progress: 
     """Every device in parallel (at most `forks` at once), each within its `timeouts.device`; outcomes in
     inventory order. Past `max_fail_percentage`, the devices not yet started fail as `not_started`."""
     stop = None if job.max_fail_percentage is None else fail_limit(job.max_fail_percentage, len(devices))
-    return FleetResult(tuple(fan_out(
-        devices, lambda d: run_device(d, job, progress), forks=forks, label="device",
-        deadline=lambda d: d.timeouts.device, stop=stop,
-        not_started=lambda d, why: _not_started(d, why, progress))))
+    try:
+        return FleetResult(tuple(fan_out(
+            devices, lambda d: run_device(d, job, progress), forks=forks, label="device",
+            deadline=lambda d: d.timeouts.device, stop=stop,
+            not_started=lambda d, why: _not_started(d, why, progress))))
+    except FleetInterrupted as stopped:
+        outcomes = tuple(o if isinstance(o, DeviceOutcome) else _not_started(d, INTERRUPTED, progress)
+                         for d, o in zip(devices, stopped.results, strict=True))
+        return FleetResult(outcomes, interrupted=True)
 
 
 def _not_started(device: Device, why: str, progress: Progress) -> DeviceOutcome:
