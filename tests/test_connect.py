@@ -444,3 +444,14 @@ def test_an_encrypted_default_key_is_skipped_for_the_agents_keys(two: Fleet, ssh
     subprocess.run(["ssh-add", "-q", str(two.folder / "client_key")], check=True, timeout=10,
                    env={**os.environ, "SSH_AUTH_SOCK": str(ssh_agent)})
     check_session(device)
+
+
+def test_a_default_key_that_is_not_a_file_is_a_clear_error(two: Fleet, ssh_agent: Path, tmp_path: Path) -> None:
+    """~/.ssh/id_ed25519 pointing at /dev/zero was read until memory ran out: now that device's AuthError."""
+    home_ssh = tmp_path / "home" / ".ssh"
+    home_ssh.mkdir(parents=True)
+    (home_ssh / "id_ed25519").symlink_to("/dev/zero")
+    with pytest.raises(AuthError) as caught:
+        open_transport(replace(sim_device(two, "sim-01"), identity_file=None))
+    key = home_ssh / "id_ed25519"
+    assert str(caught.value) == f"identity file {key}: not a regular file (a device, a pipe or a folder)"

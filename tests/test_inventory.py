@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import textwrap
 from collections.abc import Iterator
@@ -364,8 +365,45 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_folder_is_not_a_file(tmp_path: Path) -> None:
-    with pytest.raises(InventoryError, match=r"cannot read"):
+    with pytest.raises(InventoryError, match=r"not a regular file"):
         load_inventory(tmp_path)
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_only_regular_files_are_read(tmp_path: Path, special: str) -> None:
+    """/dev/zero or a FIFO as the fleet, an identity_file, known_hosts or ssh_config: a clear input error
+    naming the file (it was a MemoryError, exit 70, or a hang), never a read."""
+    if special == "fifo":
+        special = str(tmp_path / "fifo")
+        os.mkfifo(special)
+    with pytest.raises(InventoryError, match=r"not a regular file") as caught:
+        load_inventory(special)
+    assert caught.value.where == Where(special)
+    cases = (("identity_file", f"identity_file: {special}"), ("ssh.known_hosts", f"ssh: {{known_hosts: {special}}}"),
+             ("ssh_config", None))
+    for field, text in cases:
+        body = (f"ssh_config: {special}\n" + TWO) if text is None else TWO + f"    {text}\n"
+        with pytest.raises(InventoryError, match=r"not a regular file") as caught:
+            parse_inventory(body, FILE)
+        assert caught.value.field == field and special in str(caught.value), str(caught.value)
+
+
+def test_size_caps(tmp_path: Path) -> None:
+    big = tmp_path / "big.yml"
+    with open(big, "wb") as out:
+        out.truncate((4 << 20) + 1)  # sparse: over the 4 MiB cap without writing it
+    with pytest.raises(InventoryError, match=r"4194305 bytes, over the limit of 4194304"):
+        load_inventory(big)
+
+
+def test_an_alias_bomb_in_vars_is_refused() -> None:
+    """Nine aliases of nine aliases ... check cheaply (nodes are shared) but `inventory list --json` would
+    write 9**9 values: refused at check time, naming the line."""
+    lines = ["    vars:", "      l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"      l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    with pytest.raises(InventoryError, match=r"expands to over 100000 values through YAML aliases") as caught:
+        parse_inventory(TWO + "\n".join(lines) + "\n", FILE)
+    assert caught.value.field == "vars.l5" and caught.value.where == Where(FILE, 12)  # 9**6 values: past the cap
 
 
 # --- what loads ------------------------------------------------------------------------------------------

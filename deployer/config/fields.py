@@ -15,6 +15,7 @@ from typing import Any, cast
 from yaml.nodes import Node, ScalarNode
 
 from deployer.config import sshconfig
+from deployer.config.files import MAX_NAMED_FILE, unfit_file
 from deployer.config.yamlnodes import (
     CONTROL,
     Context,
@@ -140,8 +141,13 @@ def parse_jump(node: Node, ctx: Context) -> str:
 
 
 def parse_path(node: Node, ctx: Context) -> str:
-    """A controller path: `~` is the controller user's home; relative to the inventory's folder."""
-    return os.path.join(ctx.doc.base_dir, os.path.expanduser(parse_text(node, ctx)))
+    """A controller path: `~` is the controller user's home; relative to the inventory's folder. If it exists
+    it must be a regular file of sane size (what it names is read whole later: keys, known_hosts, configs)."""
+    path = os.path.join(ctx.doc.base_dir, os.path.expanduser(parse_text(node, ctx)))
+    problem = unfit_file(path, MAX_NAMED_FILE)
+    if problem is not None:
+        raise ctx.error(node, f"{path}: {problem}")
+    return path
 
 
 def optional(parser: Parser) -> Parser:

@@ -13,7 +13,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from graphlib import CycleError, TopologicalSorter
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -42,6 +41,7 @@ from deployer.config.fields import (
     parse_word,
     section,
 )
+from deployer.config.files import MAX_INVENTORY, read_user_file
 from deployer.config.sshconfig import JumpHost
 from deployer.config.yamlnodes import (
     TAG,
@@ -134,12 +134,9 @@ class Inventory:
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:
     """Read and check the inventory at `path`; raises `InventoryError` and nothing else."""
     file = os.fspath(path)
-    try:
-        data = Path(file).read_bytes()
-    except FileNotFoundError:
-        raise InventoryError(Where(file), None, "no such file") from None
-    except OSError as exc:
-        raise InventoryError(Where(file), None, f"cannot read ({exc.strerror or exc})") from exc
+    data = read_user_file(file, MAX_INVENTORY, "the inventory", InventoryError)
+    if data is None:
+        raise InventoryError(Where(file), None, "no such file")
     return parse_inventory(data, file)
 
 

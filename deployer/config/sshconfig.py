@@ -25,8 +25,8 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
+from deployer.config.files import MAX_SSH_CONFIG, read_user_file
 from deployer.errors import InputError, Where
 
 DEFAULT_PATH = "~/.ssh/config"
@@ -163,12 +163,9 @@ def parse_ssh_config(text: str, path: str = "<ssh_config>") -> SshConfig:
 def load_ssh_config(path: str | os.PathLike[str] | None = None) -> SshConfig:
     """Read `path` (default `~/.ssh/config`); a file that does not exist is an empty config."""
     file = os.path.expanduser(os.fspath(path if path is not None else DEFAULT_PATH))
-    try:
-        data = Path(file).read_bytes()
-    except FileNotFoundError:
+    data = read_user_file(file, MAX_SSH_CONFIG, "ssh config")
+    if data is None:
         return SshConfig(file)
-    except OSError as exc:
-        raise InputError(Where(file), None, f"cannot read this ssh config ({exc.strerror or exc})") from exc
     return parse_ssh_config(data.decode("utf-8", errors="replace"), file)
 
 

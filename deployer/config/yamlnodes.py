@@ -22,6 +22,7 @@ from deployer.errors import InventoryError, Where
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # what PyYAML counts as a line break
 _MAX_DEPTH = 64
+MAX_EXPANDED = 100_000  # values a free mapping (`vars`) may expand to through aliases
 TAG = "tag:yaml.org,2002:"
 _STR_TAGS = frozenset({TAG + "str", TAG + "timestamp", TAG + "value"})  # dates stay text, as written
 _PLAIN_TAGS = _STR_TAGS | {TAG + t for t in ("null", "bool", "int", "float", "seq", "map", "merge")}
@@ -85,7 +86,7 @@ class Document:
     file: str
     base_dir: str  # relative paths in the inventory start here
     pairs: dict[int, dict[str, tuple[Node, Node]]] = field(default_factory=dict)  # by id(node): aliases
-    frozen: dict[int, tuple[object, int]] = field(default_factory=dict)  # nodes are shared: work stays linear
+    frozen: dict[int, tuple[object, int, int]] = field(default_factory=dict)  # shared nodes: work stays linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,27 +194,37 @@ def scalar(node: Node, ctx: Context) -> Scalar:
 def freeze(node: Node, ctx: Context, depth: int = 0) -> tuple[object, int]:
     """A free value (`vars`) made immutable (mappings -> MappingProxyType, lists -> tuples), and its height.
 
-    Shared nodes (aliases) are frozen once; the height bounds the nesting they can build, which `describe`
-    and JSON walk recursively.
+    Shared nodes (aliases) are frozen once; the height bounds the nesting they can build, and the expanded
+    size (every value counted as often as aliases repeat it) bounds what `describe` and JSON would write out:
+    an alias bomb (a list of nine aliases of a list of nine aliases ...) is refused here, not expanded later.
     """
     if id(node) in ctx.doc.frozen:
-        return ctx.doc.frozen[id(node)]
+        seen = ctx.doc.frozen[id(node)]
+        return seen[0], seen[1]
     if depth > _MAX_DEPTH:
         raise ctx.error(node, f"nested over {_MAX_DEPTH} levels deep (a recursive alias?)")
     value: object
     if isinstance(node, SequenceNode) and node.tag == TAG + "seq":
-        items = [freeze(item, ctx, depth + 1) for item in node.value]
+        children = [(item, ctx) for item in node.value]
+    elif isinstance(node, (MappingNode, SequenceNode)):
+        children = [(v, ctx.sub(key)) for key, (_, v) in mapping_pairs(node, ctx, depth).items()]
+    else:
+        children = []
+    items = [freeze(child, child_ctx, depth + 1) for child, child_ctx in children]
+    if isinstance(node, SequenceNode) and node.tag == TAG + "seq":
         value = tuple(item for item, _ in items)
     elif isinstance(node, (MappingNode, SequenceNode)):
-        pairs = {key: freeze(v, ctx.sub(key), depth + 1) for key, (_, v) in mapping_pairs(node, ctx, depth).items()}
-        items = list(pairs.values())
-        value = MappingProxyType({key: item for key, (item, _) in pairs.items()})
+        keys = list(mapping_pairs(node, ctx, depth))
+        value = MappingProxyType({key: item for key, (item, _) in zip(keys, items, strict=True)})
     else:
-        items, value = [], scalar(node, ctx)
+        value = scalar(node, ctx)
     height = 1 + max((h for _, h in items), default=0)
     if height > _MAX_DEPTH:
         raise ctx.error(node, f"nested over {_MAX_DEPTH} levels deep (through aliases)")
-    ctx.doc.frozen[id(node)] = (value, height)
+    size = 1 + sum(ctx.doc.frozen[id(child)][2] for child, _ in children)
+    if size > MAX_EXPANDED:
+        raise ctx.error(node, f"expands to over {MAX_EXPANDED} values through YAML aliases (an alias bomb?)")
+    ctx.doc.frozen[id(node)] = (value, height, size)
     return value, height
 
 

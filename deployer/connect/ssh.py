@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployer.config.files import unfit_file
 from deployer.config.inventory import Device
 from deployer.connect.channel import READ_CHUNK, BufferedReader
 from deployer.connect.deadline import Deadline, current_deadline
@@ -417,6 +418,9 @@ class SshTransport:
 def _read_key(file: str) -> paramiko.PKey | None:
     """The private key in `file`, or None if it is encrypted (Paramiko says so with a TypeError, or with
     PasswordRequiredException in older versions); anything else unreadable is an AuthError."""
+    problem = unfit_file(file, MAX_KEY_FILE)
+    if problem is not None:
+        raise AuthError(f"identity file {file}: {problem}")
     try:
         return paramiko.PKey.from_path(file)
     except paramiko.PasswordRequiredException:
@@ -470,6 +474,7 @@ def _open_socket(endpoint: _Endpoint, timeout: float, deadline: Deadline | None)
     return sock
 
 
+MAX_KEY_FILE = 1 << 20  # a private key is a few KiB; anything far larger is not one
 CONNECT_POLL_S = 0.1  # how often a TCP connect in progress looks at the device's deadline (and Ctrl-C)
 
 
