@@ -6,9 +6,11 @@ device faults are real too: a hidden python3 or libOpenCL.so.1, a broken ICD fil
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +22,7 @@ import pytest
 import yaml
 
 from deployer.sim.fleet import DeviceSpec, Fleet
-from tests.conftest import KERNELS, Cli
+from tests.conftest import KERNELS, REPO, Cli
 
 MakeFleet = Callable[[Sequence[DeviceSpec]], Fleet]
 
@@ -330,11 +332,66 @@ def test_a_device_whose_local_store_fails_is_that_devices_failure(make_fleet: Ma
     fleet = make_fleet([DeviceSpec("sim-01"), DeviceSpec("sim-02")])
     cache = tmp_path / "cache"
     with read_only(cache / "sim-02"):
-        code, devices = push(cli, fleet.inventory, tmp_path)
+        run = cli("push", "--fleet", fleet.inventory, "--kernels", _saxpy_only(tmp_path, "store"), "--cache", cache,
+                  "--json")
         assert not list((cache / "sim-02").iterdir())  # nothing half-written
+    code, devices = run.code, {d["name"]: d for d in run.json()["devices"]}
     assert code == 1
     assert devices["sim-01"]["ok"] is True and (cache / "sim-01" / "mace_cl_compiled_program.bin").exists()
     assert devices["sim-02"]["ok"] is False
     assert "local cache: cannot write" in devices["sim-02"]["error"] and "Read-only" in devices["sim-02"]["error"]
     last = yaml.safe_load((cache / "last-run.json").read_text())
     assert last["devices"]["sim-02"]["ok"] is False and last["devices"]["sim-01"]["ok"] is True
+
+
+# --- a board that trickles or hangs costs about one timeout ---------------------------------------------------
+
+TRICKLE = """#!/usr/bin/python3
+# Stands in for the board's python: says hello as the agent would, then answers the first request with a
+# line that never ends, one byte every half second (the idle timeout alone would never fire); or, named
+# fake-python-hang, says nothing at all.
+import json, sys, time
+hang = sys.argv[0].endswith("hang")
+if not hang:
+    sys.stdout.write(json.dumps({"op": "hello", "agent_version": "1", "agent": AGENT, "python": "3.11.2",
+                                 "pid": 1}) + "\\n")
+    sys.stdout.flush()
+    sys.stdin.readline()
+for _ in range(1200):
+    if not hang:
+        sys.stdout.write(" ")
+        sys.stdout.flush()
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("behaviour", ["trickle", "hang"])
+def test_a_trickling_or_silent_board_costs_one_timeout(make_fleet: MakeFleet, tmp_path: Path,
+                                                       behaviour: str) -> None:
+    """`timeouts.command` bounds a whole reply, not only the silence between bytes (a board sending a byte
+    every half second held a push for as long as it liked), and no goodbye waits another timeout after it."""
+    from deployer.protocol.bundle import agent_bundle
+
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    name = "fake-python-hang" if behaviour == "hang" else "fake-python"
+    script = Path(fleet.device("sim-01").folder) / "home" / name
+    script.write_text(TRICKLE.replace("AGENT", repr(agent_bundle().id)))
+    script.chmod(0o755)
+
+    def change(doc: dict[str, Any]) -> None:
+        entry = device_entry(doc, "sim-01")
+        entry["python"] = f"/home/deploysim/{name}"
+        entry["timeouts"] = {"command": 3}
+
+    inventory = edit_inventory(fleet, change)
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "deployer", "push", "--fleet", str(inventory), "--kernels",
+                          str(_saxpy_only(tmp_path, behaviour)), "--cache", str(tmp_path / "cache"), "--json"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    elapsed = time.monotonic() - start
+    assert run.returncode == 1, run.stdout + run.stderr
+    error = json.loads(run.stdout)["devices"][0]["error"]
+    wanted = "no complete answer within 3 s" if behaviour == "trickle" else "no answer within 3 s"
+    assert wanted in error, error
+    assert elapsed < 12, elapsed  # one 3 s timeout, plus start-up and connecting; not 3 s per byte or two

@@ -39,10 +39,10 @@ class LocalChannel(BufferedReader):
         except ProcessLookupError:
             pass
 
-    def _recv(self, size: int) -> bytes:
+    def _recv(self, size: int, wait: float) -> bytes:
         assert self._process.stdout is not None
         fd = self._process.stdout.fileno()
-        ready, _, _ = select.select([fd], [], [], self._timeout)
+        ready, _, _ = select.select([fd], [], [], max(wait, 0.0))
         if not ready:
             raise CommandTimeout(f"{self._what}: no answer within {self._timeout:g} s")
         chunk = os.read(fd, size)

@@ -62,8 +62,9 @@ class SshChannel(BufferedReader):
         self._deadline = deadline
         self.bytes_sent = 0
 
-    def _recv(self, size: int) -> bytes:
+    def _recv(self, size: int, wait: float) -> bytes:
         try:
+            self._channel.settimeout(max(wait, 0.01))
             data = self._channel.recv(size)
         except TimeoutError as exc:
             _raise_if_expired(self._deadline, exc)

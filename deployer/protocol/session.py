@@ -45,6 +45,7 @@ class AgentSession:
         self._channel = channel
         self._device = device
         self.hello: Reply | None = None
+        self._broken = False
         self.agent_uploaded = False
 
     @classmethod
@@ -139,8 +140,12 @@ class AgentSession:
         return AgentError(f"the agent exited with status {status}{detail}", kind="agent_died")
 
     def request(self, op: str, payload: bytes = b"", **fields: Any) -> Reply:
-        self._write({"op": op, **fields}, payload)
-        reply = self._read()
+        try:
+            self._write({"op": op, **fields}, payload)
+            reply = self._read()
+        except TransportError:
+            self._broken = True  # the channel is out of step or gone: no goodbye will be read
+            raise
         if reply.fields.get("ok") is True:
             return reply
         failure = agent_failure(reply)
@@ -156,10 +161,13 @@ class AgentSession:
         self._channel.close()
 
     def bye(self) -> None:
-        try:
-            self.request("bye")
-        except (AgentError, TransportError):
-            pass
+        """A goodbye, so the agent cleans up before it answers; none after a broken exchange (it would only
+        wait out another timeout): closing its input makes the agent clean up all the same."""
+        if not self._broken:
+            try:
+                self.request("bye")
+            except (AgentError, TransportError):
+                pass
         self.close()
 
 
