@@ -207,3 +207,38 @@ def test_ctrl_c_exits_130(tmp_path: Path) -> None:
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert stopped_s < 3.0, stopped_s  # the connect in progress is dropped, not waited out (it was ~13 s)
     assert "slow: connect: interrupted (Ctrl-C)" in out and "0/1 device(s) passed" in out, out  # the summary
+
+
+@pytest.mark.parametrize("command", [["verify"], ["show", "pi-01"], ["prune", "--stale"],
+                                     ["export", "--device", "pi-01", "--to", "x"]])
+def test_a_mistyped_cache_folder_is_an_input_error(cli: Cli, tmp_path: Path, command: list[str]) -> None:
+    """`cache verify --cache /typo` said "0 device(s) checked" and exited 0."""
+    run = cli("cache", *command, "--cache", tmp_path / "typo")
+    assert run.code == 2 and "no such cache folder" in run.err, run.err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_cache_prune_waits_for_the_cache_lock(cli: Cli, tmp_path: Path) -> None:
+    """prune took no lock: beside a collect writing the same records it could fail healthy devices."""
+    from deployer.cache.store import cache_lock
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with cache_lock(cache):  # another run holds the cache
+        run = cli("cache", "prune", "--stale", "--cache", cache)
+    assert run.code == 3 and "in use by another deploy run" in run.err, run.err
+    assert cli("cache", "prune", "--stale", "--cache", cache).code == 0
+
+
+def test_a_missing_kernel_library_names_the_flag(cli: Cli, tmp_path: Path) -> None:
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text("devices:\n  - name: a\n    host: 10.255.255.1\n")
+    run = cli("push", "--fleet", inventory, "--kernels", tmp_path / "nowhere", "--cache", tmp_path / "c")
+    assert run.code == 2 and "--kernels DIR" in run.err, run.err
+
+
+def test_every_fleet_command_explains_its_shared_flags(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # one line per flag
+    for command in (["push"], ["rollback"], ["collect"], ["cache", "install"]):
+        text = cli(*command, "--help").out
+        assert "Devices worked on at once" in text and "never seen before" in text, (command, text)

@@ -65,6 +65,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on std
 
 SimDirOption = Annotated[Path, typer.Option("--dir", help="Folder of the simulated fleet.")]
 
+ForksOption = Annotated[int, typer.Option("--forks", min=1, max=256, help="Devices worked on at once.")]
+AcceptNewOption = Annotated[bool, typer.Option("--accept-new-host-keys", help="Trust and record the key of a "
+                                               "device never seen before (a changed key is always refused).")]
 WaitOption = Annotated[float, typer.Option("--wait", min=0, help="If another run holds the cache, wait up to "
                                            "this many seconds for it instead of refusing at once.")]
 

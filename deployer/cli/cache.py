@@ -10,7 +10,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from deployer.cli.app import FleetOption, JsonOption, LimitOption, MaceFormat, app, select_devices, stdout
+from deployer.cli.app import (
+    AcceptNewOption,
+    FleetOption,
+    ForksOption,
+    JsonOption,
+    LimitOption,
+    MaceFormat,
+    WaitOption,
+    app,
+    select_devices,
+    stdout,
+)
 from deployer.cli.push import CacheOption
 from deployer.errors import InputError
 
@@ -18,6 +29,13 @@ cache_app = typer.Typer(no_args_is_help=True, help="The local per-device cache: 
                         "export; install on devices.")
 
 app.add_typer(cache_app, name="cache")
+
+
+def existing(cache: Path) -> Path:
+    """A cache folder that exists: a mistyped --cache is an input error, not an empty cache."""
+    if not cache.is_dir():
+        raise InputError(None, "--cache", f"{cache}: no such cache folder (give the folder a push wrote)")
+    return cache
 
 
 @cache_app.command("ls")
@@ -41,7 +59,7 @@ def cache_show(device: Annotated[str, typer.Argument(help="Device name.")], cach
     """One device's fingerprint history, programs and collected files (JSON)."""
     from deployer.cache.admin import show
 
-    stdout.print_json(json.dumps(show(cache, device)))
+    stdout.print_json(json.dumps(show(existing(cache), device)))
 
 
 @cache_app.command("verify")
@@ -49,7 +67,7 @@ def cache_verify(cache: CacheOption = Path("cache")) -> None:
     """Check every hash against its manifest or record and parse every file; exit 1 on any problem."""
     from deployer.cache.admin import device_names, verify
 
-    problems = verify(cache)
+    problems = verify(existing(cache))
     for problem in problems:
         stdout.print(f"[red]problem[/red] {escape(problem)}")
     stdout.print(f"{len(device_names(cache))} device(s) checked, {len(problems)} problem(s)")
@@ -62,13 +80,17 @@ def cache_prune(
     older_than: Annotated[float | None, typer.Option("--older-than", help="Days.")] = None,
     stale: Annotated[bool, typer.Option("--stale", help="Collected files MACE would not use, or whose driver "
                      "changed since they were written.")] = False,
+    wait: WaitOption = 0.0,
 ) -> None:
     """Remove collected files that are old or stale."""
     from deployer.cache.admin import prune
+    from deployer.cache.store import cache_lock
 
     if older_than is None and not stale:
         raise InputError(None, "--older-than/--stale", "say what to prune")
-    for line in (removed := prune(cache, older_than_days=older_than, stale=stale)):
+    with cache_lock(existing(cache), wait=wait):  # never under a collect that is writing the same records
+        removed = prune(cache, older_than_days=older_than, stale=stale)
+    for line in removed:
         stdout.print(f"removed {escape(line)}")
     stdout.print(f"{len(removed)} collected file(s) removed")
 
@@ -89,9 +111,9 @@ def cache_export(
         raise InputError(None, "--device/--tarballs", "give exactly one of --device NAME and --tarballs")
     if device is not None:
         fmt = mace_format.value if mace_format else None
-        stdout.print(f"wrote {export_file(cache, device, to, fmt)}")
+        stdout.print(f"wrote {export_file(existing(cache), device, to, fmt)}")
         return
-    for item in export_tarballs(cache, to):
+    for item in export_tarballs(existing(cache), to):
         stdout.print(f"wrote {item['tarball']} ({len(item['devices'])} device(s), "
                      f"{item['distinct_files']} distinct file(s))")
 
@@ -102,8 +124,8 @@ def cache_install(
     to: Annotated[str, typer.Option("--to", help="Path on each device where the app reads its cache file.")],
     limit: LimitOption = None,
     cache: CacheOption = Path("cache"),
-    forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
-    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    forks: ForksOption = 16,
+    accept_new_host_keys: AcceptNewOption = False,
 ) -> None:
     """Copy each device's cache file to where its app reads it, on devices whose driver still matches."""
     from deployer.tasks.collect import install_fleet

@@ -10,7 +10,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from deployer.cli.app import FleetOption, JsonOption, LimitOption, QuietOption, WaitOption, app, select_devices, stdout
+from deployer.cli.app import (
+    AcceptNewOption,
+    FleetOption,
+    ForksOption,
+    JsonOption,
+    LimitOption,
+    QuietOption,
+    WaitOption,
+    app,
+    select_devices,
+    stdout,
+)
 from deployer.cli.push import CacheOption, make_fleet_progress
 from deployer.errors import InputError
 
@@ -27,8 +38,8 @@ def collect(
                         "before pulling.")] = 256 << 20,
     max_files: Annotated[int, typer.Option("--max-files", min=1, max=100000, help="Stop listing a device "
                          "after this many files.")] = 1000,
-    forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
-    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    forks: ForksOption = 16,
+    accept_new_host_keys: AcceptNewOption = False,
     wait: WaitOption = 0.0,
     quiet: QuietOption = False,
     as_json: JsonOption = False,

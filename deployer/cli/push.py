@@ -12,7 +12,9 @@ from rich.table import Table
 
 from deployer import DEFAULT_MACE_VERSION
 from deployer.cli.app import (
+    AcceptNewOption,
     FleetOption,
+    ForksOption,
     JsonOption,
     LimitOption,
     MaceFormat,
@@ -44,12 +46,11 @@ def push(
     cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
     mace_version: Annotated[str | None, typer.Option("--mace-version", help="MaceVersion() of the app's libmace; "
                             f"default: the device's vars.mace_version, else {DEFAULT_MACE_VERSION}.")] = None,
-    forks: Annotated[int, typer.Option("--forks", min=1, max=256, help="Devices worked on at once.")] = 16,
+    forks: ForksOption = 16,
     keep: Annotated[int, typer.Option("--keep", min=1, help="Releases kept on each device.")] = 3,
     mace_format: Annotated[MaceFormat, typer.Option("--mace-format", help="Cache container: pb (MACE v1.1+) "
                            "or legacy (v1.0.x apps).")] = MaceFormat.pb,
-    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys", help="Trust and record the key "
-                                    "of a device never seen before (a changed key is always refused).")] = False,
+    accept_new_host_keys: AcceptNewOption = False,
     smoke: Annotated[SmokeMode, typer.Option("--smoke", help="Smoke-test the programs whose binary or "
                      "fingerprint changed (changed), every program (always), or none (never).")] = SmokeMode.changed,
     check: Annotated[bool, typer.Option("--check", help="Only say, per device, which files would travel and "
@@ -107,8 +108,8 @@ def rollback(
     fleet: FleetOption,
     limit: LimitOption = None,
     cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
-    forks: Annotated[int, typer.Option("--forks", min=1, max=256)] = 16,
-    accept_new_host_keys: Annotated[bool, typer.Option("--accept-new-host-keys")] = False,
+    forks: ForksOption = 16,
+    accept_new_host_keys: AcceptNewOption = False,
     wait: WaitOption = 0.0,
     as_json: JsonOption = False,
 ) -> None:

@@ -282,7 +282,8 @@ def load_library(folder: Path) -> Library:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise InputError(Where(file), None, f"cannot read the kernel manifest: {exc.strerror}") from exc
+        hint = "; name the library's folder with --kernels DIR (default: ./kernels)" if not folder.is_dir() else ""
+        raise InputError(Where(file), None, f"cannot read the kernel manifest: {exc.strerror}{hint}") from exc
     try:
         document = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
