@@ -395,3 +395,46 @@ def test_a_trickling_or_silent_board_costs_one_timeout(make_fleet: MakeFleet, tm
     wanted = "no complete answer within 3 s" if behaviour == "trickle" else "no answer within 3 s"
     assert wanted in error, error
     assert elapsed < 12, elapsed  # one 3 s timeout, plus start-up and connecting; not 3 s per byte or two
+
+
+FLOOD = """#!/usr/bin/python3
+# Stands in for the board's python: says hello as the agent would, then answers `state` with a header that
+# announces 400 MB and sends them.
+import json, sys
+sys.stdout.write(json.dumps({"op": "hello", "agent_version": "1", "agent": AGENT, "python": "3.11.2",
+                             "pid": 1}) + "\\n")
+sys.stdout.flush()
+sys.stdin.readline()
+sys.stdout.write(json.dumps({"ok": True, "current": None, "payload_size": 400 * 1000 * 1000}) + "\\n")
+sys.stdout.flush()
+chunk = b"\\0" * (1 << 20)
+for _ in range(400):
+    sys.stdout.buffer.write(chunk)
+"""
+
+
+@pytest.mark.slow
+def test_a_payload_over_what_the_op_may_send_is_refused_unread(make_fleet: MakeFleet, tmp_path: Path) -> None:
+    """Sizes are checked before reading: a board announcing 400 MB for `state` (64 MiB at most) fails at
+    once, and the controller's memory stays that of a normal run (it buffered the whole payload before)."""
+    from deployer.protocol.bundle import agent_bundle
+
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    script = Path(fleet.device("sim-01").folder) / "home" / "fake-python"
+    script.write_text(FLOOD.replace("AGENT", repr(agent_bundle().id)))
+    script.chmod(0o755)
+    inventory = edit_inventory(fleet, lambda doc: device_entry(doc, "sim-01").update(
+        python="/home/deploysim/fake-python"))
+    with open(tmp_path / "out", "w+") as out:
+        process = subprocess.Popen([sys.executable, "-m", "deployer", "push", "--fleet", str(inventory), "--kernels",
+                                    str(_saxpy_only(tmp_path, "flood")), "--cache", str(tmp_path / "cache"),
+                                    "--json"], stdout=out, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        report = json.loads(out.read())
+    assert process.returncode == 1
+    error = report["devices"][0]["error"]
+    assert "announced 400000000 bytes for its 'state' reply, over the 67108864" in error, error
+    assert usage.ru_maxrss < 300 * 1024, usage.ru_maxrss  # KiB: far below the 400 MB announced

@@ -20,7 +20,11 @@ from deployer.protocol.bundle import NEED_AGENT, NO_REMOTE_DIR, agent_bundle, bo
 from deployer.protocol.reply import Reply, printable, printable_line, show
 
 MAX_HEADER = 1 << 20
-MAX_PAYLOAD = 512 << 20
+# The most payload each op's reply may announce; checked before a byte of it is read, so a board announcing
+# more costs nothing (a caller that knows the exact size passes a tighter `max_reply`).
+REPLY_LIMITS = {"state": 64 << 20, "get": 256 << 20, "read": 256 << 20, "rollback": 256 << 20,
+                "smoke": 256 << 20, "startup": 256 << 20}
+SMALL_REPLY = 1 << 20  # every other op (and hello) answers with no payload to speak of
 FINISH_TIMEOUT_S = 5.0
 
 
@@ -102,7 +106,7 @@ class AgentSession:
             self._channel.write(line)  # a large payload is not copied into one buffer with its header
             self._channel.write(payload)
 
-    def _read(self) -> Reply:
+    def _read(self, op: str = "hello", max_reply: int = SMALL_REPLY) -> Reply:
         line = self._channel.read_line(MAX_HEADER)
         if not line.endswith(b"\n"):
             raise self._ended_early(line)
@@ -113,8 +117,12 @@ class AgentSession:
         if not isinstance(fields, dict):
             raise AgentError(f"agent reply is not a JSON object: {show(fields)}")
         size = fields.get("payload_size", 0)
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_PAYLOAD:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise AgentError(f"agent reply field 'payload_size': out of range ({show(size)})")
+        if size > max_reply:  # refused before reading: the session is out of step now, so it ends
+            self._broken = True
+            raise AgentError(f"the agent announced {size} bytes for its {op!r} reply, over the {max_reply} it "
+                             f"may send", kind="bad_reply")
         return Reply(fields, self._channel.read_exact(size) if size else b"")
 
     def _ended_early(self, partial: bytes) -> AgentError:
@@ -139,10 +147,15 @@ class AgentSession:
             return AgentError(f"the agent stopped answering{detail}", kind="agent_died")
         return AgentError(f"the agent exited with status {status}{detail}", kind="agent_died")
 
-    def request(self, op: str, payload: bytes = b"", **fields: Any) -> Reply:
+    def request(self, op: str, payload: bytes = b"", *, max_reply: int | None = None, **fields: Any) -> Reply:
+        """Send one request and read its reply; `max_reply`: the most payload that reply may carry (default:
+        REPLY_LIMITS for the op)."""
+        limit = max_reply if max_reply is not None else REPLY_LIMITS.get(op, SMALL_REPLY)
+        if self._broken:
+            raise AgentError(f"no {op!r}: the exchange with the agent broke off earlier", kind="bad_reply")
         try:
             self._write({"op": op, **fields}, payload)
-            reply = self._read()
+            reply = self._read(op, limit)
         except TransportError:
             self._broken = True  # the channel is out of step or gone: no goodbye will be read
             raise

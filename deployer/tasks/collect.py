@@ -207,7 +207,8 @@ class _Collector:
             return FileOutcome(shown, "unchanged", record=self._store(previous, None))
         self.progress.stage(self.device.name, f"read {shown}")
         try:
-            reply = session.request("read", path=found.path, size=found.size, sha256=found.sha256)
+            reply = session.request("read", path=found.path, size=found.size, sha256=found.sha256,
+                                    max_reply=found.size)
         except AgentError as exc:
             return FileOutcome(shown, "failed", exc.reason)
         data = reply.payload
