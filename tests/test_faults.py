@@ -346,23 +346,43 @@ def test_a_device_whose_local_store_fails_is_that_devices_failure(make_fleet: Ma
 
 # --- a board that trickles or hangs costs about one timeout ---------------------------------------------------
 
-TRICKLE = """#!/usr/bin/python3
-# Stands in for the board's python: says hello as the agent would, then answers the first request with a
-# line that never ends, one byte every half second (the idle timeout alone would never fire); or, named
-# fake-python-hang, says nothing at all.
+# A stand-in for the board's python, for faults a real agent never makes. HELLO says hello as the agent
+# would (with this controller's bundle identity) and reads the first request; each test appends what the
+# board does then.
+HELLO = """#!/usr/bin/python3
 import json, sys, time
-hang = sys.argv[0].endswith("hang")
-if not hang:
-    sys.stdout.write(json.dumps({"op": "hello", "agent_version": "1", "agent": AGENT, "python": "3.11.2",
-                                 "pid": 1}) + "\\n")
+sys.stdout.write(json.dumps({"op": "hello", "agent_version": "1", "agent": AGENT, "python": "3.11.2",
+                             "pid": 1}) + "\\n")
+sys.stdout.flush()
+sys.stdin.readline()
+"""
+TRICKLE = HELLO + """for _ in range(1200):  # a reply line that never ends, a byte every half second
+    sys.stdout.write(" ")
     sys.stdout.flush()
-    sys.stdin.readline()
-for _ in range(1200):
-    if not hang:
-        sys.stdout.write(" ")
-        sys.stdout.flush()
     time.sleep(0.5)
 """
+HANG = """#!/usr/bin/python3
+import time
+time.sleep(600)  # never says hello
+"""
+FLOOD = HELLO + """announced = {"ok": True, "current": None, "payload_size": 400 * 1000 * 1000}  # for `state`
+sys.stdout.write(json.dumps(announced) + "\\n")
+sys.stdout.flush()
+chunk = b"\\0" * (1 << 20)
+for _ in range(400):  # and sends them
+    sys.stdout.buffer.write(chunk)
+"""
+
+
+def stand_in_python(fleet: Fleet, script: str, **entry: Any) -> Path:
+    """Install `script` as sim-01's python (more inventory fields in `entry`); the edited inventory."""
+    from deployer.protocol.bundle import agent_bundle
+
+    path = Path(fleet.device("sim-01").folder) / "home" / "fake-python"
+    path.write_text(script.replace("AGENT", repr(agent_bundle().id)))
+    path.chmod(0o755)
+    return edit_inventory(fleet, lambda doc: device_entry(doc, "sim-01").update(
+        python="/home/deploysim/fake-python", **entry))
 
 
 @pytest.mark.slow
@@ -371,20 +391,8 @@ def test_a_trickling_or_silent_board_costs_one_timeout(make_fleet: MakeFleet, tm
                                                        behaviour: str) -> None:
     """`timeouts.command` bounds a whole reply, not only the silence between bytes (a board sending a byte
     every half second held a push for as long as it liked), and no goodbye waits another timeout after it."""
-    from deployer.protocol.bundle import agent_bundle
-
     fleet = make_fleet([DeviceSpec("sim-01")])
-    name = "fake-python-hang" if behaviour == "hang" else "fake-python"
-    script = Path(fleet.device("sim-01").folder) / "home" / name
-    script.write_text(TRICKLE.replace("AGENT", repr(agent_bundle().id)))
-    script.chmod(0o755)
-
-    def change(doc: dict[str, Any]) -> None:
-        entry = device_entry(doc, "sim-01")
-        entry["python"] = f"/home/deploysim/{name}"
-        entry["timeouts"] = {"command": 3}
-
-    inventory = edit_inventory(fleet, change)
+    inventory = stand_in_python(fleet, HANG if behaviour == "hang" else TRICKLE, timeouts={"command": 3})
     start = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "deployer", "push", "--fleet", str(inventory), "--kernels",
                           str(_saxpy_only(tmp_path, behaviour)), "--cache", str(tmp_path / "cache"), "--json"],
@@ -397,34 +405,12 @@ def test_a_trickling_or_silent_board_costs_one_timeout(make_fleet: MakeFleet, tm
     assert elapsed < 12, elapsed  # one 3 s timeout, plus start-up and connecting; not 3 s per byte or two
 
 
-FLOOD = """#!/usr/bin/python3
-# Stands in for the board's python: says hello as the agent would, then answers `state` with a header that
-# announces 400 MB and sends them.
-import json, sys
-sys.stdout.write(json.dumps({"op": "hello", "agent_version": "1", "agent": AGENT, "python": "3.11.2",
-                             "pid": 1}) + "\\n")
-sys.stdout.flush()
-sys.stdin.readline()
-sys.stdout.write(json.dumps({"ok": True, "current": None, "payload_size": 400 * 1000 * 1000}) + "\\n")
-sys.stdout.flush()
-chunk = b"\\0" * (1 << 20)
-for _ in range(400):
-    sys.stdout.buffer.write(chunk)
-"""
-
-
 @pytest.mark.slow
 def test_a_payload_over_what_the_op_may_send_is_refused_unread(make_fleet: MakeFleet, tmp_path: Path) -> None:
     """Sizes are checked before reading: a board announcing 400 MB for `state` (64 MiB at most) fails at
     once, and the controller's memory stays that of a normal run (it buffered the whole payload before)."""
-    from deployer.protocol.bundle import agent_bundle
-
     fleet = make_fleet([DeviceSpec("sim-01")])
-    script = Path(fleet.device("sim-01").folder) / "home" / "fake-python"
-    script.write_text(FLOOD.replace("AGENT", repr(agent_bundle().id)))
-    script.chmod(0o755)
-    inventory = edit_inventory(fleet, lambda doc: device_entry(doc, "sim-01").update(
-        python="/home/deploysim/fake-python"))
+    inventory = stand_in_python(fleet, FLOOD)
     with open(tmp_path / "out", "w+") as out:
         process = subprocess.Popen([sys.executable, "-m", "deployer", "push", "--fleet", str(inventory), "--kernels",
                                     str(_saxpy_only(tmp_path, "flood")), "--cache", str(tmp_path / "cache"),

@@ -304,8 +304,7 @@ def test_a_controller_killed_mid_compile_leaves_the_device_free_at_once(rig: Rig
     kills the compile, drops the release and the lock, so an immediate re-run is not refused as `locked`
     (it was, for as long as the orphaned build went on)."""
     process = rig.start(heavy_library(rig.tmp / "heavy"), extra=["--smoke", "never"])
-    err = rig.tmp / f"run{len(rig.runs) - 1}.err"
-    assert wait_until(lambda: "sim-01 compile" in err.read_text() or process.poll() is not None, 60)
+    assert wait_until(lambda: "sim-01 compile" in rig.output(process)[1] or process.poll() is not None, 60)
     time.sleep(1.5)  # well inside the compile (40 variants)
     assert process.poll() is None, rig.output(process)
     kill_group(process)
@@ -324,8 +323,7 @@ def test_ctrl_c_mid_compile_stops_the_push_and_keeps_the_old_release(rig: Rig, c
     the device keeps its previous release and the next push is not refused."""
     old = push_in_process(cli, rig, rig.library(), "--smoke", "never")["release"]
     process = rig.start(heavy_library(rig.tmp / "heavy"), extra=["--smoke", "never"])
-    err = rig.tmp / f"run{len(rig.runs) - 1}.err"
-    assert wait_until(lambda: "sim-01 compile" in err.read_text() or process.poll() is not None, 60)
+    assert wait_until(lambda: "sim-01 compile" in rig.output(process)[1] or process.poll() is not None, 60)
     time.sleep(1.0)
     assert process.poll() is None, rig.output(process)
     os.killpg(process.pid, signal.SIGINT)
@@ -501,8 +499,7 @@ def test_sshd_killed_during_compile(make_fleet: MakeFleet, tmp_path: Path, cli: 
     try:
         library = rig.library()
         process = rig.start(library, extra=["--smoke", "never"])
-        err = rig.tmp / "run0.err"
-        assert wait_until(lambda: "sim-01 compile" in err.read_text() or process.poll() is not None, 60)
+        assert wait_until(lambda: "sim-01 compile" in rig.output(process)[1] or process.poll() is not None, 60)
         assert process.poll() is None, rig.output(process)
         agent_pids = [p for p in namespace_pids(rig.fleet.device("sim-01").pid)
                       if b"/.deployer" in Path(f"/proc/{p}/cmdline").read_bytes()]

@@ -43,6 +43,7 @@ if _INVOKE_KEPT_OUT:
 
 
 SEND_SLICE = 1 << 16  # at least one SSH packet's worth; what `send` does not take is offered again
+MAX_KEY_FILE = 1 << 20  # a private key is a few KiB; anything far larger is not one
 BACKOFF_S = 0.5  # the first wait before a connect retry; each next one doubles
 
 # Paramiko logs tracebacks of its own failures (a missing banner, a reset); ours say what happened, and
@@ -475,7 +476,6 @@ def _open_socket(endpoint: _Endpoint, timeout: float, deadline: Deadline | None)
     return sock
 
 
-MAX_KEY_FILE = 1 << 20  # a private key is a few KiB; anything far larger is not one
 CONNECT_POLL_S = 0.1  # how often a TCP connect in progress looks at the device's deadline (and Ctrl-C)
 
 
