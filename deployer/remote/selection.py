@@ -178,6 +178,12 @@ class ClContext:
             cl.release("clReleaseContext", self.context)
             raise
 
+    def read_buffer(self, mem, size):
+        """A blocking read: on the in-order queue it also waits for every kernel enqueued before it."""
+        host = ctypes.create_string_buffer(size)
+        self.cl.call("clEnqueueReadBuffer", self.queue, mem, 1, 0, size, host, 0, None, None)
+        return host.raw[:size]
+
     def close(self):
         self.cl.release("clReleaseCommandQueue", self.queue)
         self.cl.release("clReleaseContext", self.context)

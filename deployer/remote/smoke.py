@@ -242,11 +242,7 @@ def run_case(ctx, program, case, payload):
                 0, None, None)
         cl.call("clFinish", ctx.queue)
         run_ms = round((time.perf_counter() - start) * 1000.0, 3)
-        chunks = []
-        for mem, size in outputs:
-            host = ctypes.create_string_buffer(size)
-            cl.call("clEnqueueReadBuffer", ctx.queue, mem, 1, 0, size, host, 0, None, None)
-            chunks.append(host.raw[:size])
+        chunks = [ctx.read_buffer(mem, size) for mem, size in outputs]
         record.update(ok=True, outputs=[{"size": len(c)} for c in chunks], run_ms=run_ms)
         return record, b"".join(chunks)
     except AgentFailure as exc:

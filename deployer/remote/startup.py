@@ -105,13 +105,6 @@ def parse_models(req, payload_size, expected):
     return models
 
 
-def _read_buffer(ctx, mem, size):
-    """A blocking read: on the in-order queue it also waits for every kernel enqueued before it."""
-    host = ctypes.create_string_buffer(size)
-    ctx.cl.call("clEnqueueReadBuffer", ctx.queue, mem, 1, 0, size, host, 0, None, None)
-    return host.raw[:size]
-
-
 def _model_kernel(ctx, programs, step, mems, payload):
     """Create one step's kernel and set its arguments: (kernel, dims, global, local)."""
     cl, key = ctx.cl, step["program_key"]
@@ -139,7 +132,7 @@ def _forward(ctx, launches, outputs):
     for kernel, dims, global_size, local_size in launches:
         ctx.cl.call("clEnqueueNDRangeKernel", ctx.queue, kernel, dims, None, global_size, local_size,
                     0, None, None)
-    return [_read_buffer(ctx, mem, size) for mem, size in outputs]
+    return [ctx.read_buffer(mem, size) for mem, size in outputs]
 
 
 def run_model(ctx, programs, model, payload):
