@@ -2,8 +2,9 @@
 
 ```
 DeployError                       exit 1
-├── InputError                    exit 2: bad inventory, kernels manifest, flag; found before any device
-│   └── InventoryError                  carries file:line, device, field
+├── InputError                    exit 2: bad inventory, playbook, kernels manifest, flag; found before any device
+│   ├── InventoryError                  carries file:line, device, field
+│   └── PlaybookError                   carries file:line, field
 ├── DeviceError                   exit 1: carries the device; caught per device, never stops the fleet
 │   ├── TransportError
 │   │   ├── ConnectError                refused, unreachable, timed out, no SSH banner (`transient`: retried)
@@ -61,6 +62,10 @@ class InputError(DeployError):
 
 class InventoryError(InputError):
     pass
+
+
+class PlaybookError(InputError):
+    """A playbook (`deploy run PLAYBOOK`) that is wrong: file:line of the offending node, and the field."""
 
 
 class DeviceError(DeployError):

@@ -19,6 +19,7 @@ from deployer.config.files import MAX_NAMED_FILE, unfit_file
 from deployer.config.yamlnodes import (
     CONTROL,
     Context,
+    Scalar,
     as_mapping,
     freeze,
     is_null,
@@ -97,30 +98,51 @@ def parse_name(node: Node, ctx: Context) -> str:
 def check_name(name: str, node: Node, ctx: Context, kind: str) -> None:
     if name in ALL:
         raise ctx.error(node, f"{name!r} means every device in --limit: pick another {kind} name")
+    check_word(name, node, ctx, kind)
+
+
+def check_word(name: str, node: Node, ctx: Context, kind: str) -> None:
+    """The device name rule, for any name that may become a folder or a key: a playbook, a step."""
     if not _NAME.fullmatch(name):
         rule = "up to 255 letters, digits, '.', '_', '-', starting with a letter or digit"
         raise ctx.error(node, f"invalid {kind} name {name!r}: {rule}")
 
 
-def parse_port(node: Node, ctx: Context) -> int:
-    value = scalar(node, ctx)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ctx.error(node, f"expected an integer 1-65535 (got {show_node(node)})")
-    return value
+def parse_integer(low: int, high: int | None = None) -> Callable[[Node, Context], int]:
+    """An integer from `low` to `high` (None: no upper bound); `true`, `'3'` and `3.0` are refused."""
+    span = f"{low}-{high}" if high is not None else f">= {low}"
+
+    def parse(node: Node, ctx: Context) -> int:
+        value = scalar(node, ctx)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            raise ctx.error(node, f"expected an integer {span} (got {show_node(node)})")
+        return value
+
+    return parse
+
+
+parse_port = parse_integer(1, 65535)
+
+
+def as_finite(value: Scalar) -> float | None:
+    """A number as a finite float; None for anything else (text, a boolean, nan, inf, an int past float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def parse_seconds(node: Node, ctx: Context) -> float:
-    value = scalar(node, ctx)
-    if isinstance(value, (bool, str)) or value is None or not math.isfinite(value) or value <= 0:
+    value = as_finite(scalar(node, ctx))
+    if value is None or value <= 0:
         raise ctx.error(node, f"expected a number of seconds > 0 (got {show_node(node)})")
-    return float(value)
-
-
-def parse_retries(node: Node, ctx: Context) -> int:
-    value = scalar(node, ctx)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CONNECT_RETRIES:
-        raise ctx.error(node, f"expected an integer 0-{MAX_CONNECT_RETRIES} (got {show_node(node)})")
     return value
+
+
+parse_retries = parse_integer(0, MAX_CONNECT_RETRIES)
 
 
 def parse_bool(node: Node, ctx: Context) -> bool:
