@@ -23,7 +23,7 @@ MAX_HEADER = 1 << 20
 # The most payload each op's reply may announce; checked before a byte of it is read, so a board announcing
 # more costs nothing (a caller that knows the exact size passes a tighter `max_reply`).
 REPLY_LIMITS = {"state": 64 << 20, "get": 256 << 20, "read": 256 << 20, "rollback": 256 << 20,
-                "smoke": 256 << 20, "startup": 256 << 20}
+                "smoke": 256 << 20, "startup": 256 << 20, "shell": 2 << 20}
 SMALL_REPLY = 1 << 20  # every other op (and hello) answers with no payload to speak of
 FINISH_TIMEOUT_S = 5.0
 

@@ -91,8 +91,8 @@ def run_child(req, payload, root, timeout, env=None, watch_fd=None):
     child = subprocess.Popen(child_command(), env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        out, err = _exchange(child, request.getvalue(), timeout, watch_fd)
-    except _TimedOut as exc:
+        out, err = exchange(child, request.getvalue(), timeout, watch_fd)
+    except TimedOut as exc:
         tail = stderr_tail(exc.err)
         raise AgentFailure("timeout", "OpenCL %s did not finish within %g s; the child was killed%s"
                            % (op, timeout, "; stderr: " + tail if tail else "")) from None
@@ -119,10 +119,10 @@ def run_child(req, payload, root, timeout, env=None, watch_fd=None):
     return reply, reply_payload
 
 
-class _TimedOut(Exception):
-    def __init__(self, err):
+class TimedOut(Exception):
+    def __init__(self, out, err):
         Exception.__init__(self, "timed out")
-        self.err = err
+        self.out, self.err = out, err
 
 
 def _feed(stream, data):
@@ -133,13 +133,18 @@ def _feed(stream, data):
         pass  # the child ended early: its exit status and stderr say why
 
 
-def _exchange(child, request, timeout, watch_fd):
-    """Send the request, collect the child's stdout and stderr until both end; raises _TimedOut past
-    `timeout` and EOFError as soon as `watch_fd` hangs up (polled for POLLHUP only: the controller sends
-    nothing while it waits for this reply, so nothing there is read)."""
-    writer = threading.Thread(target=_feed, args=(child.stdin, request))
-    writer.daemon = True
-    writer.start()
+def exchange(child, request, timeout, watch_fd, kill=None, limit=None):
+    """Send the request (None: the child has no stdin pipe), collect the child's stdout and stderr until
+    both end; raises TimedOut past `timeout` and EOFError as soon as `watch_fd` hangs up (polled for
+    POLLHUP only: the controller sends nothing while it waits for this reply, so nothing there is read).
+    `kill`: how to stop the child (default: kill it; a shell command's whole process group). `limit`: the
+    most bytes kept of each stream; the rest is read and dropped, so a flood cannot fill the agent's memory."""
+    kill = kill or child.kill
+    writer = None
+    if request is not None:
+        writer = threading.Thread(target=_feed, args=(child.stdin, request))
+        writer.daemon = True
+        writer.start()
     out_fd, err_fd = child.stdout.fileno(), child.stderr.fileno()
     chunks = {out_fd: [], err_fd: []}  # type: Dict[int, List[bytes]]
     poller = select.poll()
@@ -148,26 +153,31 @@ def _exchange(child, request, timeout, watch_fd):
     if watch_fd is not None:
         poller.register(watch_fd, 0)  # hang-up and errors are always reported
     open_fds = set(chunks)
+    kept = {out_fd: 0, err_fd: 0}
     deadline = time.monotonic() + timeout
     while open_fds:
         left = deadline - time.monotonic()
         if left <= 0:
-            child.kill()
+            kill()
             child.wait()
-            raise _TimedOut(b"".join(chunks[err_fd]))
+            raise TimedOut(b"".join(chunks[out_fd]), b"".join(chunks[err_fd]))
         for fd, event in poller.poll(min(left, 1.0) * 1000):
             if fd == watch_fd:
-                child.kill()
+                kill()
                 child.wait()
                 raise EOFError("the controller is gone (input closed during an OpenCL step)")
             data = os.read(fd, 1 << 16) if event & (select.POLLIN | select.POLLHUP | select.POLLERR) else b""
             if data:
-                chunks[fd].append(data)
+                if limit is None or kept[fd] < limit:
+                    data = data if limit is None else data[: limit - kept[fd]]
+                    chunks[fd].append(data)
+                    kept[fd] += len(data)
             else:
                 poller.unregister(fd)
                 open_fds.discard(fd)
     child.wait()
-    writer.join(1.0)
+    if writer is not None:
+        writer.join(1.0)
     child.stdout.close()
     child.stderr.close()
     return b"".join(chunks[out_fd]), b"".join(chunks[err_fd])

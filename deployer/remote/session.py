@@ -31,6 +31,7 @@ from .layout import (
 )
 from .releases import link_build, link_unchanged, parse_file_list, prepare_target, release_index, reusable_programs
 from .selection import parse_selection
+from .shell import op_disk, op_shell
 from .smoke import load_checked_programs, parse_cases, parse_expected
 from .stamp import driver_stamp
 from .startup import NO_DRIVER_CACHE_ENV, parse_models
@@ -77,7 +78,8 @@ class Session:
                     "fingerprint": self.op_opencl,
                     "build": self.op_opencl, "smoke": self.op_opencl, "startup": self.op_opencl, "get": self.op_get,
                     "commit": self.op_commit, "bye": self.op_bye,
-                    "find": op_find, "read": op_read, "install": op_install, "rollback": self.op_rollback}
+                    "find": op_find, "read": op_read, "install": op_install, "rollback": self.op_rollback,
+                    "shell": self.op_shell, "disk": self.op_disk}
 
     # ----- helpers -----
 
@@ -379,6 +381,12 @@ class Session:
         for name in pruned:
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
         return pruned
+
+    def op_shell(self, req, payload):
+        return op_shell(req, payload, watch_fd=self.input_fd)
+
+    def op_disk(self, req, payload):
+        return op_disk(self.rd), b""
 
     def op_bye(self, req, payload):
         # Clean up before answering: once the controller hears "ok", nothing uncommitted is left.
