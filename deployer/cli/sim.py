@@ -70,6 +70,29 @@ def _sim_faults(specs: dict[str, Any], no_python: list[str], no_opencl: list[str
     return faults
 
 
+@sim_app.command("set")
+def sim_set(
+    name: Annotated[str, typer.Argument(help="The simulated device.")],
+    folder: SimDirOption = DEFAULT_SIM_DIR,
+    temp_c: Annotated[float | None, typer.Option("--temp-c", min=-60, max=200, help="What its "
+                      "/sys/class/thermal/thermal_zone0/temp reads, in degrees C (45 at start).")] = None,
+    driver: Annotated[str | None, typer.Option("--driver", help="Its PoCL device, pthread or basic: another "
+                      "driver, another fingerprint (OpenSSH devices).")] = None,
+    down: Annotated[bool, typer.Option("--down", help="Stop its server: connections are refused.")] = False,
+    up: Annotated[bool, typer.Option("--up", help="Start a stopped device again on the same address.")] = False,
+) -> None:
+    """Change one device between runs: hot, a new driver, down or up again (docs/sim.md)."""
+    from deployer.sim.fleet import load_fleet, set_device
+
+    if down and up:
+        raise InputError(None, "--down", "--down and --up together: choose one")
+    fleet = load_fleet(folder.resolve())
+    if not fleet.devices:
+        raise InputError(None, "--dir", f"no simulated fleet in {folder} (deploy sim up first)")
+    device = set_device(fleet, name, temp_c=temp_c, driver=driver, down=down, up=up)
+    stdout.print(f"{name}: driver {device.spec.pocl_device}, " + ("down" if down else "up"))
+
+
 @sim_app.command("status")
 def sim_status(folder: SimDirOption = DEFAULT_SIM_DIR, as_json: JsonOption = False) -> None:
     """Show the simulated devices and whether each is running."""

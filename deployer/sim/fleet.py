@@ -42,6 +42,9 @@ OPENSSH_LIBEXEC = "/usr/lib/openssh"  # sftp-server lives here; a dropbear devic
 PYTHON_DIRS = ("/usr/bin", "/usr/local/bin")
 OPENCL_LIB_DIR = "/usr/lib/x86_64-linux-gnu"
 START_TIMEOUT_S = 15.0
+THERMAL_DIR = "/sys/class/thermal"  # a folder of the device's own is bound here: `deploy sim set --temp-c`
+POCL_DEVICES = ("pthread", "basic")
+NORMAL_TEMP_MC = 45000  # millidegrees, as Linux prints them
 POCL_CACHE_MOUNT = ".pocl-cache"
 
 
@@ -50,7 +53,7 @@ class DeviceSpec:
     """How one simulated board differs from a healthy one."""
 
     name: str
-    pocl_device: str = "pthread"  # PoCL's POCL_DEVICES: "pthread" or "basic" give two fingerprints
+    pocl_device: str = "pthread"  # PoCL's POCL_DEVICES (POCL_DEVICES below): two fingerprints
     without_python: bool = False
     without_opencl: bool = False
     disk_kib: int = 0  # > 0: the remote dir is a tmpfs of this size
@@ -160,6 +163,8 @@ def _python_names(directory: str) -> list[str]:
 def _start_script(spec: DeviceSpec, device: SimDevice, ids: tuple[int, int], pocl_cache: Path | None) -> str:
     folder = Path(device.folder)
     lines = ["set -e", f"mount --bind {quote(str(folder / 'home'))} {SIM_HOME}"]
+    if os.path.isdir(THERMAL_DIR):  # the board's temperature: a file the sim (and `deploy sim set`) writes
+        lines.append(f"mount --bind {quote(str(folder / 'thermal'))} {THERMAL_DIR}")
     if pocl_cache is not None:
         # Bind-mounted, since the account cannot traverse a 0700 folder such as pytest's tmp.
         lines.append(f"mount --bind {quote(str(pocl_cache))} {SIM_HOME / POCL_CACHE_MOUNT}")
@@ -225,6 +230,7 @@ def _start_device(spec: DeviceSpec, fleet: Path, ids: tuple[int, int], pocl_cach
                                          f"(one of {', '.join(SERVERS)})")
     folder = fleet / "devices" / spec.name
     _make_home(folder / "home", (fleet / "client_key.pub").read_bytes(), ids)
+    write_temperature(folder, NORMAL_TEMP_MC)
     _keygen(folder / "host_ed25519", spec.name)
     if spec.server == "dropbear" and not (folder / "host_ed25519.dropbear").exists():
         _run(["dropbearconvert", "openssh", "dropbear", str(folder / "host_ed25519"),
@@ -243,15 +249,79 @@ def _start_device(spec: DeviceSpec, fleet: Path, ids: tuple[int, int], pocl_cach
         prefix = ["nsenter", f"--net=/run/netns/{link.netns}"]
     (folder / "sshd_config").write_text(_sshd_config(spec, device, pocl_cache))
     (folder / "start.sh").write_text(_start_script(spec, device, ids, pocl_cache))
+    _launch(device, prefix)
+    device.host, device.port = device.server_host, device.server_port
+    if rtt_ms or spec.cut_after_bytes or proxy:
+        device.host, device.port = "127.0.0.1", _free_port()
+        _start_proxy(device)
+
+
+def _launch(device: SimDevice, prefix: Sequence[str]) -> None:
+    """Run the device's start script (its server) in a mount namespace of its own."""
+    folder = Path(device.folder)
     with open(folder / "start.log", "wb") as out:
         device.pid = subprocess.Popen(
             [*prefix, "unshare", "-m", "--propagation", "private", "sh", str(folder / "start.sh")],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         ).pid
-    device.host, device.port = device.server_host, device.server_port
-    if rtt_ms or spec.cut_after_bytes or proxy:
-        device.host, device.port = "127.0.0.1", _free_port()
-        _start_proxy(device)
+
+
+def write_temperature(folder: Path, millidegrees: int) -> None:
+    """The device's /sys/class/thermal/thermal_zone0/temp (its own folder is bound there), in place: the
+    bind mount shows the same inode, so a rename would not be seen."""
+    zone = folder / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    for path in (folder / "thermal", zone):
+        os.chmod(path, 0o755)
+    with open(zone / "temp", "w") as out:
+        out.write(f"{millidegrees}\n")
+    os.chmod(zone / "temp", 0o644)
+
+
+def set_device(fleet: Fleet, name: str, *, temp_c: float | None = None, driver: str | None = None,
+               down: bool = False, up: bool = False) -> SimDevice:
+    """Change one running device between runs, as boards change: its temperature, its OpenCL driver
+    (PoCL's device: a new fingerprint; OpenSSH re-reads its SetEnv on SIGHUP), down (its server and proxy
+    stopped: connections are refused) or up again on the same address."""
+    try:
+        device = fleet.device(name)
+    except StopIteration:
+        raise InputError(None, "device", f"no simulated device {name!r} (devices: "
+                                         f"{', '.join(d.spec.name for d in fleet.devices)})") from None
+    folder = Path(device.folder)
+    if temp_c is not None:
+        write_temperature(folder, round(temp_c * 1000))
+    if driver is not None:
+        _change_driver(device, driver)
+    if down and _alive(device.pid):
+        stop_device(device)
+    if up and not _alive(device.pid):
+        if device.netns:  # stopping it removed its namespace and link
+            raise SimError(f"sim device {name}: --up is not supported with --rate-kbit (restart the fleet)")
+        _launch(device, [])
+        if device.proxy_pid is not None:
+            _start_proxy(device)
+        _wait_ready(device, time.monotonic() + START_TIMEOUT_S)
+    _save_state(fleet)
+    return device
+
+
+def _change_driver(device: SimDevice, driver: str) -> None:
+    if driver not in POCL_DEVICES:
+        raise InputError(None, "--driver", f"expected one of {', '.join(POCL_DEVICES)}, got {driver!r}")
+    if device.spec.server != "openssh":
+        raise SimError(f"sim device {device.spec.name}: only an OpenSSH device changes its driver in place "
+                       "(dropbear keeps the environment it started with)")
+    config = Path(device.folder) / "sshd_config"
+    lines = config.read_text().splitlines()
+    old = f"POCL_DEVICES={device.spec.pocl_device}"
+    lines = [line.replace(old, f"POCL_DEVICES={driver}") if line.startswith("SetEnv ") else line for line in lines]
+    config.write_text("\n".join(lines) + "\n")
+    device.spec = replace(device.spec, pocl_device=driver)
+    if _alive(device.pid):
+        os.kill(device.pid, signal.SIGHUP)  # the script exec'd sshd: it re-executes itself, reads its config
+        time.sleep(0.2)
+        _wait_ready(device, time.monotonic() + START_TIMEOUT_S)
 
 
 def _start_proxy(device: SimDevice) -> None:
