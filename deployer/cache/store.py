@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,16 +93,26 @@ def write_json(path: Path, value: Any) -> None:
 LOCK_POLL_S = 0.1  # how often `--wait` tries the lock again
 
 
-@contextmanager
-def cache_lock(cache: Path, *, wait: float = 0.0) -> Iterator[None]:
+def cache_lock(cache: Path, *, wait: float = 0.0) -> AbstractContextManager[None]:
     """Hold `<cache>/.lock` for a run; a second run on the same cache is refused, never interleaved.
 
     With `wait` > 0 a held lock is tried again every LOCK_POLL_S for up to `wait` seconds (`--wait`)."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        handle = open(cache / ".lock", "a+")
     except OSError as exc:
         raise LocalStateError(f"cannot use cache folder {cache}: {exc.strerror or exc}") from exc
+    return hold_lock(cache / ".lock", f"cache {cache}", wait=wait)
+
+
+@contextmanager
+def hold_lock(path: Path, what: str, *, wait: float = 0.0) -> Iterator[None]:
+    """An exclusive flock on `path` (created; it says the holder's pid) for the block: refused at once
+    when held, or after `wait` seconds of trying. The kernel drops it when the holder dies, so a killed
+    run never leaves a stale lock behind."""
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise LocalStateError(f"cannot open lock file {path}: {exc.strerror or exc}") from exc
     with handle:
         give_up = time.monotonic() + max(0.0, wait)
         while True:
@@ -111,14 +121,14 @@ def cache_lock(cache: Path, *, wait: float = 0.0) -> Iterator[None]:
                 break
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise LocalStateError(f"cannot lock {cache / '.lock'}: {exc.strerror}") from exc
+                    raise LocalStateError(f"cannot lock {path}: {exc.strerror}") from exc
                 left = give_up - time.monotonic()
                 if left <= 0:
                     handle.seek(0)
                     holder = handle.read().strip() or "another process"
                     then = f"still held after waiting {wait:g} s" if wait > 0 else "or queue with --wait SECONDS"
                     raise LocalStateError(
-                        f"cache {cache} is in use by another deploy run ({holder}); wait for it to finish ({then})"
+                        f"{what} is in use by another deploy run ({holder}); wait for it to finish ({then})"
                     ) from exc
                 time.sleep(min(LOCK_POLL_S, left))
         handle.seek(0)

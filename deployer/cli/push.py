@@ -68,22 +68,12 @@ def push(
     """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it (incrementally)."""
     from deployer.cache.store import cache_lock, record_run
     from deployer.config.inventory import override
-    from deployer.config.kernels import load_library
-    from deployer.config.models import load_models
-    from deployer.tasks.models import plan_model
-    from deployer.tasks.plan import HASH_INDEX, HashIndex, local_files
-    from deployer.tasks.push import PushJob, release_paths, run_fleet
-    from deployer.tasks.smoke import load_references, plan_smoke
+    from deployer.tasks.push import prepare_push, run_fleet
 
     devices = [override(d, connect_retries=retries, deadline=deadline) for d in select_devices(fleet, limit, cache)]
-    library = load_library(kernels)
-    model_files, models = load_models(model or [])  # a model of our format: its graph and weights travel
-    smoke_plan = plan_smoke(library, load_references(library))  # runs the user's references: input errors first
-    files = local_files(release_paths(library, model_files), HashIndex(None if check else cache / HASH_INDEX))
-    job = PushJob(library=library, smoke=smoke_plan, files=files, cache=cache, mace_version=mace_version or "",
-                  keep=keep, accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
-                  models=tuple(plan_model(m, library) for m in models), smoke_mode=smoke.value, check=check,
-                  max_fail_percentage=max_fail_percentage)
+    job = prepare_push(kernels, model or [], cache, check=check, mace_version=mace_version or "", keep=keep,
+                       accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
+                       smoke_mode=smoke.value, max_fail_percentage=max_fail_percentage)
     if check:
         with make_fleet_progress(devices, "deploy push --check", quiet) as progress:
             result = run_fleet(devices, job, forks=forks, progress=progress)

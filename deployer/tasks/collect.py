@@ -236,6 +236,17 @@ class _Collector:
         return updated
 
 
+def collect_on(session: AgentSession, device: Device, job: CollectJob, progress: Progress) -> CollectOutcome:
+    """Collect on a session opened by the caller (a nightly run's steps share one); a device error
+    (connection, timeout) is raised for the caller to grade, a local cache error is in the outcome."""
+    collector = _Collector(device, job, progress)
+    try:
+        collector._collect(session)
+    except (LocalStateError, OSError, ValueError, json.JSONDecodeError) as exc:
+        collector.outcome.error = f"local cache: {exc}"
+    return collector.outcome
+
+
 def collect_device(device: Device, job: CollectJob, progress: Progress) -> CollectOutcome:
     try:
         return _Collector(device, job, progress).run()

@@ -57,11 +57,31 @@ class PushJob:
     max_fail_percentage: float | None = None  # past it, devices not yet started are not started
     smoke_mode: str = "changed"  # changed: only programs whose binary (or the device's fingerprint) changed
     check: bool = False  # plan only: say what would travel and be rebuilt, touch nothing
+    smoke_only: bool = False  # a nightly smoke step: the board's current binaries, every case; no upload, no build
     contents: FileContents = field(default_factory=FileContents, compare=False)
 
     @property
     def shas(self) -> dict[str, str]:
         return {f.remote: f.sha256 for f in self.files}
+
+
+def prepare_push(kernels: Path, models: Sequence[Path], cache: Path, *, check: bool = False,
+                 **settings: Any) -> PushJob:
+    """Everything a push needs from local files, read and checked once (an InputError before any device):
+    the kernel library, its smoke cases (the user's numpy references run here), the models, the hashes.
+    `settings`: the rest of PushJob's fields."""
+    from deployer.config.kernels import load_library
+    from deployer.config.models import load_models
+    from deployer.tasks.models import plan_model
+    from deployer.tasks.plan import HASH_INDEX, HashIndex, local_files
+    from deployer.tasks.smoke import load_references, plan_smoke
+
+    library = load_library(kernels)
+    model_files, loaded = load_models(list(models))  # a model of our format: its graph and weights travel
+    smoke_plan = plan_smoke(library, load_references(library))  # runs the user's references: input errors first
+    files = local_files(release_paths(library, model_files), HashIndex(None if check else cache / HASH_INDEX))
+    return PushJob(library=library, smoke=smoke_plan, files=files, cache=cache, check=check,
+                   models=tuple(plan_model(m, library) for m in loaded), **settings)
 
 
 def release_paths(library: Library, models: Sequence[Path]) -> list[tuple[str, Path]]:
@@ -173,6 +193,16 @@ class _DeviceRun:
         self.progress.finished(self.device.name, self.outcome.ok, self.outcome.error)
         return self.outcome
 
+    def run_on(self, session: AgentSession) -> tuple[DeviceOutcome, DeviceError | None]:
+        """The push on a session opened by the caller (a nightly run's steps share one): the outcome and
+        the device's error, if any, for the caller to grade."""
+        try:
+            self._push(session)
+        except DeviceError as exc:
+            self._fail(exc)
+            return self.outcome, exc
+        return self.outcome, None
+
     def _fail(self, exc: DeviceError) -> None:
         exc.for_device(self.device.name, self.stage)
         self.outcome.ok = False
@@ -199,6 +229,8 @@ class _DeviceRun:
         if self.job.check:
             self.outcome.ok = True
             return
+        if self.job.smoke_only and plan.new_release:
+            raise NotDeployed(_why_not_deployed(plan))
         phases.reached("plan")  # tests only: `state` answered and planned, nothing begun yet
         if plan.new_release:
             with self.timed("upload"):
@@ -419,6 +451,22 @@ class _DeviceRun:
                                 self.outcome.fingerprint or {}, self.logs)
         except LocalStateError as exc:
             raise DeviceError(f"local cache: {exc}") from exc
+
+
+class NotDeployed(DeviceError):
+    """A smoke step found the board's current release is not the library's: nothing to smoke from."""
+
+
+def _why_not_deployed(plan: DevicePlan) -> str:
+    if plan.current is None:
+        return "nothing deployed on this board yet (run a push step first)"
+    parts = []
+    if plan.upload:
+        parts.append(f"{len(plan.upload)} file(s) differ")
+    if plan.rebuild:
+        parts.append(f"{len(plan.rebuild)} program(s) would be rebuilt (sources, options or driver changed)")
+    return f"the board's release {plan.current} is not this library's: {'; '.join(parts) or 'it differs'} " \
+           "(run a push step first)"
 
 
 def _local_cache(cache: Path, device: str) -> bytes | None:
