@@ -15,7 +15,9 @@ DeployError                       exit 1
 │   ├── AgentError                      the agent failed or replied something malformed
 │   │   └── CompileError                a program failed to build: log tail
 │   └── SmokeMismatch                   outputs differ from the numpy reference beyond tolerance
-├── LocalStateError               exit 3: the local cache could not be written; nothing half-done
+├── LocalStateError               exit 3: local state (the cache, the history) cannot be used; nothing half-done
+│   └── HistoryError                    history.db is not usable (corrupt, newer schema, read-only, locked) or a
+│                                       write to it failed (rolled back whole)
 └── SimError                      exit 1: the simulated fleet (`deploy sim`) could not be started or stopped
 ```
 
@@ -137,6 +139,12 @@ class SmokeMismatch(DeviceError):
 
 class LocalStateError(DeployError):
     exit_code = 3
+
+
+class HistoryError(LocalStateError):
+    """`history.db` (deployer.history) cannot be used: not a SQLite database or corrupt, a schema newer than this
+    deployer, read-only, locked by another writer; or a write failed, and was rolled back whole. Opening checks all
+    of it before any board is touched, and never changes a file it refuses."""
 
 
 class SimError(DeployError):
