@@ -1,8 +1,9 @@
 """`deploy`'s entry point: the one place that turns an error into a message and an exit code.
 
-Exit codes: 0 every selected device passed; 1 some device failed (the summary says which and why);
-2 bad input, found before any device is touched; 3 the local cache could not be written;
-70 a bug (one line on screen, the traceback saved to a file); 130 interrupted.
+Exit codes (the table of every command: docs/design.md, section 14): 0 every selected device passed;
+1 some device failed (the summary says which and why; `deploy run`: new failures); 2 bad input, found
+before any device is touched; 3 local state unusable (the cache, the history database) or held by
+another run; 70 a bug (one line on screen, the traceback saved to a file); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import traceback
 
 from rich.markup import escape
 
-from deployer.cli import cache, collect, inventory, push, sim  # noqa: F401  (each adds its commands to app)
+from deployer.cli import cache, collect, inventory, push, run, sim  # noqa: F401  (each adds its commands to app)
 from deployer.cli.app import app, stderr
 from deployer.errors import DeployError, Interrupted
 

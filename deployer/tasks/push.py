@@ -49,7 +49,7 @@ class PushJob:
     smoke: SmokePlan
     files: tuple[LocalFile, ...]  # what the release holds, hashed once; bytes read when a device needs them
     cache: Path
-    mace_version: str  # "" = each device's vars.mace_version, else DEFAULT_MACE_VERSION
+    mace_version: str = ""  # "": each device's vars.mace_version, else DEFAULT_MACE_VERSION
     keep: int = 3
     accept_new_host_keys: bool = False
     mace_format: str = "pb"  # "legacy" for apps on MACE v1.0.x

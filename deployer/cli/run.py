@@ -1,0 +1,283 @@
+"""`deploy run` (a nightly playbook on the fleet, with history and verdicts) and `deploy history`.
+
+Exit codes of `deploy run` (docs/design.md, section 14): 0 clean under `--fail-on`; 1 new failures (or,
+with `--fail-on any`, any failure); 2 bad input (playbook, inventory, flags); 3 the run could not start
+(history database unusable, fleet or cache held by another run); 130 interrupted (the run is kept,
+marked incomplete).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from deployer.cli.app import (
+    AcceptNewOption,
+    FleetOption,
+    ForksOption,
+    JsonOption,
+    LimitOption,
+    QuietOption,
+    app,
+    stderr,
+    stdout,
+)
+from deployer.cli.push import CacheOption, make_fleet_progress
+from deployer.errors import InputError, PlaybookError, Where
+
+if TYPE_CHECKING:
+    from deployer.config.inventory import Device
+    from deployer.config.playbooks import Playbook
+    from deployer.history.records import DeviceResult, Verdict
+    from deployer.tasks.run import RunResult
+
+history_app = typer.Typer(no_args_is_help=True, help="The nightly runs' history database.")
+app.add_typer(history_app, name="history")
+
+HistoryOption = Annotated[Path, typer.Option("--history", help="The runs' history database (SQLite).")]
+DEFAULT_HISTORY = Path("history.db")
+
+
+class FailOn(str, Enum):
+    new_failure = "new-failure"
+    any = "any"
+    never = "never"
+
+
+@app.command()
+def run(
+    playbook: Annotated[Path, typer.Argument(help="The playbook (YAML, docs/playbooks.md).")],
+    fleet: FleetOption,
+    limit: LimitOption = None,
+    history: HistoryOption = DEFAULT_HISTORY,
+    cache: CacheOption = Path("cache"),
+    forks: ForksOption = 16,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the playbook and the inventory, print each "
+                       "device's steps; touch no board and no history.")] = False,
+    fail_on: Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 on new failures (confirmed, against the "
+                       "device's own history), on any failure, or never.")] = FailOn.new_failure,
+    flaky_window: Annotated[int, typer.Option("--flaky-window", min=2, max=1000, help="How many comparable runs "
+                            "the flaky verdict looks back over.")] = 10,
+    flaky_flips: Annotated[int, typer.Option("--flaky-flips", min=1, max=1000, help="Pass/fail flips within "
+                           "the window that make a result flaky.")] = 3,
+    wait: Annotated[float, typer.Option("--wait", min=0, help="If another run holds this fleet (or the cache), "
+                    "wait up to this many seconds for it instead of refusing at once.")] = 0.0,
+    accept_new_host_keys: AcceptNewOption = False,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a playbook on every selected device: results, history, verdicts against each device's past."""
+    from deployer.config.playbooks import load_playbook
+
+    book = load_playbook(playbook)
+    devices = _select(fleet, book, limit)
+    if dry_run:
+        _print_dry_run(book, devices, as_json)
+        raise typer.Exit(0)
+    _run(book, devices, fleet=fleet, history=history, cache=cache, forks=forks, fail_on=fail_on,
+         flaky=(flaky_window, flaky_flips), wait=wait, accept_new=accept_new_host_keys, quiet=quiet,
+         as_json=as_json)
+
+
+def _select(fleet: Path, book: Playbook, limit: str | None) -> list[Device]:
+    """The playbook's `limit`, narrowed by `--limit`."""
+    from deployer.config.inventory import load_inventory
+    from deployer.config.selection import select
+
+    inventory = load_inventory(fleet)
+    try:
+        chosen = list(select(inventory, book.limit))
+    except InputError as exc:  # the playbook's own limit: say which file it is in
+        raise PlaybookError(Where(str(book.file)), "limit", f"{exc.problem} (in {fleet})") from None
+    if limit is None:
+        return chosen
+    narrowed = {d.name for d in select(inventory, limit)}
+    return [d for d in chosen if d.name in narrowed]
+
+
+def _run(book: Playbook, devices: list[Device], *, fleet: Path, history: Path, cache: Path, forks: int,
+         fail_on: FailOn, flaky: tuple[int, int], wait: float, accept_new: bool, quiet: bool,
+         as_json: bool) -> None:
+    from deployer.cache.store import cache_lock
+    from deployer.history.db import History
+    from deployer.history.verdicts import judge
+    from deployer.tasks.run import fleet_lock, prepare_run, run_fleet
+
+    job = prepare_run(book, cache, accept_new_host_keys=accept_new)  # bad kernels or models: exit 2, no board
+    with fleet_lock(fleet, wait=wait), cache_lock(cache, wait=wait), History.open(history) as db:
+        settings = {"flaky_window": flaky[0], "flaky_flips": flaky[1], "fail_on": fail_on.value}
+        run_id = db.begin_run(book.name, str(book.file), book.sha256, str(fleet.resolve()),
+                              [d.name for d in devices], settings)
+        result: RunResult | None = None
+        try:
+            with make_fleet_progress(devices, f"deploy run {book.name}", quiet) as progress:
+                result = run_fleet(devices, job, forks=forks, progress=progress,
+                                   on_result=lambda r: db.record_device(run_id, r))
+            verdicts = judge(db, run_id, result.devices, flaky_window=flaky[0], flaky_flips=flaky[1])
+            db.record_verdicts(run_id, verdicts)
+        finally:  # interrupted or not, the run ends marked: complete, or incomplete with what it kept
+            db.finish_run(run_id, "complete" if result is not None and not result.interrupted else "incomplete")
+    report = run_report(run_id, book, result, verdicts, db_path=history)
+    if as_json:
+        stdout.print_json(json.dumps(report))
+    else:
+        _print_summary(result, verdicts, run_id)
+    if result.interrupted:
+        stderr.print("deploy: interrupted (the run is kept in the history, marked incomplete)")
+        raise typer.Exit(130)
+    raise typer.Exit(exit_code(result, verdicts, fail_on))
+
+
+def exit_code(result: RunResult, verdicts: list[Verdict], fail_on: FailOn) -> int:
+    if fail_on is FailOn.never:
+        return 0
+    if fail_on is FailOn.any:
+        return int(any(i.status == "fail" for d in result.devices for i in d.items))
+    return int(any(v.kind == "new_failure" for v in verdicts))
+
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def run_report(run_id: int, book: Playbook, result: RunResult, verdicts: list[Verdict], *,
+               db_path: Path) -> dict[str, Any]:
+    """The run as one JSON object (docs/report.md): what `--json` prints and `report.json` holds."""
+    from deployer.history.records import STATUSES
+
+    by_item = {(v.device, v.step, v.item): v for v in verdicts}
+    devices = []
+    for device in result.devices:
+        results = []
+        for item in device.items:
+            verdict = by_item.get((device.device, item.step, item.item))
+            results.append({
+                "step": item.step, "kind": item.kind, "item": item.item, "status": item.status,
+                "reason": item.reason, "flaky": item.flaky, "attempts": item.attempts, "subject": item.subject,
+                "duration_s": item.duration_s,
+                "metrics": [{"name": m.name, "value": m.value, "unit": m.unit} for m in item.metrics],
+                "verdict": None if verdict is None else {"kind": verdict.kind, "label": verdict.label,
+                                                         "note": verdict.note, "baseline_run": verdict.baseline_run},
+            })
+        devices.append({
+            "name": device.device, "state": device.state, "status": device.status, "reason": device.reason,
+            "started": device.started, "ended": device.ended,
+            "fingerprint": None if device.fingerprint is None else {"id": device.fingerprint.id,
+                                                                   "label": device.fingerprint.label},
+            "counts": {s: sum(1 for i in device.items if i.status == s) for s in STATUSES},
+            "results": results,
+        })
+    counts = {s: sum(1 for d in result.devices for i in d.items if i.status == s) for s in STATUSES}
+    verdict_counts = {k: sum(1 for v in verdicts if v.kind == k) for k in
+                      ("new_failure", "fixed", "still_failing", "flaky", "no_baseline")}
+    return {
+        "schema": "deployer.run", "schema_version": REPORT_SCHEMA_VERSION,
+        "run": {"id": run_id, "history": str(db_path), "interrupted": result.interrupted,
+                "status": "incomplete" if result.interrupted else "complete",
+                "playbook": {"name": book.name, "file": str(book.file), "sha256": book.sha256},
+                "started": min((d.started for d in result.devices), default=None),
+                "ended": max((d.ended for d in result.devices), default=None)},
+        "summary": {"devices": len(devices), "offline": sum(1 for d in devices if d["state"] == "offline"),
+                    "results": counts, "verdicts": verdict_counts},
+        "devices": devices,
+    }
+
+
+def _print_dry_run(book: Playbook, devices: list[Device], as_json: bool) -> None:
+    from deployer.config.playbooks import describe
+
+    if as_json:
+        stdout.print_json(json.dumps({"schema_version": 1, "playbook": book.name, "devices": [
+            {"name": d.name, "steps": [{"name": s.name, "kind": s.kind, "describe": describe(s)}
+                                       for s in book.steps]} for d in devices]}))
+        return
+    stdout.print(f"playbook {escape(book.name)} ({escape(str(book.file))}): {len(book.steps)} steps on "
+                 f"{len(devices)} device(s); nothing was touched")
+    for device in devices:
+        stdout.print(f"{escape(device.name)} ({escape(device.host)}):")
+        for number, step in enumerate(book.steps, 1):
+            stdout.print(f"  {number}. {escape(step.name)}: {escape(describe(step))}")
+
+
+def _print_summary(result: RunResult, verdicts: list[Verdict], run_id: int) -> None:
+    table = Table(title=f"deploy run #{run_id}", title_justify="left")
+    for column in ("device", "state", "status", "steps", "pass", "fail", "error", "miss", "skip",
+                   "new failures", "fixed", "flaky"):
+        table.add_column(column)
+    for device in result.devices:
+        mine = [v for v in verdicts if v.device == device.device]
+        steps = {i.step for i in device.items}
+        passed = {i.step for i in device.items} - {i.step for i in device.items if i.status in ("fail", "error",
+                                                                                             "miss")}
+        counts = [str(sum(1 for i in device.items if i.status == s)) for s in ("pass", "fail", "error", "miss",
+                                                                               "skip")]
+        status_style = {"pass": "green", "skip": "green", "fail": "red", "error": "yellow"}.get(device.status, "")
+        table.add_row(escape(device.device), device.state,
+                      f"[{status_style}]{device.status}[/{status_style}]" if status_style else device.status,
+                      f"{len(passed)}/{len(steps)}", *counts,
+                      *(str(sum(1 for v in mine if v.kind == k)) for k in ("new_failure", "fixed", "flaky")))
+    stdout.print(table)
+    _print_notes(result.devices, verdicts)
+
+
+def _print_notes(devices: tuple[DeviceResult, ...], verdicts: list[Verdict]) -> None:
+    """Below the table: why each offline device is offline, each new failure, fix and change of driver."""
+    for device in devices:
+        if device.state != "ok":
+            stdout.print(f"{escape(device.device)}: {device.state}: {escape(device.reason)}")
+    reasons = {(d.device, i.step, i.item): i.reason for d in devices for i in d.items}
+    for verdict in verdicts:
+        if verdict.kind in ("new_failure", "fixed", "flaky") or verdict.note:
+            where = f"{verdict.step}{' ' + verdict.item if verdict.item else ''}"
+            why = reasons.get((verdict.device, verdict.step, verdict.item), "")
+            extra = "; ".join(x for x in (verdict.note, why) if x)
+            stdout.print(f"{escape(verdict.device)}: {escape(where)}: {verdict.label}"
+                         + (f" ({escape(extra)})" if extra else ""))
+
+
+@history_app.command("prune")
+def history_prune(
+    older_than: Annotated[str, typer.Option("--older-than", help="Delete runs that started longer ago than "
+                          "this: 90d, 12h, 2w (s, m, h, d, w).")],
+    history: HistoryOption = DEFAULT_HISTORY,
+) -> None:
+    """Delete old runs (and all their results) from the history database."""
+    from deployer.history.db import History
+    from deployer.history.durations import parse_age
+
+    age = parse_age(older_than)
+    with History.open(history, create=False) as db:
+        removed = db.prune(age)
+    stdout.print(f"{history}: {removed} run(s) older than {escape(older_than)} deleted")
+
+
+@history_app.command("list")
+def history_list(
+    history: HistoryOption = DEFAULT_HISTORY,
+    last: Annotated[int, typer.Option("--last", min=1, max=10000, help="How many runs, newest first.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """The newest runs: id, playbook, start, status, devices."""
+    from deployer.history.db import History
+
+    with History.open(history, create=False) as db:
+        runs = db.runs(limit=last)
+    if as_json:
+        stdout.print_json(json.dumps({"schema_version": 1, "runs": [
+            {"id": r.id, "playbook": r.playbook, "playbook_file": r.playbook_path, "playbook_sha256": r.playbook_sha256,
+             "fleet": r.fleet, "devices": list(r.devices), "started": r.started, "ended": r.ended,
+             "status": r.status, "host": r.host, "pid": r.pid, "settings": dict(r.settings)} for r in runs]}))
+        return
+    table = Table()
+    for column in ("run", "playbook", "started", "status", "devices"):
+        table.add_column(column)
+    for entry in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.started))
+        table.add_row(str(entry.id), escape(entry.playbook), started, entry.status, str(len(entry.devices)))
+    stdout.print(table)
