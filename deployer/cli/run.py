@@ -12,7 +12,7 @@ import json
 import time
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -107,6 +107,7 @@ def _run(book: Playbook, devices: list[Device], *, fleet: Path, history: Path, c
          as_json: bool) -> None:
     from deployer.cache.store import cache_lock
     from deployer.history.db import History
+    from deployer.history.report import run_report
     from deployer.history.verdicts import judge
     from deployer.tasks.run import fleet_lock, prepare_run, run_fleet
 
@@ -124,7 +125,9 @@ def _run(book: Playbook, devices: list[Device], *, fleet: Path, history: Path, c
             db.record_verdicts(run_id, verdicts)
         finally:  # interrupted or not, the run ends marked: complete, or incomplete with what it kept
             db.finish_run(run_id, "complete" if result is not None and not result.interrupted else "incomplete")
-    report = run_report(run_id, book, result, verdicts, db_path=history)
+        info = db.run(run_id)
+    assert info is not None
+    report = run_report(info, result.devices, verdicts, history=str(history), interrupted=result.interrupted)
     if as_json:
         stdout.print_json(json.dumps(report))
     else:
@@ -141,52 +144,6 @@ def exit_code(result: RunResult, verdicts: list[Verdict], fail_on: FailOn) -> in
     if fail_on is FailOn.any:
         return int(any(i.status == "fail" for d in result.devices for i in d.items))
     return int(any(v.kind == "new_failure" for v in verdicts))
-
-
-REPORT_SCHEMA_VERSION = 1
-
-
-def run_report(run_id: int, book: Playbook, result: RunResult, verdicts: list[Verdict], *,
-               db_path: Path) -> dict[str, Any]:
-    """The run as one JSON object (docs/report.md): what `--json` prints and `report.json` holds."""
-    from deployer.history.records import STATUSES
-
-    by_item = {(v.device, v.step, v.item): v for v in verdicts}
-    devices = []
-    for device in result.devices:
-        results = []
-        for item in device.items:
-            verdict = by_item.get((device.device, item.step, item.item))
-            results.append({
-                "step": item.step, "kind": item.kind, "item": item.item, "status": item.status,
-                "reason": item.reason, "flaky": item.flaky, "attempts": item.attempts, "subject": item.subject,
-                "duration_s": item.duration_s,
-                "metrics": [{"name": m.name, "value": m.value, "unit": m.unit} for m in item.metrics],
-                "verdict": None if verdict is None else {"kind": verdict.kind, "label": verdict.label,
-                                                         "note": verdict.note, "baseline_run": verdict.baseline_run},
-            })
-        devices.append({
-            "name": device.device, "state": device.state, "status": device.status, "reason": device.reason,
-            "started": device.started, "ended": device.ended,
-            "fingerprint": None if device.fingerprint is None else {"id": device.fingerprint.id,
-                                                                   "label": device.fingerprint.label},
-            "counts": {s: sum(1 for i in device.items if i.status == s) for s in STATUSES},
-            "results": results,
-        })
-    counts = {s: sum(1 for d in result.devices for i in d.items if i.status == s) for s in STATUSES}
-    verdict_counts = {k: sum(1 for v in verdicts if v.kind == k) for k in
-                      ("new_failure", "fixed", "still_failing", "flaky", "no_baseline")}
-    return {
-        "schema": "deployer.run", "schema_version": REPORT_SCHEMA_VERSION,
-        "run": {"id": run_id, "history": str(db_path), "interrupted": result.interrupted,
-                "status": "incomplete" if result.interrupted else "complete",
-                "playbook": {"name": book.name, "file": str(book.file), "sha256": book.sha256},
-                "started": min((d.started for d in result.devices), default=None),
-                "ended": max((d.ended for d in result.devices), default=None)},
-        "summary": {"devices": len(devices), "offline": sum(1 for d in devices if d["state"] == "offline"),
-                    "results": counts, "verdicts": verdict_counts},
-        "devices": devices,
-    }
 
 
 def _print_dry_run(book: Playbook, devices: list[Device], as_json: bool) -> None:
