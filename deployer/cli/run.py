@@ -2,7 +2,8 @@
 
 Exit codes of `deploy run` (docs/design.md, section 14): 0 clean under `--fail-on`; 1 new failures (or,
 with `--fail-on any`, any failure); 2 bad input (playbook, inventory, flags); 3 the run could not start
-(history database unusable, fleet or cache held by another run); 130 interrupted (the run is kept,
+(history database unusable, fleet or cache held by another run), or its `--report` files could not be written
+(the run is kept in the history: `deploy report` writes them later); 130 interrupted (the run is kept,
 marked incomplete).
 """
 
@@ -69,6 +70,8 @@ def run(
                            "the window that make a result flaky.")] = 3,
     wait: Annotated[float, typer.Option("--wait", min=0, help="If another run holds this fleet (or the cache), "
                     "wait up to this many seconds for it instead of refusing at once.")] = 0.0,
+    report_dir: Annotated[Path | None, typer.Option("--report", help="Then write the run's report.json, junit.xml "
+                          "and report.html into this folder (as `deploy report`).")] = None,
     accept_new_host_keys: AcceptNewOption = False,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
@@ -83,7 +86,7 @@ def run(
         raise typer.Exit(0)
     _run(book, devices, fleet=fleet, history=history, cache=cache, forks=forks, fail_on=fail_on,
          flaky=(flaky_window, flaky_flips), wait=wait, accept_new=accept_new_host_keys, quiet=quiet,
-         as_json=as_json)
+         as_json=as_json, report_dir=report_dir)
 
 
 def _select(fleet: Path, book: Playbook, limit: str | None) -> list[Device]:
@@ -104,7 +107,7 @@ def _select(fleet: Path, book: Playbook, limit: str | None) -> list[Device]:
 
 def _run(book: Playbook, devices: list[Device], *, fleet: Path, history: Path, cache: Path, forks: int,
          fail_on: FailOn, flaky: tuple[int, int], wait: float, accept_new: bool, quiet: bool,
-         as_json: bool) -> None:
+         as_json: bool, report_dir: Path | None = None) -> None:
     from deployer.cache.store import cache_lock
     from deployer.history.db import History
     from deployer.history.report import run_report
@@ -132,6 +135,10 @@ def _run(book: Playbook, devices: list[Device], *, fleet: Path, history: Path, c
         stdout.print_json(json.dumps(report))
     else:
         _print_summary(result, verdicts, run_id)
+    if report_dir is not None:
+        from deployer.cli.report import write_run_reports
+
+        write_run_reports(report, history, run_id, report_dir)
     if result.interrupted:
         stderr.print("deploy: interrupted (the run is kept in the history, marked incomplete)")
         raise typer.Exit(130)
