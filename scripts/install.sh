@@ -15,6 +15,7 @@ packages=(
 extra=()
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(protobuf-compiler)          # protoc decodes every written cache file in the tests
+  packages+=(systemd)                    # systemd-analyze verify checks contrib/systemd's units (no running systemd)
   extra=(".[test]")
 else
   extra=(".")
