@@ -15,6 +15,7 @@ packages=(
 extra=()
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(protobuf-compiler)          # protoc decodes every written cache file in the tests
+  packages+=(chromium chromium-driver)   # report.html is opened in a real headless browser (selenium)
   extra=(".[test]")
 else
   extra=(".")
