@@ -329,7 +329,7 @@ def redrawn(driver: WebDriver, before: list[str]) -> list[str]:
     return shown(driver)
 
 
-def seed_small_fleet(db: History) -> tuple[int, dict[tuple[str, str, str, str], list[int]]]:
+def seed_small_fleet(db: History) -> tuple[int, dict[SeriesKey, list[int]]]:
     """Ten nights of four boards: pi-01's driver changes at night 6 (and its relu load slows there), pi-02
     gets a new failure, a fix and a flaky result tonight, pi-04 is offline tonight, and a board with a
     hostile name and fingerprint label."""
@@ -364,8 +364,8 @@ def seed_small_fleet(db: History) -> tuple[int, dict[tuple[str, str, str, str], 
                            flaky=last and name == "pi-02", attempts=2 if last and name == "pi-02" else 1)],
                 fingerprint))
         ids.append(seed_night(db, started, results, judged=last))
-    return ids[-1], {("pi-01", "push", "", "relu.load_from_binary_ms"): [ids[6]],
-                     ("pi-02", "models", "model tiny_cnn", "steady_ms"): [ids[9]]}
+    return ids[-1], {SeriesKey("pi-01", "push", "", "relu.load_from_binary_ms"): [ids[6]],
+                     SeriesKey("pi-02", "models", "model tiny_cnn", "steady_ms"): [ids[9]]}
 
 
 def test_the_page_in_a_real_browser(browser: WebDriver, tmp_path: Path) -> None:

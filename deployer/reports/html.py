@@ -32,7 +32,8 @@ from deployer.cache.store import write_atomic
 from deployer.history.db import History
 from deployer.reports.series import NIGHTS, Nights, Segment, SeriesKey, baselines, read_nights, segments
 
-ChangePoints = Mapping[tuple[str, str, str, str], Sequence[int]]  # series key -> run ids
+# series key (device, step, item, metric), a SeriesKey or a plain tuple -> the run ids of its change points
+ChangePoints = Mapping[SeriesKey, Sequence[int]] | Mapping[tuple[str, str, str, str], Sequence[int]]
 NO_CHANGE_POINTS: ChangePoints = MappingProxyType({})
 STATUS_MARKS = {"pass": "✓", "fail": "✗", "error": "E", "miss": "–", "skip": "s"}
 VERDICT_MARKS = {"new_failure": "new", "fixed": "fixed", "flaky": "flaky"}  # marked in the matrix
