@@ -308,7 +308,9 @@ def assert_quiet(driver: WebDriver, path: Path) -> None:
     assert [u for u in urls if u != path.as_uri() and not u.startswith("data:")] == []
 
 
-def screenshot(driver: WebDriver, name: str, tmp_path: Path) -> Path:
+def screenshot(driver: WebDriver, name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A screenshot of the whole page (up to 6000 px high) where CI keeps artifacts; its path is printed
+    past pytest's capture, so it shows in the test output."""
     folder = Path(os.environ.get("DEPLOY_TEST_ARTIFACTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     height = driver.execute_script("return document.documentElement.scrollHeight")
@@ -316,7 +318,8 @@ def screenshot(driver: WebDriver, name: str, tmp_path: Path) -> Path:
     driver.execute_script("window.scrollTo(0, 0)")
     target = folder / name
     assert driver.save_screenshot(str(target)), target
-    print(f"screenshot: {target}")
+    with capsys.disabled():
+        print(f"\nscreenshot: {target}")
     driver.set_window_size(1400, 1000)
     return target
 
@@ -371,7 +374,7 @@ def seed_small_fleet(db: History) -> tuple[int, dict[SeriesKey, list[int]]]:
                      SeriesKey("pi-02", "models", "model tiny_cnn", "steady_ms"): [ids[9]]}
 
 
-def test_the_page_in_a_real_browser(browser: WebDriver, tmp_path: Path) -> None:
+def test_the_page_in_a_real_browser(browser: WebDriver, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with History.open(tmp_path / "history.db") as db:
         run_id, points = seed_small_fleet(db)
         report = report_of(db, run_id)
@@ -406,7 +409,7 @@ def test_the_page_in_a_real_browser(browser: WebDriver, tmp_path: Path) -> None:
     third = redrawn(browser, second)
     assert third == ["pi-01", "push", "", "relu.load_from_binary_ms"]
     assert browser.execute_script("return document.getElementById('chart').data.length") >= 5
-    screenshot(browser, "report-html.png", tmp_path)  # this chart: a driver change and a change point
+    screenshot(browser, "report-html.png", tmp_path, capsys)  # this chart: a driver change and a change point
     # clicking a device in the matrix shows its chart
     browser.find_element("css selector", "#matrix tr[data-device='pi-02'] a.pick").click()
     assert redrawn(browser, third)[0] == "pi-02"
@@ -415,7 +418,8 @@ def test_the_page_in_a_real_browser(browser: WebDriver, tmp_path: Path) -> None:
     assert_quiet(browser, out)
 
 
-def test_a_large_history_stays_small_and_opens(browser: WebDriver, fast_folder: Path, tmp_path: Path) -> None:
+def test_a_large_history_stays_small_and_opens(browser: WebDriver, fast_folder: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     """50 devices x 20 metrics x 90 nights: the file is at most 10 MB, library included; it opens (load end
     and first chart drawn) well within a sanity bound. bench/report_html.py measures the real figure."""
     start = time.monotonic()
@@ -433,12 +437,13 @@ def test_a_large_history_stays_small_and_opens(browser: WebDriver, fast_folder: 
         timings = open_page(browser, out)
     except WebDriverException as exc:  # pragma: no cover - the message says what the browser did
         pytest.fail(f"the page did not open: {exc}")
-    print(f"large report: {size / 1e6:.2f} MB, generated in {generated:.1f} s, written in {written:.1f} s, "
-          f"opened in {timings['open']:.0f} ms (load {timings['load']:.0f} ms, first chart {timings['chart']:.0f}, "
-          f"first paint {timings['paint']:.0f})")
+    with capsys.disabled():
+        print(f"\nlarge report: {size / 1e6:.2f} MB, generated in {generated:.1f} s, written in {written:.1f} s, "
+              f"opened in {timings['open']:.0f} ms (load {timings['load']:.0f} ms, first chart "
+              f"{timings['chart']:.0f}, first paint {timings['paint']:.0f})")
     assert size <= 10_000_000
     assert timings["open"] < 30_000  # a sanity bound only: the 3 s target is measured by bench/report_html.py
     assert browser.execute_script("return document.querySelectorAll('#matrix tbody tr').length") == 50
     assert len(browser.find_element("id", "device").find_elements("tag name", "option")) == 50
-    screenshot(browser, "report-html-large.png", tmp_path)
+    screenshot(browser, "report-html-large.png", tmp_path, capsys)
     assert_quiet(browser, out)
