@@ -16,6 +16,7 @@ extra=()
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(protobuf-compiler)          # protoc decodes every written cache file in the tests
   packages+=(systemd)                    # systemd-analyze verify checks contrib/systemd's units (no running systemd)
+  packages+=(chromium chromium-driver)   # report.html is opened in a real headless browser (selenium)
   extra=(".[test]")
 else
   extra=(".")
