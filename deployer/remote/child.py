@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+from .bench import op_bench
 from .boot import LAUNCH
 from .build import op_build
 from .bundle import bundle_root
@@ -24,7 +25,7 @@ MYPY = False
 if MYPY:  # type comments only: typing is not imported on the board
     from typing import Dict, List  # noqa: F401
 
-CHILD_OPS = ("fingerprint", "build", "smoke", "startup")
+CHILD_OPS = ("fingerprint", "build", "smoke", "startup", "bench")
 
 
 def run_child_request(req, payload):
@@ -44,6 +45,8 @@ def run_child_request(req, payload):
         return op_build(cl, sel, req, root, payload)
     if op == "startup":
         return op_startup(cl, sel, req, root, payload)
+    if op == "bench":
+        return op_bench(cl, sel, req, root, payload)
     return op_smoke(cl, sel, req, root, payload)
 
 

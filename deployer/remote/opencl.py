@@ -54,6 +54,10 @@ CL_MEM_READ_WRITE, CL_MEM_WRITE_ONLY, CL_MEM_READ_ONLY, CL_MEM_COPY_HOST_PTR = 1
 
 CL_RGBA, CL_FLOAT = 0x10B5, 0x10DE
 
+CL_QUEUE_PROFILING_ENABLE = 1 << 1
+CL_PROFILING_COMMAND_START, CL_PROFILING_COMMAND_END = 0x1282, 0x1283
+CL_DEVICE_GLOBAL_MEM_SIZE, CL_DEVICE_MAX_MEM_ALLOC_SIZE = 0x101F, 0x1010
+
 cl_int, cl_uint, cl_ulong = ctypes.c_int32, ctypes.c_uint32, ctypes.c_uint64
 
 size_t, ptr = ctypes.c_size_t, ctypes.c_void_p
@@ -83,6 +87,8 @@ CL_SIGNATURES = {
     "clReleaseProgram": (cl_int, [ptr]),
     "clReleaseCommandQueue": (cl_int, [ptr]),
     "clReleaseContext": (cl_int, [ptr]),
+    "clGetEventProfilingInfo": (cl_int, [ptr, cl_uint, size_t, ptr, ptr]),
+    "clReleaseEvent": (cl_int, [ptr]),
 }
 
 # Looked up only when a case needs them: a loader without them still runs everything else.

@@ -10,6 +10,7 @@ from collections import namedtuple
 from .framing import AgentFailure, bad_request, show
 from .opencl import (
     CL_DEVICE_NOT_FOUND,
+    CL_QUEUE_PROFILING_ENABLE,
     cl_devices,
     cl_error_name,
     cl_platforms,
@@ -168,12 +169,13 @@ def fingerprint_of(sel):
 class ClContext:
     """A context and in-order queue on the selected device; released by close()."""
 
-    def __init__(self, cl, sel):
+    def __init__(self, cl, sel, profiling=False):
         self.cl, self.device = cl, sel.device
         self.devices = (ptr * 1)(sel.device)
         self.context = cl.create("clCreateContext", None, 1, self.devices, None, None)
         try:
-            self.queue = cl.create("clCreateCommandQueue", self.context, sel.device, 0)
+            properties = CL_QUEUE_PROFILING_ENABLE if profiling else 0  # `bench` reads device time from events
+            self.queue = cl.create("clCreateCommandQueue", self.context, sel.device, properties)
         except AgentFailure:
             cl.release("clReleaseContext", self.context)
             raise

@@ -10,9 +10,10 @@ import signal
 import sys
 
 from . import phases
+from .bench import parse_bench_cases, parse_settings
 from .blobs import blob_payload, prune_blobs, split_blob_fields, stored_blobs
 from .build import parse_program_specs
-from .bundle import bundle_files, bundle_id, bundle_root, prune_bundles
+from .bundle import bundle_files, bundle_id, bundle_root, drop_ephemeral_bundle, prune_bundles
 from .child import run_child
 from .collect import op_find, op_install, op_read
 from .fields import req_int, req_str, req_str_list, req_timeout
@@ -76,7 +77,8 @@ class Session:
         self.readonly = bool(os.environ.get(READONLY_ENV))
         self.ops = {"state": self.op_state, "begin": self.op_begin, "put": self.op_put,
                     "fingerprint": self.op_opencl,
-                    "build": self.op_opencl, "smoke": self.op_opencl, "startup": self.op_opencl, "get": self.op_get,
+                    "build": self.op_opencl, "smoke": self.op_opencl, "startup": self.op_opencl,
+                    "bench": self.op_opencl, "get": self.op_get,
                     "commit": self.op_commit, "bye": self.op_bye,
                     "find": op_find, "read": op_read, "install": op_install, "rollback": self.op_rollback,
                     "shell": self.op_shell, "disk": self.op_disk}
@@ -260,12 +262,17 @@ class Session:
             return self.build(req, self.need_release(), timeout)
         root = self.read_root()
         data = b""
-        if op in ("smoke", "startup"):
+        if op in ("smoke", "startup", "bench"):
             data = blob_payload(self.rd, req, payload, store=not self.readonly)
             req, data = split_blob_fields(req, data)
             expected = parse_expected(req)
             if op == "smoke":
                 parse_cases(req, len(data), expected)
+            elif op == "bench":
+                parse_settings(req)
+                parse_bench_cases(req, len(data), expected)
+                if req.get("models"):
+                    parse_models(req, len(data), expected)
             else:
                 parse_program_specs(req, root)
                 parse_models(req, len(data), expected)
@@ -392,6 +399,8 @@ class Session:
         # Clean up before answering: once the controller hears "ok", nothing uncommitted is left.
         dropped = self.release_id
         self.abandon()  # an orderly end without commit also leaves `current` as it was
+        if self.readonly:
+            drop_ephemeral_bundle()
         return {"dropped": dropped}, b""
 
     # ----- the loop -----

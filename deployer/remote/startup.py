@@ -169,6 +169,7 @@ def run_model(ctx, programs, model, payload):
                 raise AgentFailure("nondeterministic", "run %d of model %r gave other bytes than the first"
                                    % (run + 2, model["name"]))
         record.update(ok=True, first_inference_ms=round(first_ms, 3), runs=len(times),
+                      times_ms=[round(t, 6) for t in times],
                       steady_ms=round(statistics.median(times), 3) if times else None,
                       outputs=[{"size": len(o)} for o in first])
         return record, b"".join(first)
