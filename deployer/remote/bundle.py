@@ -30,6 +30,18 @@ def package_dir():
     return os.path.dirname(os.path.abspath(__file__))
 
 
+EPHEMERAL_PREFIX = "deployer-check-"  # a --check session's bundle: a temp folder the bootstrap made
+
+
+def drop_ephemeral_bundle():
+    # type: () -> None
+    """Remove a --check session's temp bundle now (its modules are loaded, its OpenCL child has ended): at
+    `bye`, before the answer, so the controller never returns while it is still there."""
+    root = bundle_root()
+    if os.path.basename(root).startswith(EPHEMERAL_PREFIX):
+        shutil.rmtree(root, True)
+
+
 def bundle_root():
     # type: () -> str
     """The folder that holds the top package (what LAUNCH puts on sys.path)."""

@@ -10,7 +10,7 @@ import shutil
 import signal
 import sys
 
-from .bundle import BUNDLE_RE, bundle_root
+from .bundle import BUNDLE_RE, EPHEMERAL_PREFIX, bundle_root
 from .child import child_main
 from .framing import AgentFailure, write_message
 from .layout import AGENT_DIR, READONLY_ENV
@@ -50,8 +50,8 @@ def _remove_ephemeral_bundle():
     """A --check session runs from a temp folder the bootstrap made: remove it at exit (the OpenCL child,
     started from it, has finished by then)."""
     root = bundle_root()
-    if os.path.basename(root).startswith("deployer-check-"):
-        atexit.register(shutil.rmtree, root, True)
+    if os.path.basename(root).startswith(EPHEMERAL_PREFIX):
+        atexit.register(shutil.rmtree, root, True)  # a session that ends without `bye` (bye removes it)
 
 
 def main(argv):
