@@ -91,7 +91,7 @@ ERRORS: list[tuple[str, str, int, str | None, str]] = [
     ("unknown step key", HEAD + "  - health:\n    timout: 5\n", 4, "steps[0].timout",
      "unknown field; did you mean 'timeout'?"),
     ("step without a kind", HEAD + "  - health:\n  - timeout: 5\n", 4, "steps[1]",
-     "no step kind: give exactly one of health, push, smoke, collect, shell"),
+     "no step kind: give exactly one of health, push, smoke, bench, collect, shell"),
     ("empty step", HEAD + "  -\n", 3, "steps[0]", "no step kind"),
     ("two kinds in one step", HEAD + "  - health:\n    smoke: {kernels: kernels}\n", 4, "steps[0].smoke",
      "a second step kind in one step (after 'health'): split it into two steps"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class KernelSpec:
     reference: str | None
     tolerance: Mapping[str, float]  # by dtype, or by variant name (which wins)
     where: Where
+    bench_sizes: Mapping[str, int] = field(default_factory=dict)  # the `bench` step's sizes (over `sizes`)
 
     def tolerance_for(self, variant: str, dtype: str) -> float | None:
         return self.tolerance.get(variant, self.tolerance.get(dtype))
@@ -208,12 +209,19 @@ def _arg(file: str, node: Any, what: str, sizes: Mapping[str, int]) -> Arg:
 
 
 def _kernel(file: str, node: Any, what: str, variants: Sequence[str]) -> KernelSpec:
-    allowed = ["entry", "sizes", "global", "local", "args", "reference", "tolerance"]
+    allowed = ["entry", "sizes", "bench_sizes", "global", "local", "args", "reference", "tolerance"]
     reader = _Reader(file, node, what, allowed)
     entry = reader.get("entry", str, required=True)
     sizes = {k: v for k, v in reader.get("sizes", dict, {}).items() if k != "__lines__"}
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()):
         raise reader.error("sizes", "every size must be a positive integer")
+    bench_sizes = {k: v for k, v in reader.get("bench_sizes", dict, {}).items() if k != "__lines__"}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in bench_sizes.values()):
+        raise reader.error("bench_sizes", "every size must be a positive integer")
+    unknown = sorted(set(bench_sizes) - set(sizes))
+    if unknown:
+        raise reader.error("bench_sizes", f"{unknown[0]!r} is not in sizes (bench sizes override sizes: "
+                                          f"{', '.join(sorted(sizes)) or 'none'})")
     args = tuple(_arg(file, a, f"{what}.args[{i}]", sizes) for i, a in enumerate(reader.get("args", list, [])))
     local = reader.get("local", list)
     if local is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in local):
@@ -226,6 +234,7 @@ def _kernel(file: str, node: Any, what: str, variants: Sequence[str]) -> KernelS
     return KernelSpec(
         entry, sizes, _dims(reader, "global", sizes), tuple(local) if local else None, args,
         reader.get("reference", str), {k: float(v) for k, v in tolerance.items()}, reader.where(),
+        {**sizes, **bench_sizes},
     )
 
 

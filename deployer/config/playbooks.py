@@ -55,9 +55,9 @@ from deployer.config.yamlnodes import (
 )
 from deployer.errors import InventoryError, PlaybookError, Where
 
-KINDS = ("health", "push", "smoke", "collect", "shell")
+KINDS = ("health", "push", "smoke", "bench", "collect", "shell")
 DEFAULT_TIMEOUTS: Mapping[str, float] = MappingProxyType(
-    {"health": 60.0, "push": 900.0, "smoke": 600.0, "collect": 300.0, "shell": 60.0}
+    {"health": 60.0, "push": 900.0, "smoke": 600.0, "bench": 1800.0, "collect": 300.0, "shell": 60.0}
 )
 DEFAULT_RETRIES = 1
 MAX_STEP_RETRIES = 5
@@ -102,6 +102,22 @@ class SmokeStep:
 
 
 @dataclass(frozen=True, slots=True)
+class BenchStep:
+    """Latency from the board's current binaries (docs/regressions.md): every kernel case at its bench
+    sizes, and each model's forward pass, repeated until both a count and a time are reached."""
+
+    kernels: Path
+    models: tuple[Path, ...]
+    warmup: int = 3  # runs discarded before timing
+    min_repeats: int = 20  # timed runs, at least ...
+    min_time_ms: int = 500  # ... and at least this long, whichever ends later
+    max_repeats: int = 200  # never more (the history keeps every repeat)
+    pause_ms: int = 200  # between items, against heat
+    item_timeout_s: float = 60.0  # one item's repeats past this: that item is an `error`
+    min_change: float = 0.05  # smaller latency steps are never reported
+
+
+@dataclass(frozen=True, slots=True)
 class CollectStep:
     paths: tuple[str, ...]  # absolute or ~ globs on the device; empty: deploy collect's defaults
 
@@ -122,7 +138,7 @@ class ShellStep:
     expect_exit: int
 
 
-Options = HealthStep | PushStep | SmokeStep | CollectStep | ShellStep
+Options = HealthStep | PushStep | SmokeStep | BenchStep | CollectStep | ShellStep
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +377,23 @@ def _smoke(node: Node, ctx: Context) -> SmokeStep:
     return SmokeStep(fields["kernels"], fields.get("models", ()))
 
 
+def _bench(node: Node, ctx: Context) -> BenchStep:
+    fields = _with_kernels(node, ctx, _BENCH)
+    step = BenchStep(fields["kernels"], fields.get("models", ()),
+                     **{k: v for k, v in fields.items() if k not in ("kernels", "models")})
+    if step.max_repeats < step.min_repeats:
+        raise ctx.sub("max_repeats").error(node, f"max_repeats {step.max_repeats} is below min_repeats "
+                                                 f"{step.min_repeats}")
+    return step
+
+
+def _fraction(node: Node, ctx: Context) -> float:
+    value = _number(node, ctx)
+    if not 0 <= value < 10:
+        raise ctx.error(node, f"expected a fraction such as 0.05 for 5% (got {show_node(node)})")
+    return value
+
+
 def _with_kernels(node: Node, ctx: Context, schema: Mapping[str, Parser]) -> dict[str, Any]:
     fields = parse_fields(node, ctx, schema)
     if "kernels" not in fields:
@@ -419,11 +452,21 @@ _PUSH: dict[str, Parser] = {
     "mace_version": optional(parse_text),
     "keep": parse_integer(1),
 }
+_BENCH: dict[str, Parser] = {
+    **_SMOKE,
+    "warmup": parse_integer(0, 100),
+    "min_repeats": parse_integer(1, 1000),
+    "min_time_ms": parse_integer(0, 600000),
+    "max_repeats": parse_integer(1, 1000),
+    "pause_ms": parse_integer(0, 60000),
+    "item_timeout_s": parse_seconds,
+    "min_change": _fraction,
+}
 _COLLECT: dict[str, Parser] = {"paths": optional(_globs)}
 _METRICS: dict[str, Parser] = {"regex": parse_text, "json": parse_bool, "units": parse_text_map(None, "a metric name")}
 _SHELL: dict[str, Parser] = {"command": _command, "metrics": _metrics, "expect_exit": parse_integer(0, 255)}
 _OPTIONS: dict[str, Callable[[Node, Context], Options]] = {
-    "health": _health, "push": _push, "smoke": _smoke, "collect": _collect, "shell": _shell,
+    "health": _health, "push": _push, "smoke": _smoke, "bench": _bench, "collect": _collect, "shell": _shell,
 }
 _TOP: dict[str, Parser] = {
     "name": _word("playbook"),
@@ -446,7 +489,7 @@ def _what(options: Options) -> str:
     if isinstance(options, HealthStep):
         disk = [] if options.min_free_mb is None else [f"disk >= {options.min_free_mb} MB free"]
         return ", ".join(["reachable", "opencl", *disk, *(_range(limit) for limit in options.limits)])
-    if isinstance(options, (PushStep, SmokeStep)):
+    if isinstance(options, (PushStep, SmokeStep, BenchStep)):
         count = len(options.models)
         parts = [f"{options.kernels.name}/" + (f" + {count} model{'s' if count != 1 else ''}" if count else "")]
         if isinstance(options, PushStep):  # the smoke mode always; the rest when not the default
@@ -454,6 +497,9 @@ def _what(options: Options) -> str:
             parts += [f"mace {options.mace_format}"] if options.mace_format != "pb" else []
             parts += [f"mace_version {options.mace_version}"] if options.mace_version else []
             parts += [f"keep {options.keep}"] if options.keep != 3 else []
+        if isinstance(options, BenchStep):
+            parts.append(f"{options.min_repeats}-{options.max_repeats} repeats over >= {options.min_time_ms} ms "
+                         f"after {options.warmup} warm-up, report steps >= {options.min_change:.0%}")
         return ", ".join(parts)
     if isinstance(options, CollectStep):
         return ", ".join(options.paths) if options.paths else "the default places"

@@ -31,6 +31,7 @@ from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMisma
 from deployer.protocol.reply import Reply, printable, raise_for_failed_programs
 from deployer.protocol.reply import field as reply_field
 from deployer.protocol.session import AgentSession, open_session
+from deployer.tasks.bench import BenchItem, BenchPlan, batches, parse_bench
 from deployer.tasks.fleet import FleetInterrupted, fail_limit, fan_out
 from deployer.tasks.models import ModelPlan, ModelResult, check_models, skipped_model, wire_models
 from deployer.tasks.plan import DevicePlan, FileContents, LocalFile, RemoteState, build_key, parse_state, plan_device
@@ -39,6 +40,15 @@ from deployer.tasks.smoke import KernelResult, SmokePlan, Startup, compare, pars
 
 STAGES = ("connect", "state", "fingerprint", "upload", "compile", "pull", "smoke", "commit", "store")
 MAX_PULL = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class BenchJob:
+    """A bench step's plan and its repeat settings (the agent's `bench` request fields)."""
+
+    plan: BenchPlan
+    settings: Mapping[str, int]  # warmup, min_repeats, max_repeats, min_time_ms, pause_ms, item_timeout_ms
+    timeout_s: float  # the whole bench on one device
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,7 @@ class PushJob:
     smoke_mode: str = "changed"  # changed: only programs whose binary (or the device's fingerprint) changed
     check: bool = False  # plan only: say what would travel and be rebuilt, touch nothing
     smoke_only: bool = False  # a nightly smoke step: the board's current binaries, every case; no upload, no build
+    bench: BenchJob | None = None  # with smoke_only: time the current binaries instead of smoking them
     contents: FileContents = field(default_factory=FileContents, compare=False)
 
     @property
@@ -108,6 +119,7 @@ class DeviceOutcome:
     plan: DevicePlan | None = None
     changed: bool = False  # a new release was committed
     pulled: bool = False  # the cache file was pulled (it differed from the local copy)
+    bench: list[BenchItem] = field(default_factory=list)  # a bench step's timings
 
     @property
     def built(self) -> int:
@@ -241,8 +253,12 @@ class _DeviceRun:
             built = self._current_build()
         with self.timed("pull"):
             cache_bytes, manifest = self._pull(session, built)
-        with self.timed("smoke"):
-            self._smoke(session, built, plan)
+        if self.job.bench is not None:
+            with self.timed("bench"):
+                self._bench(session, self.job.bench)
+        else:
+            with self.timed("smoke"):
+                self._smoke(session, built, plan)
         if plan.new_release:
             with self.timed("commit"):
                 session.request("commit", keep=self.job.keep)
@@ -416,9 +432,27 @@ class _DeviceRun:
         blob = head + payload
         sha = hashlib.sha256(blob).hexdigest()
         known = self.state is not None and sha in self.state.blobs
+        timeout_s = request.pop("timeout_s", self.device.timeouts.command)
         return session.request(op, b"" if known else blob, blob=sha, blob_json=len(head),
-                               opencl=self.device.opencl.as_request(), timeout_s=self.device.timeouts.command,
-                               **request)
+                               opencl=self.device.opencl.as_request(), timeout_s=timeout_s, **request)
+
+    def _bench(self, session: AgentSession, bench: BenchJob) -> None:
+        """Every case of the programs this device runs, in batches whose replies stay small, then the models."""
+        cases = [c for c in bench.plan.cases if c.program_key in self.build_keys]
+        limit = bench.settings["max_repeats"]
+        fields = dict(bench.settings, cache_file=f"build/{CACHE_FILE}", timeout_s=bench.timeout_s)
+        for batch in batches(cases, limit):
+            reply = self._blob_request(session, "bench", {"cases": [c.request for c in batch]},
+                                       bytes(bench.plan.payload),
+                                       expected=self._expected({c.program_key for c in batch}), **fields)
+            self.outcome.bench += parse_bench(reply, [c.id for c in batch], [], limit)
+        runnable = [m for m in self.job.models if skipped_model(m, self.skipped) is None]
+        if runnable:
+            models, payload = wire_models(runnable)
+            reply = self._blob_request(session, "bench", {"models": models, "cases": []}, payload,
+                                       expected=self._expected({k for m in runnable for k in m.program_keys}),
+                                       **fields)
+            self.outcome.bench += parse_bench(reply, [], [m.model.name for m in runnable], limit)
 
     def _startup(self, session: AgentSession, keys: set[str], plan: DevicePlan) -> None:
         """Start-up figures (the smoked programs from source vs from their binary, in a child of the agent
