@@ -111,11 +111,12 @@ def history(path: Path) -> Iterator[History]:
 def test_a_new_history_is_created_whole_at_the_current_version(path: Path) -> None:
     History.open(path).close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 3
         assert db.execute("PRAGMA application_id").fetchone()[0] == schema.APPLICATION_ID
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"runs", "run_devices", "results", "subjects", "metrics", "verdicts"}
+    assert tables == {"runs", "run_devices", "results", "subjects", "metrics", "verdicts", "samples", "latency",
+                      "accepted"}
     assert not path.with_name("history.db-journal").exists()
 
 
@@ -305,8 +306,8 @@ def test_a_v1_history_is_migrated_in_place_and_keeps_its_runs(path: Path) -> Non
         verdicts = judged(history, 1, device([item("fail")], night=1))
         assert [(v.kind, v.baseline_run) for v in verdicts] == [("new_failure", 7)]  # the v1 run is a baseline
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
-    assert count(path, "sqlite_master", "name IN ('metrics', 'verdicts')") == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION
+    assert count(path, "sqlite_master", "name IN ('metrics', 'verdicts', 'samples', 'latency')") == 4
 
 
 def test_a_migration_that_fails_leaves_the_file_as_it_was(path: Path) -> None:
@@ -328,7 +329,7 @@ def test_a_newer_schema_is_refused_and_left_byte_identical(path: Path) -> None:
     before = digest(path)
     with pytest.raises(HistoryError) as refused:
         History.open(path)
-    assert str(refused.value) == f"{path} has schema 5; this deployer knows up to 2: upgrade deployer"
+    assert str(refused.value) == f"{path} has schema 5; this deployer knows up to {schema.VERSION}: upgrade deployer"
     assert isinstance(refused.value, LocalStateError) and refused.value.exit_code == 3
     assert digest(path) == before
 

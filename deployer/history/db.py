@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +41,9 @@ from deployer.history.records import (
     DeviceResult,
     Fingerprint,
     ItemResult,
+    LatencyResult,
     Metric,
+    Sample,
     Status,
     Subject,
     Verdict,
@@ -71,6 +73,23 @@ class RunInfo:
     pid: int
     host: str
     settings: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRow:
+    """One night of one latency series, as `sample_rows` reads it."""
+
+    run_id: int
+    started: float
+    device: str
+    step: str
+    item: str
+    metric: str
+    values: tuple[float, ...]
+    fingerprint_id: str | None
+    fingerprint_label: str | None
+    latency: str | None  # the night's latency verdict kind, if judged
+    since_run: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +157,7 @@ class History:
             if db.execute("SELECT 1 FROM run_devices WHERE run_id = ? AND device = ?",
                           (run_id, result.device)).fetchone():
                 raise HistoryError(f"{self.path}: device {result.device!r} is already recorded for run {run_id}")
-            _insert_device(db, run_id, result)
+            insert_device(db, run_id, result)
             phases.reached("history record")  # every row written, not committed: a kill here leaves none
 
     def record_verdicts(self, run_id: int, verdicts: Sequence[Verdict]) -> None:
@@ -185,15 +204,15 @@ class History:
 
     def run(self, run_id: int) -> RunInfo | None:
         with self._reading() as db:
-            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return None if row is None else _run_info(row)
+            row = db.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return None if row is None else run_info(row)
 
     def runs(self, limit: int = 20) -> list[RunInfo]:
         """The latest runs, newest first."""
         with self._reading() as db:
-            rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started DESC, id DESC LIMIT ?",
+            rows = db.execute(f"SELECT {RUN_COLUMNS} FROM runs ORDER BY started DESC, id DESC LIMIT ?",
                               (limit,)).fetchall()
-        return [_run_info(row) for row in rows]
+        return [run_info(row) for row in rows]
 
     def device_results(self, run_id: int) -> list[DeviceResult]:
         """The recorded devices of a run as records, by device name; items, metrics, subjects in record order."""
@@ -205,6 +224,69 @@ class History:
             rows = db.execute("SELECT device, step, item, kind, note, baseline_run FROM verdicts"
                               " WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()
         return [Verdict(device=r[0], step=r[1], item=r[2], kind=r[3], note=r[4], baseline_run=r[5]) for r in rows]
+
+    # latency (schema 3, docs/regressions.md)
+
+    def record_latency(self, run_id: int, results: Sequence[LatencyResult]) -> None:
+        with self._transaction(f"record the latency verdicts of run {run_id}") as db:
+            db.executemany(
+                "INSERT INTO latency (run_id, device, step, item, metric, kind, since_run, change, p_value, baseline,"
+                " current, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, r.device, r.step, r.item, r.metric, r.kind, r.since_run, r.change, r.p_value, r.baseline,
+                  r.current, r.note) for r in results])
+
+    def latency(self, run_id: int) -> list[LatencyResult]:
+        with self._reading() as db:
+            rows = db.execute("SELECT device, step, item, metric, kind, since_run, change, p_value, baseline, current,"
+                              " note FROM latency WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()
+        return [LatencyResult(*row) for row in rows]
+
+    def sample_nights(self, run_id: int, device: str, step: str, item: str, metric: str, *, fingerprint_id: str | None,
+                      subject: str, limit: int = 60) -> list[tuple[int, float, list[float]]]:
+        """(run id, start, repeats) of a latency series' segment, oldest first, up to and including
+        `run_id`: the nights of this device and item with samples of `metric`, on the same fingerprint and
+        subject, since the series was last accepted (`accept`); at most the `limit` newest."""
+        with self._reading() as db:
+            since = db.execute("SELECT since FROM accepted WHERE device = ? AND step = ? AND item = ? AND metric = ?",
+                               (device, step, item, metric)).fetchone()
+            rows = db.execute(
+                "SELECT r.id, r.started, s.vals FROM samples s JOIN results res ON res.id = s.result_id"
+                " JOIN runs r ON r.id = res.run_id"
+                " JOIN run_devices rd ON rd.run_id = res.run_id AND rd.device = res.device"
+                " WHERE res.device = ? AND res.step = ? AND res.item = ? AND s.name = ? AND res.status = 'pass'"
+                " AND rd.fingerprint_id IS ? AND res.subject = ? AND r.started >= ?"
+                " AND (r.id = ? OR (r.status IN ('complete', 'incomplete')"
+                " AND (r.started, r.id) < (SELECT started, id FROM runs WHERE id = ?)))"
+                " ORDER BY r.started DESC, r.id DESC LIMIT ?",
+                (device, step, item, metric, fingerprint_id, subject, since[0] if since else 0.0, run_id, run_id,
+                 limit)).fetchall()
+        return [(r[0], r[1], json.loads(r[2])) for r in reversed(rows)]
+
+    def sample_rows(self, *, device: str | None = None, item: str | None = None, metric: str | None = None,
+                    runs: int = 30) -> list[SampleRow]:
+        """The samples of the newest `runs` runs, filtered (`item` may be a substring), oldest first: the
+        timeline `deploy history show` prints, with each night's latency verdict and fingerprint."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT r.id, r.started, res.device, res.step, res.item, s.name, s.vals, rd.fingerprint_id,"
+                " rd.fingerprint_label, l.kind, l.since_run FROM samples s"
+                " JOIN results res ON res.id = s.result_id JOIN runs r ON r.id = res.run_id"
+                " JOIN run_devices rd ON rd.run_id = res.run_id AND rd.device = res.device"
+                " LEFT JOIN latency l ON l.run_id = r.id AND l.device = res.device AND l.step = res.step"
+                " AND l.item = res.item AND l.metric = s.name"
+                " WHERE r.id IN (SELECT id FROM runs ORDER BY started DESC, id DESC LIMIT ?)"
+                " AND (? IS NULL OR res.device = ?) AND (? IS NULL OR instr(res.item, ?) > 0)"
+                " AND (? IS NULL OR s.name = ?) ORDER BY res.device, res.step, res.item, s.name, r.started, r.id",
+                (runs, device, device, item, item, metric, metric)).fetchall()
+        return [SampleRow(run_id=r[0], started=r[1], device=r[2], step=r[3], item=r[4], metric=r[5],
+                          values=tuple(json.loads(r[6])), fingerprint_id=r[7], fingerprint_label=r[8], latency=r[9],
+                          since_run=r[10]) for r in rows]
+
+    def accept(self, device: str, step: str, item: str, metric: str, *, since: float) -> None:
+        """Accept a series' new level: its segment starts again at `since` (the night the change began)."""
+        with self._transaction(f"accept {device} {step} {item} {metric}") as db:
+            db.execute("INSERT OR REPLACE INTO accepted (device, step, item, metric, since, at)"
+                       " VALUES (?, ?, ?, ?, ?, ?)", (device, step, item, metric, since, time.time()))
 
     def earlier_results(self, run_id: int, device: str, step: str, item: str, *, limit: int = 10) -> list[PastResult]:
         """The device's pass/fail results for (step, item) in finished runs that started before `run_id`,
@@ -229,6 +311,10 @@ class History:
                            fingerprint_label=r[5], subject=r[6], subject_kind=r[7]) for r in rows]
 
     # transactions
+
+    def writing(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction for code of this package that writes rows itself (shards.py)."""
+        return self._transaction(what)
 
     @contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -301,7 +387,7 @@ def _require_running(db: sqlite3.Connection, path: Path, run_id: int) -> None:
         raise HistoryError(f"{path}: run {run_id} is {row[0]}, no longer running")
 
 
-def _insert_device(db: sqlite3.Connection, run_id: int, result: DeviceResult) -> None:
+def insert_device(db: sqlite3.Connection, run_id: int, result: DeviceResult) -> None:
     fingerprint_id, label = (result.fingerprint.id, result.fingerprint.label) if result.fingerprint else (None, None)
     db.execute("INSERT INTO run_devices (run_id, device, state, fingerprint_id, fingerprint_label, started, ended,"
                " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -315,13 +401,15 @@ def _insert_device(db: sqlite3.Connection, run_id: int, result: DeviceResult) ->
              item.attempts, item.subject, item.duration_s))
         db.executemany("INSERT INTO metrics (result_id, name, value, unit) VALUES (?, ?, ?, ?)",
                        [(cursor.lastrowid, m.name, m.value, m.unit) for m in item.metrics])
+        db.executemany("INSERT INTO samples (result_id, name, unit, vals) VALUES (?, ?, ?, ?)",
+                       [(cursor.lastrowid, x.name, x.unit, json.dumps(list(x.values))) for x in item.samples])
     db.executemany("INSERT INTO subjects (run_id, device, kind, name, sha256) VALUES (?, ?, ?, ?, ?)",
                    [(run_id, result.device, s.kind, s.name, s.sha256) for s in result.subjects])
 
 
 # reads
 
-_RUN_COLUMNS = ("id, playbook, playbook_path, playbook_sha256, fleet, devices, started, ended, status, pid, host,"
+RUN_COLUMNS = ("id, playbook, playbook_path, playbook_sha256, fleet, devices, started, ended, status, pid, host,"
                 " settings")
 
 # Earlier: started before the run (id breaks a tie), finished, not the run itself; pass/fail only.
@@ -338,7 +426,7 @@ WHERE res.device = ? AND res.step = ? AND res.item = ? AND res.status IN ('pass'
 _PAST_ORDER = " ORDER BY r.started DESC, r.id DESC LIMIT ?"
 
 
-def _run_info(row: Sequence[Any]) -> RunInfo:
+def run_info(row: Sequence[Any]) -> RunInfo:
     return RunInfo(id=row[0], playbook=row[1], playbook_path=row[2], playbook_sha256=row[3], fleet=row[4],
                    devices=tuple(json.loads(row[5])), started=row[6], ended=row[7], status=row[8], pid=row[9],
                    host=row[10], settings=json.loads(row[11]))
@@ -350,12 +438,18 @@ def _read_devices(db: sqlite3.Connection, run_id: int) -> list[DeviceResult]:
             "SELECT m.result_id, m.name, m.value, m.unit FROM metrics m JOIN results r ON r.id = m.result_id"
             " WHERE r.run_id = ? ORDER BY m.rowid", (run_id,)):
         metrics.setdefault(result_id, []).append(Metric(name=name, value=value, unit=unit))
+    samples: dict[int, list[Sample]] = {}
+    for result_id, name, unit, vals in db.execute(
+            "SELECT s.result_id, s.name, s.unit, s.vals FROM samples s JOIN results r ON r.id = s.result_id"
+            " WHERE r.run_id = ? ORDER BY s.rowid", (run_id,)):
+        samples.setdefault(result_id, []).append(Sample(name, unit, tuple(json.loads(vals))))
     items: dict[str, list[ItemResult]] = {}
     for row in db.execute("SELECT id, device, step, kind, item, status, reason, flaky, attempts, subject,"
                           " duration_s FROM results WHERE run_id = ? ORDER BY id", (run_id,)):
         items.setdefault(row[1], []).append(ItemResult(
             step=row[2], kind=row[3], item=row[4], status=row[5], reason=row[6], flaky=bool(row[7]),
-            attempts=row[8], subject=row[9], duration_s=row[10], metrics=tuple(metrics.get(row[0], ()))))
+            attempts=row[8], subject=row[9], duration_s=row[10], metrics=tuple(metrics.get(row[0], ())),
+            samples=tuple(samples.get(row[0], ()))))
     subjects: dict[str, list[Subject]] = {}
     for device, kind, name, sha256 in db.execute(
             "SELECT device, kind, name, sha256 FROM subjects WHERE run_id = ? ORDER BY rowid", (run_id,)):

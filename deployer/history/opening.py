@@ -95,7 +95,8 @@ def _inspect(db: sqlite3.Connection, path: Path) -> int:
                            " upgrade deployer")
     problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
     if problems != ["ok"]:
-        raise HistoryError(f"{path} is corrupt ({'; '.join(map(str, problems))}): move it aside (a new one"
+        found = " ".join("; ".join(map(str, problems)).split())  # sqlite's report spans lines: one line here
+        raise HistoryError(f"{path} is corrupt ({found}): move it aside (a new one"
                            " is created) or restore a backup")
     return version
 

@@ -38,6 +38,16 @@ class Metric:
 
 
 @dataclass(frozen=True, slots=True)
+class Sample:
+    """Every repeat of one measurement (a bench item's device or wall time): the raw data the latency
+    verdicts test later nights against. Bounded by the bench's max_repeats."""
+
+    name: str  # device_ms | wall_ms
+    unit: str
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Fingerprint:
     """The device's OpenCL identity for this run: a change of `id` starts a new comparison."""
 
@@ -69,6 +79,7 @@ class ItemResult:
     subject: str = ""  # sha256 of what ran (Subject.sha256); "" when nothing identifies it
     duration_s: float | None = None
     metrics: tuple[Metric, ...] = ()
+    samples: tuple[Sample, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -109,3 +120,24 @@ class Verdict:
     @property
     def label(self) -> str:
         return VERDICT_LABELS[self.kind]
+
+
+LatencyKind = Literal["regression", "improvement", "no_change", "no_baseline"]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyResult:
+    """One latency series (device, step, item, sample name) judged tonight within its segment
+    (docs/regressions.md): `since_run` is the night a regression or improvement began."""
+
+    device: str
+    step: str
+    item: str
+    metric: str
+    kind: LatencyKind
+    since_run: int | None = None
+    change: float | None = None  # new level / old level - 1
+    p_value: float | None = None
+    baseline: float | None = None
+    current: float | None = None
+    note: str = ""

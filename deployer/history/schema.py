@@ -21,6 +21,13 @@ Version 2: what the first nightly reports needed.
 - `verdicts`: each pass/fail result judged against the device's past (kind, note) and the run it was
   judged against (`baseline_run`; set to NULL if that run is pruned later).
 
+Version 3: latency (docs/regressions.md).
+- `samples`: every repeat of a bench measurement (name, unit, `vals`: a JSON array), by `result_id`.
+- `latency`: each latency series judged tonight (device, step, item, metric): kind, the night a step
+  began (`since_run`), the change, its p-value, the levels before and now, a note.
+- `accepted`: `deploy history accept`: a series' segment starts again at `since` (epoch seconds), so an
+  intended change stops being reported.
+
 Every child row names its run with `ON DELETE CASCADE`: deleting a run (prune) deletes all of its rows.
 """
 
@@ -112,7 +119,44 @@ CREATE TABLE verdicts (
 CREATE INDEX verdicts_baseline ON verdicts (baseline_run);
 """
 
-MIGRATIONS: tuple[str, ...] = (V1, V2)
+V3 = """
+CREATE TABLE samples (
+    result_id INTEGER NOT NULL REFERENCES results (id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    unit TEXT NOT NULL DEFAULT '',
+    vals TEXT NOT NULL
+);
+CREATE INDEX samples_result ON samples (result_id);
+
+CREATE TABLE latency (
+    run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    device TEXT NOT NULL,
+    step TEXT NOT NULL,
+    item TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('regression', 'improvement', 'no_change', 'no_baseline')),
+    since_run INTEGER REFERENCES runs (id) ON DELETE SET NULL,
+    change REAL,
+    p_value REAL,
+    baseline REAL,
+    current REAL,
+    note TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (run_id, device, step, item, metric)
+);
+CREATE INDEX latency_since ON latency (since_run);
+
+CREATE TABLE accepted (
+    device TEXT NOT NULL,
+    step TEXT NOT NULL,
+    item TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    since REAL NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (device, step, item, metric)
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (V1, V2, V3)
 VERSION = len(MIGRATIONS)
 
 

@@ -48,8 +48,12 @@ class Outcome:
 
 def outcome(result: Mapping[str, Any], device: Mapping[str, Any]) -> Outcome | None:
     """How one result of the report shows in CI; None for a pass. This is the one place a kind of result is
-    mapped: a latency `regression` verdict (to come) becomes a `<failure>` here, before the status checks."""
+    mapped: a latency `regression` verdict becomes a `<failure>` with its figures, before the status checks."""
     status, reason = result["status"], result["reason"]
+    latency = result.get("latency")
+    if status == "pass" and isinstance(latency, Mapping) and latency.get("kind") == "regression":
+        return Outcome("failure", "regression", f"latency regression: {latency.get('note') or ''}".strip(),
+                       _regression_details(latency))
     if status == "fail":
         return Outcome("failure", "fail", reason or "failed", _details(result))
     if status == "error":
@@ -188,3 +192,18 @@ def _xml(text: str) -> str:
     """Text XML can hold: a character it cannot (a control character a board sent) is shown escaped."""
     return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
                         text)
+
+
+def _regression_details(latency: Mapping[str, Any]) -> str:
+    """A regression's figures: the metric, the levels before and now, the change, since which run, p."""
+    parts = [f"metric {latency.get('metric')}"]
+    for key, label in (("baseline", "before"), ("current", "now")):
+        if isinstance(latency.get(key), int | float):
+            parts.append(f"{label} {latency[key]:.6g} ms")
+    if isinstance(latency.get("change"), int | float):
+        parts.append(f"change {latency['change']:+.1%}")
+    if latency.get("since_run") is not None:
+        parts.append(f"since run {latency['since_run']}")
+    if isinstance(latency.get("p_value"), int | float):
+        parts.append(f"p {latency['p_value']:.2g}")
+    return "; ".join(parts)
