@@ -16,7 +16,7 @@ import traceback
 
 from rich.markup import escape
 
-from deployer.cli import cache, collect, inventory, push, report, run, sim  # noqa: F401  (each adds its commands to app)
+from deployer.cli import cache, collect, history, inventory, push, report, run, sim  # noqa: F401  (each adds its commands)
 from deployer.cli.app import app, stderr
 from deployer.errors import DeployError, Interrupted
 

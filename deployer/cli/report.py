@@ -43,7 +43,7 @@ def report(
     with History.open(history, create=False) as db:
         info = _find_run(db, history, wanted)
         made = run_report(info, db.device_results(info.id), db.verdicts(info.id), history=str(history),
-                          interrupted=info.status == "incomplete")
+                          interrupted=info.status == "incomplete", latency=db.latency(info.id))
         write_reports(made, db, info.id, out)
     stdout.print(f"run #{info.id} ({escape(info.playbook)}, {info.status}): {', '.join(REPORT_FILES)} "
                  f"written in {escape(str(out))}")
@@ -58,11 +58,19 @@ def write_reports(report: dict[str, Any], db: History, run_id: int, out: Path) -
 
     info = db.run(run_id)
     planned = () if info is None else info.devices
+    steps = change_points(db, run_id)
     return write_files(out, {
         "report.json": write_bytes(json.dumps(report, indent=2).encode() + b"\n"),
         "junit.xml": write_bytes(junit_xml(report, planned=planned)),
-        "report.html": lambda path: write_html(report, db, run_id, path),
+        "report.html": lambda path: write_html(report, db, run_id, path, change_points=steps),
     })
+
+
+def change_points(db: History, run_id: int) -> dict[tuple[str, str, str, str], list[int]]:
+    """Where each latency series' regression or improvement began (its verdict's `since_run`), drawn on
+    the chart of the night's median (`<timing>.median`, the metric the bench step stores)."""
+    return {(t.device, t.step, t.item, f"{t.metric}.median"): [t.since_run] for t in db.latency(run_id)
+            if t.kind in ("regression", "improvement") and t.since_run is not None}
 
 
 def write_run_reports(report: dict[str, Any], history: Path, run_id: int, out: Path) -> list[Path]:

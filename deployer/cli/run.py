@@ -10,10 +10,10 @@ marked incomplete).
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -36,14 +36,10 @@ from deployer.errors import InputError, PlaybookError, Where
 if TYPE_CHECKING:
     from deployer.config.inventory import Device
     from deployer.config.playbooks import Playbook
-    from deployer.history.records import DeviceResult, Verdict
+    from deployer.history.records import DeviceResult, LatencyResult, Verdict
     from deployer.tasks.run import RunResult
 
-history_app = typer.Typer(no_args_is_help=True, help="The nightly runs' history database.")
-app.add_typer(history_app, name="history")
-
-HistoryOption = Annotated[Path, typer.Option("--history", help="The runs' history database (SQLite).")]
-DEFAULT_HISTORY = Path("history.db")
+from deployer.cli.history import DEFAULT_HISTORY, HistoryOption
 
 
 class FailOn(str, Enum):
@@ -72,6 +68,10 @@ def run(
                     "wait up to this many seconds for it instead of refusing at once.")] = 0.0,
     report_dir: Annotated[Path | None, typer.Option("--report", help="Then write the run's report.json, junit.xml "
                           "and report.html into this folder (as `deploy report`).")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="K/N: run only the Kth of N stable shares of the "
+                     "devices (a CI matrix job; needs --run-id; docs/nightly.md).")] = None,
+    run_key: Annotated[str | None, typer.Option("--run-id", help="The id every shard of one run shares (e.g. the "
+                       "CI pipeline's): `deploy history merge` joins them into one run.")] = None,
     accept_new_host_keys: AcceptNewOption = False,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
@@ -79,14 +79,56 @@ def run(
     """Run a playbook on every selected device: results, history, verdicts against each device's past."""
     from deployer.config.playbooks import load_playbook
 
+    options = RunOptions(fleet, history, cache, forks, fail_on, (flaky_window, flaky_flips), wait,
+                         accept_new_host_keys, quiet, as_json, report_dir, *_shard_options(shard, run_key))
     book = load_playbook(playbook)
     devices = _select(fleet, book, limit)
+    if options.shard is not None:
+        from deployer.history.shards import shard_of
+
+        devices = [d for d in devices if shard_of(d.name, options.shard[1]) == options.shard[0]]
     if dry_run:
         _print_dry_run(book, devices, as_json)
         raise typer.Exit(0)
-    _run(book, devices, fleet=fleet, history=history, cache=cache, forks=forks, fail_on=fail_on,
-         flaky=(flaky_window, flaky_flips), wait=wait, accept_new=accept_new_host_keys, quiet=quiet,
-         as_json=as_json, report_dir=report_dir)
+    _run(book, devices, options)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """`deploy run`'s flags, past the playbook and the devices."""
+
+    fleet: Path
+    history: Path
+    cache: Path
+    forks: int
+    fail_on: FailOn
+    flaky: tuple[int, int]  # window, flips
+    wait: float
+    accept_new: bool
+    quiet: bool
+    as_json: bool
+    report_dir: Path | None
+    shard: tuple[int, int] | None  # K, N
+    run_key: str | None
+
+    def settings(self) -> dict[str, Any]:
+        """What the history keeps of them with the run."""
+        kept: dict[str, Any] = {"flaky_window": self.flaky[0], "flaky_flips": self.flaky[1],
+                                "fail_on": self.fail_on.value}
+        if self.run_key is not None:
+            kept["run_key"] = self.run_key
+        if self.shard is not None:
+            kept["shard"] = f"{self.shard[0]}/{self.shard[1]}"
+        return kept
+
+
+def _shard_options(shard: str | None, run_key: str | None) -> tuple[tuple[int, int] | None, str | None]:
+    from deployer.history.shards import parse_run_key, parse_shard
+
+    if shard is not None and run_key is None:
+        raise InputError(None, "--shard", "a shard needs --run-id (the id its other shards share, for merging)")
+    return (parse_shard(shard) if shard is not None else None,
+            parse_run_key(run_key) if run_key is not None else None)
 
 
 def _select(fleet: Path, book: Playbook, limit: str | None) -> list[Device]:
@@ -105,52 +147,64 @@ def _select(fleet: Path, book: Playbook, limit: str | None) -> list[Device]:
     return [d for d in chosen if d.name in narrowed]
 
 
-def _run(book: Playbook, devices: list[Device], *, fleet: Path, history: Path, cache: Path, forks: int,
-         fail_on: FailOn, flaky: tuple[int, int], wait: float, accept_new: bool, quiet: bool,
-         as_json: bool, report_dir: Path | None = None) -> None:
+def _run(book: Playbook, devices: list[Device], options: RunOptions) -> None:
     from deployer.cache.store import cache_lock
     from deployer.history.db import History
     from deployer.history.report import run_report
+    from deployer.history.trends import judge_latency
     from deployer.history.verdicts import judge
     from deployer.tasks.run import fleet_lock, prepare_run, run_fleet
 
-    job = prepare_run(book, cache, accept_new_host_keys=accept_new)  # bad kernels or models: exit 2, no board
-    with fleet_lock(fleet, wait=wait), cache_lock(cache, wait=wait), History.open(history) as db:
-        settings = {"flaky_window": flaky[0], "flaky_flips": flaky[1], "fail_on": fail_on.value}
-        run_id = db.begin_run(book.name, str(book.file), book.sha256, str(fleet.resolve()),
-                              [d.name for d in devices], settings)
+    job = prepare_run(book, options.cache, accept_new_host_keys=options.accept_new)  # bad kernels, models: exit 2
+    wait, history = options.wait, options.history
+    with fleet_lock(options.fleet, wait=wait), cache_lock(options.cache, wait=wait), History.open(history) as db:
+        run_id = db.begin_run(book.name, str(book.file), book.sha256, str(options.fleet.resolve()),
+                              [d.name for d in devices], options.settings())
         result: RunResult | None = None
         try:
-            with make_fleet_progress(devices, f"deploy run {book.name}", quiet) as progress:
-                result = run_fleet(devices, job, forks=forks, progress=progress,
+            with make_fleet_progress(devices, f"deploy run {book.name}", options.quiet) as progress:
+                result = run_fleet(devices, job, forks=options.forks, progress=progress,
                                    on_result=lambda r: db.record_device(run_id, r))
-            verdicts = judge(db, run_id, result.devices, flaky_window=flaky[0], flaky_flips=flaky[1])
+            window, flips = options.flaky
+            verdicts = judge(db, run_id, result.devices, flaky_window=window, flaky_flips=flips)
             db.record_verdicts(run_id, verdicts)
+            latency = judge_latency(db, run_id, result.devices, min_changes(book))
+            db.record_latency(run_id, latency)
         finally:  # interrupted or not, the run ends marked: complete, or incomplete with what it kept
             db.finish_run(run_id, "complete" if result is not None and not result.interrupted else "incomplete")
         info = db.run(run_id)
     assert info is not None
-    report = run_report(info, result.devices, verdicts, history=str(history), interrupted=result.interrupted)
-    if as_json:
+    report = run_report(info, result.devices, verdicts, history=str(history), interrupted=result.interrupted,
+                        latency=latency)
+    if options.as_json:
         stdout.print_json(json.dumps(report))
     else:
-        _print_summary(result, verdicts, run_id)
-    if report_dir is not None:
+        _print_summary(result, verdicts, run_id, latency)
+    if options.report_dir is not None:
         from deployer.cli.report import write_run_reports
 
-        write_run_reports(report, history, run_id, report_dir)
+        write_run_reports(report, history, run_id, options.report_dir)
     if result.interrupted:
         stderr.print("deploy: interrupted (the run is kept in the history, marked incomplete)")
         raise typer.Exit(130)
-    raise typer.Exit(exit_code(result, verdicts, fail_on))
+    raise typer.Exit(exit_code(result, verdicts, latency, options.fail_on))
 
 
-def exit_code(result: RunResult, verdicts: list[Verdict], fail_on: FailOn) -> int:
+def min_changes(book: Playbook) -> dict[str, float]:
+    """Each bench step's smallest reported latency change."""
+    from deployer.config.playbooks import BenchStep
+
+    return {s.name: s.options.min_change for s in book.steps if isinstance(s.options, BenchStep)}
+
+
+def exit_code(result: RunResult, verdicts: list[Verdict], latency: list[LatencyResult], fail_on: FailOn) -> int:
+    """1 on a new failure or a latency regression (it stays one until accepted); with `any`, on any failure."""
     if fail_on is FailOn.never:
         return 0
+    regressed = any(t.kind == "regression" for t in latency)
     if fail_on is FailOn.any:
-        return int(any(i.status == "fail" for d in result.devices for i in d.items))
-    return int(any(v.kind == "new_failure" for v in verdicts))
+        return int(regressed or any(i.status == "fail" for d in result.devices for i in d.items))
+    return int(regressed or any(v.kind == "new_failure" for v in verdicts))
 
 
 def _print_dry_run(book: Playbook, devices: list[Device], as_json: bool) -> None:
@@ -169,10 +223,10 @@ def _print_dry_run(book: Playbook, devices: list[Device], as_json: bool) -> None
             stdout.print(f"  {number}. {escape(step.name)}: {escape(describe(step))}")
 
 
-def _print_summary(result: RunResult, verdicts: list[Verdict], run_id: int) -> None:
+def _print_summary(result: RunResult, verdicts: list[Verdict], run_id: int, latency: list[LatencyResult]) -> None:
     table = Table(title=f"deploy run #{run_id}", title_justify="left")
     for column in ("device", "state", "status", "steps", "pass", "fail", "error", "miss", "skip",
-                   "new failures", "fixed", "flaky"):
+                   "new failures", "fixed", "flaky", "slower"):
         table.add_column(column)
     for device in result.devices:
         mine = [v for v in verdicts if v.device == device.device]
@@ -185,9 +239,14 @@ def _print_summary(result: RunResult, verdicts: list[Verdict], run_id: int) -> N
         table.add_row(escape(device.device), device.state,
                       f"[{status_style}]{device.status}[/{status_style}]" if status_style else device.status,
                       f"{len(passed)}/{len(steps)}", *counts,
-                      *(str(sum(1 for v in mine if v.kind == k)) for k in ("new_failure", "fixed", "flaky")))
+                      *(str(sum(1 for v in mine if v.kind == k)) for k in ("new_failure", "fixed", "flaky")),
+                      str(sum(1 for t in latency if t.device == device.device and t.kind == "regression")))
     stdout.print(table)
     _print_notes(result.devices, verdicts)
+    for trend in latency:
+        if trend.kind in ("regression", "improvement"):
+            stdout.print(f"{escape(trend.device)}: {escape(trend.step)} {escape(trend.item)}: {trend.kind} "
+                         f"({escape(trend.note)})")
 
 
 def _print_notes(devices: tuple[DeviceResult, ...], verdicts: list[Verdict]) -> None:
@@ -203,45 +262,3 @@ def _print_notes(devices: tuple[DeviceResult, ...], verdicts: list[Verdict]) -> 
             extra = "; ".join(x for x in (verdict.note, why) if x)
             stdout.print(f"{escape(verdict.device)}: {escape(where)}: {verdict.label}"
                          + (f" ({escape(extra)})" if extra else ""))
-
-
-@history_app.command("prune")
-def history_prune(
-    older_than: Annotated[str, typer.Option("--older-than", help="Delete runs that started longer ago than "
-                          "this: 90d, 12h, 2w (s, m, h, d, w).")],
-    history: HistoryOption = DEFAULT_HISTORY,
-) -> None:
-    """Delete old runs (and all their results) from the history database."""
-    from deployer.history.db import History
-    from deployer.history.durations import parse_age
-
-    age = parse_age(older_than)
-    with History.open(history, create=False) as db:
-        removed = db.prune(age)
-    stdout.print(f"{history}: {removed} run(s) older than {escape(older_than)} deleted")
-
-
-@history_app.command("list")
-def history_list(
-    history: HistoryOption = DEFAULT_HISTORY,
-    last: Annotated[int, typer.Option("--last", min=1, max=10000, help="How many runs, newest first.")] = 20,
-    as_json: JsonOption = False,
-) -> None:
-    """The newest runs: id, playbook, start, status, devices."""
-    from deployer.history.db import History
-
-    with History.open(history, create=False) as db:
-        runs = db.runs(limit=last)
-    if as_json:
-        stdout.print_json(json.dumps({"schema_version": 1, "runs": [
-            {"id": r.id, "playbook": r.playbook, "playbook_file": r.playbook_path, "playbook_sha256": r.playbook_sha256,
-             "fleet": r.fleet, "devices": list(r.devices), "started": r.started, "ended": r.ended,
-             "status": r.status, "host": r.host, "pid": r.pid, "settings": dict(r.settings)} for r in runs]}))
-        return
-    table = Table()
-    for column in ("run", "playbook", "started", "status", "devices"):
-        table.add_column(column)
-    for entry in runs:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.started))
-        table.add_row(str(entry.id), escape(entry.playbook), started, entry.status, str(len(entry.devices)))
-    stdout.print(table)

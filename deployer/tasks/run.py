@@ -30,6 +30,7 @@ from typing import Any
 from deployer.cache.store import hold_lock
 from deployer.config.inventory import Device
 from deployer.config.playbooks import (
+    BenchStep,
     CollectStep,
     HealthStep,
     Limit,
@@ -40,14 +41,34 @@ from deployer.config.playbooks import (
     Step,
 )
 from deployer.connect.deadline import INTERRUPTED, current_deadline
-from deployer.errors import AgentError, CompileError, DeviceError, LocalStateError, SmokeMismatch
-from deployer.history.records import DeviceResult, DeviceState, Fingerprint, ItemResult, Metric, Status, Subject
+from deployer.errors import AgentError, DeviceError, LocalStateError
+from deployer.history.records import (
+    DeviceResult,
+    DeviceState,
+    Fingerprint,
+    ItemResult,
+    Metric,
+    Status,
+    Subject,
+)
 from deployer.protocol.reply import printable, printable_line
 from deployer.protocol.session import AgentSession, open_session
-from deployer.tasks.collect import CollectJob, CollectOutcome, collect_on
+from deployer.tasks.bench import plan_bench
+from deployer.tasks.collect import CollectJob, collect_on
 from deployer.tasks.fleet import FleetInterrupted, fan_out
+from deployer.tasks.grading import (
+    bench_items,
+    collect_items,
+    confirm,
+    grade,
+    parse_number,
+    push_items,
+    reason_text,
+    shell_metrics,
+    subject_of,
+)
 from deployer.tasks.progress import Progress
-from deployer.tasks.push import DeviceOutcome, NotDeployed, PushJob, _DeviceRun, prepare_push
+from deployer.tasks.push import BenchJob, PushJob, _DeviceRun, prepare_push
 
 SHELL_GRACE_S = 15.0  # past a step's timeout, how long the controller waits for the agent's own verdict
 MAX_REASON = 300
@@ -79,11 +100,22 @@ def prepare_run(playbook: Playbook, cache: Path, *, accept_new_host_keys: bool =
         elif isinstance(options, SmokeStep):
             pushes[step.name] = prepare_push(options.kernels, options.models, cache, smoke_mode="always",
                                              smoke_only=True, accept_new_host_keys=accept_new_host_keys)
+        elif isinstance(options, BenchStep):
+            job = prepare_push(options.kernels, options.models, cache, smoke_mode="never", smoke_only=True,
+                               accept_new_host_keys=accept_new_host_keys)
+            pushes[step.name] = replace(job, bench=BenchJob(plan_bench(job.library), bench_settings(options),
+                                                            timeout_s=step.timeout))
         if step.name in pushes:
             subjects[step.name] = push_subjects(pushes[step.name])
         elif isinstance(options, ShellStep):
             subjects[step.name] = (Subject("command", step.name, _sha(options.command)),)
     return RunJob(playbook, cache, pushes, subjects, accept_new_host_keys)
+
+
+def bench_settings(options: BenchStep) -> dict[str, int]:
+    return {"warmup": options.warmup, "min_repeats": options.min_repeats, "max_repeats": options.max_repeats,
+            "min_time_ms": options.min_time_ms, "pause_ms": options.pause_ms,
+            "item_timeout_ms": max(1, round(options.item_timeout_s * 1000))}
 
 
 def _sha(text: str) -> str:
@@ -107,116 +139,6 @@ def push_subjects(job: PushJob) -> tuple[Subject, ...]:
         what = {"model": plan.model.name, "files": [[f, shas[f]] for f in model_files]}
         subjects.append(Subject("model", plan.model.name, _sha(json.dumps(what, sort_keys=True))))
     return tuple(subjects)
-
-
-# ----- grading -----
-
-
-def grade(exc: DeviceError) -> Status:
-    """A device error's status: the board answered wrong (fail), was busy (miss) or the rest (error)."""
-    if isinstance(exc, CompileError | SmokeMismatch):
-        return "fail"
-    if isinstance(exc, NotDeployed) or (isinstance(exc, AgentError) and exc.kind == "locked"):
-        return "miss"
-    return "error"
-
-
-def _reason(text: object) -> str:
-    return printable_line(str(text), MAX_REASON)
-
-
-def _subject_of(subjects: Sequence[Subject], kind: str, name: str) -> str:
-    return next((s.sha256 for s in subjects if s.kind == kind and s.name == name), "")
-
-
-def push_items(step: Step, outcome: DeviceOutcome, exc: DeviceError | None,
-               subjects: Sequence[Subject]) -> list[ItemResult]:
-    """A push or smoke step's results: the step as a whole (with the start-up figures as metrics), each
-    smoke case, each model."""
-    status: Status = "pass" if exc is None else grade(exc)
-    metrics: list[Metric] = []
-    if outcome.startup is not None:
-        for program in outcome.startup.programs:
-            for name in ("load_from_binary_ms", "build_from_source_ms"):
-                value = getattr(program, name, None)
-                if isinstance(value, int | float):
-                    metrics.append(Metric(f"{program.key}.{name}", float(value), "ms"))
-    items = [ItemResult(step.name, step.kind, "", status, "" if exc is None else _reason(exc.reason),
-                        duration_s=sum(outcome.stages.values()), metrics=tuple(metrics))]
-    if exc is not None and status != "fail":
-        return items  # infrastructure, a lock, nothing deployed: the cases did not run, the step says why
-    for case in outcome.kernels:
-        subject = _subject_of(subjects, "kernel", case.program_key)
-        if case.smoke == "passed":
-            items.append(ItemResult(step.name, step.kind, f"case {case.name}", "pass", subject=subject))
-        elif case.smoke == "failed" or (not case.built and case.detail == "build failed"):
-            items.append(ItemResult(step.name, step.kind, f"case {case.name}", "fail",
-                                    _reason(case.detail or "failed"), subject=subject))
-        else:
-            items.append(ItemResult(step.name, step.kind, f"case {case.name}", "skip",
-                                    _reason(case.detail or case.smoke), subject=subject))
-    for model in outcome.models:
-        subject = _subject_of(subjects, "model", model.name)
-        model_metrics = tuple(Metric(name, float(value), "ms") for name, value in
-                              (("first_inference_ms", model.first_inference_ms), ("steady_ms", model.steady_ms))
-                              if value is not None)
-        model_status: Status = "skip" if model.ok is None else "pass" if model.ok else "fail"
-        items.append(ItemResult(step.name, step.kind, f"model {model.name}", model_status,
-                                "" if model.ok else _reason(model.detail or ""), subject=subject,
-                                metrics=model_metrics))
-    return items
-
-
-def collect_items(step: Step, outcome: CollectOutcome) -> list[ItemResult]:
-    """One result per file found: kept (pass), or refused, unreadable, invalid, or one MACE would throw
-    away on this device (`cold`: built for another driver or platform) (fail)."""
-    if outcome.error is not None:
-        return [ItemResult(step.name, step.kind, "", "error", _reason(outcome.error))]
-    if not outcome.files:
-        return [ItemResult(step.name, step.kind, "", "skip", "no file matched the collect paths")]
-    items = []
-    for file in outcome.files:
-        verdict = (file.record or {}).get("verdict")
-        if not file.ok:
-            items.append(ItemResult(step.name, step.kind, file.remote_path, "fail",
-                                    _reason(file.detail or file.status)))
-        elif isinstance(verdict, Mapping) and verdict.get("mace") == "cold":
-            items.append(ItemResult(step.name, step.kind, file.remote_path, "fail",
-                                    _reason(f"MACE would not use it: {verdict.get('reason', '')}")))
-        else:
-            items.append(ItemResult(step.name, step.kind, file.remote_path, "pass"))
-    return items
-
-
-def parse_number(text: str) -> float | None:
-    match = re.search(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", text)
-    return float(match.group()) if match else None
-
-
-def shell_metrics(spec_regex: str | None, as_json: bool, units: Mapping[str, str],
-                  stdout: str) -> tuple[list[Metric], str]:
-    """The metrics a shell step captures from its output; (metrics, why none) ."""
-    if as_json:
-        try:
-            value = json.loads(stdout)
-        except ValueError as exc:
-            return [], f"output is not JSON ({exc})"
-        if not isinstance(value, dict):
-            return [], "JSON output is not an object"
-        return [Metric(printable_line(str(k), 64), float(v), units.get(str(k), "")) for k, v in value.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)][:64], ""
-    if spec_regex is None:
-        return [], ""
-    match = re.search(spec_regex, stdout, re.MULTILINE)
-    if match is None:
-        return [], "the metrics regex matched nothing in the output"
-    metrics = []
-    for name, text in match.groupdict().items():
-        number = parse_number(text or "")
-        if number is None:
-            return [], f"metric {name}: {printable_line(str(text), 40)!r} is not a number"
-        metrics.append(Metric(name, number, units.get(name, "")))
-    return metrics, ""
 
 
 # ----- one device -----
@@ -323,7 +245,7 @@ class DeviceRun:
                     if fired.is_set():
                         return _Attempt([ItemResult(step.name, step.kind, "", "error",
                                                     f"timed out after {step.timeout:g} s")], broken=True)
-                    return _Attempt([ItemResult(step.name, step.kind, "", grade(exc), _reason(exc.reason))],
+                    return _Attempt([ItemResult(step.name, step.kind, "", grade(exc), reason_text(exc.reason))],
                                     broken=True)
         finally:
             elapsed = time.monotonic() - start
@@ -351,7 +273,7 @@ class DeviceRun:
         options = step.options
         if isinstance(options, HealthStep):
             return self._health(step, options)
-        if isinstance(options, PushStep | SmokeStep):
+        if isinstance(options, PushStep | SmokeStep | BenchStep):
             return self._push(step)
         if isinstance(options, CollectStep):
             return self._collect(step, options)
@@ -380,7 +302,7 @@ class DeviceRun:
             self._remember_fingerprint(reply.get("fingerprint", dict))
             items.append(item("opencl"))
         except AgentError as exc:
-            return [*items, item("opencl", "error", _reason(exc.reason))]
+            return [*items, item("opencl", "error", reason_text(exc.reason))]
         if options.min_free_mb is not None:
             disk = session.request("disk")
             free = disk.get("free_bytes", int)
@@ -403,7 +325,7 @@ class DeviceRun:
         number = parse_number(out)
         if reply.get("exit", int, optional=True) != 0 or number is None:
             return ItemResult(step.name, step.kind, limit.name, "error",
-                              _reason(f"{limit.command!r} gave no number (exit {reply.fields.get('exit')}): {out}"))
+                              reason_text(f"{limit.command!r} gave no number (exit {reply.fields.get('exit')}): {out}"))
         value = round(number * limit.scale, 6)
         metrics = (Metric(limit.name, value, limit.unit),)
         shown = f"{limit.name} {value:g}{(' ' + limit.unit) if limit.unit else ''}"
@@ -435,6 +357,8 @@ class DeviceRun:
         self._remember_fingerprint(outcome.fingerprint)
         if exc is not None and grade(exc) == "error":
             raise exc  # the session may be broken: the attempt reconnects and retries
+        if job.bench is not None:
+            return bench_items(step, outcome, exc, job, self.job.subjects.get(step.name, ()))
         return push_items(step, outcome, exc, self.job.subjects.get(step.name, ()))
 
     def _collect(self, step: Step, options: CollectStep) -> list[ItemResult]:
@@ -444,14 +368,14 @@ class DeviceRun:
 
     def _shell(self, step: Step, options: ShellStep) -> list[ItemResult]:
         self._note_subjects(step)
-        subject = _subject_of(self.job.subjects.get(step.name, ()), "command", step.name)
+        subject = subject_of(self.job.subjects.get(step.name, ()), "command", step.name)
         reply = self.connection.get().request("shell", command=options.command, timeout_s=step.timeout)
         size_out = reply.get("stdout_size", int)
         out = reply.payload[:size_out].decode("utf-8", "replace")
         err = reply.payload[size_out:].decode("utf-8", "replace")
 
         def result(status: Status, reason: str = "", metrics: Sequence[Metric] = ()) -> list[ItemResult]:
-            return [ItemResult(step.name, step.kind, "", status, _reason(reason), subject=subject,
+            return [ItemResult(step.name, step.kind, "", status, reason_text(reason), subject=subject,
                                metrics=tuple(metrics))]
 
         if reply.get("timed_out", bool):
@@ -465,24 +389,6 @@ class DeviceRun:
             return result("pass")
         metrics, why = shell_metrics(options.metrics.regex, options.metrics.json, options.metrics.units, out)
         return result("fail", why) if why else result("pass", metrics=metrics)
-
-
-def confirm(first: Sequence[ItemResult], again: Sequence[ItemResult]) -> list[ItemResult]:
-    """The confirming re-run of a step with failures: a failed item that passes now is `pass` marked
-    flaky; one that fails again (or could not be re-run) stays failed, confirmed."""
-    rerun = {i.key: i for i in again}
-    confirmed = []
-    for item in first:
-        if item.status != "fail":
-            confirmed.append(item)
-            continue
-        second = rerun.get(item.key)
-        if second is not None and second.status == "pass":
-            confirmed.append(replace(second, flaky=True, attempts=item.attempts + 1,
-                                     reason=f"flaky: failed first ({item.reason})"))
-        else:
-            confirmed.append(replace(item, attempts=item.attempts + 1))
-    return confirmed
 
 
 def _summary(result: DeviceResult) -> str:
