@@ -80,8 +80,10 @@ def sim_set(
                       "driver, another fingerprint (OpenSSH devices).")] = None,
     down: Annotated[bool, typer.Option("--down", help="Stop its server: connections are refused.")] = False,
     up: Annotated[bool, typer.Option("--up", help="Start a stopped device again on the same address.")] = False,
+    cpu: Annotated[float | None, typer.Option("--cpu", min=0, max=64, help="CPUs' worth of time it gets (0.25: a "
+                   "quarter of one, a slow board; 0: no limit), by a cgroup v1 CPU quota.")] = None,
 ) -> None:
-    """Change one device between runs: hot, a new driver, down or up again (docs/sim.md)."""
+    """Change one device between runs: hot, a new driver, slow, down or up again (docs/sim.md)."""
     from deployer.sim.fleet import load_fleet, set_device
 
     if down and up:
@@ -89,7 +91,7 @@ def sim_set(
     fleet = load_fleet(folder.resolve())
     if not fleet.devices:
         raise InputError(None, "--dir", f"no simulated fleet in {folder} (deploy sim up first)")
-    device = set_device(fleet, name, temp_c=temp_c, driver=driver, down=down, up=up)
+    device = set_device(fleet, name, temp_c=temp_c, driver=driver, down=down, up=up, cpu=cpu)
     stdout.print(f"{name}: driver {device.spec.pocl_device}, " + ("down" if down else "up"))
 
 

@@ -14,6 +14,7 @@ and the client key. Processes are stopped by the PIDs, namespaces deleted by the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -44,6 +45,8 @@ OPENCL_LIB_DIR = "/usr/lib/x86_64-linux-gnu"
 START_TIMEOUT_S = 15.0
 THERMAL_DIR = "/sys/class/thermal"  # a folder of the device's own is bound here: `deploy sim set --temp-c`
 POCL_DEVICES = ("pthread", "basic")
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu")  # cgroup v1: a quota here makes a simulated board slow
+CPU_PERIOD_US = 10_000  # short: a kernel of a few ms is throttled inside itself, not only between runs
 NORMAL_TEMP_MC = 45000  # millidegrees, as Linux prints them
 POCL_CACHE_MOUNT = ".pocl-cache"
 
@@ -279,7 +282,7 @@ def write_temperature(folder: Path, millidegrees: int) -> None:
 
 
 def set_device(fleet: Fleet, name: str, *, temp_c: float | None = None, driver: str | None = None,
-               down: bool = False, up: bool = False) -> SimDevice:
+               down: bool = False, up: bool = False, cpu: float | None = None) -> SimDevice:
     """Change one running device between runs, as boards change: its temperature, its OpenCL driver
     (PoCL's device: a new fingerprint; OpenSSH re-reads its SetEnv on SIGHUP), down (its server and proxy
     stopped: connections are refused) or up again on the same address."""
@@ -293,6 +296,8 @@ def set_device(fleet: Fleet, name: str, *, temp_c: float | None = None, driver: 
         write_temperature(folder, round(temp_c * 1000))
     if driver is not None:
         _change_driver(device, driver)
+    if cpu is not None:
+        set_cpu(device, cpu)
     if down and _alive(device.pid):
         stop_device(device)
     if up and not _alive(device.pid):
@@ -304,6 +309,47 @@ def set_device(fleet: Fleet, name: str, *, temp_c: float | None = None, driver: 
         _wait_ready(device, time.monotonic() + START_TIMEOUT_S)
     _save_state(fleet)
     return device
+
+
+def _cgroup(device: SimDevice) -> Path:
+    """Named by the device's folder too: two fleets (a test's own and the shared one) both have a sim-01."""
+    folder = hashlib.sha256(device.folder.encode()).hexdigest()[:8]
+    return CPU_CGROUP / f"deploy-sim-{folder}-{device.spec.name}"
+
+
+def set_cpu(device: SimDevice, cpus: float) -> None:
+    """Give the device `cpus` CPUs' worth of time (0.25: a quarter of one; 0: no limit) through a cgroup v1
+    `cpu` group of its own: its server and every process in its namespace are moved in, and the processes
+    its server starts later (each session, the agent, the OpenCL child) inherit it."""
+    if not CPU_CGROUP.is_dir():
+        raise SimError(f"no cgroup v1 cpu controller at {CPU_CGROUP}: a CPU quota needs one")
+    if not 0 <= cpus <= 64:
+        raise InputError(None, "--cpu", f"expected CPUs between 0 (no limit) and 64, got {cpus:g}")
+    group = _cgroup(device)
+    try:
+        group.mkdir(exist_ok=True)
+        quota = -1 if cpus == 0 else max(1000, round(cpus * CPU_PERIOD_US))
+        (group / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
+        for pid in [device.pid, *namespace_pids(device.pid)]:
+            try:
+                (group / "cgroup.procs").write_text(str(pid))
+            except ProcessLookupError:
+                pass  # ended meanwhile
+    except OSError as exc:
+        raise SimError(f"sim device {device.spec.name}: cannot set a CPU quota in {group}: {exc}") from exc
+
+
+def _remove_cgroup(device: SimDevice) -> None:
+    """A device's cpu group goes with it (its processes are gone; rmdir refuses a group still in use)."""
+    group = _cgroup(device)
+    for _ in range(50):  # the killed processes leave the group a moment after their signal: bounded retries
+        if not group.is_dir():
+            return
+        try:
+            group.rmdir()
+        except OSError:
+            time.sleep(0.02)
 
 
 def _change_driver(device: SimDevice, driver: str) -> None:
@@ -567,6 +613,7 @@ def stop_device(device: SimDevice, *, timeout: float = 5.0) -> None:
     if device.proxy_pid is not None:
         _stop_pid(device.proxy_pid, group=False, timeout=timeout)
     netsim.remove_link(device.netns, device.veth)
+    _remove_cgroup(device)
 
 
 def stop_fleet(folder: Path) -> int:
