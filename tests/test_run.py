@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from deployer.errors import HistoryError
 from deployer.history.db import History
-from deployer.history.records import DeviceResult, Fingerprint, ItemResult
+from deployer.history.records import DeviceResult, Fingerprint, ItemResult, Status
 from deployer.sim.fleet import Fleet, fleet_specs, start_fleet
 from tests.conftest import REPO, Cli
 
@@ -40,21 +41,24 @@ def own_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
 
 
-def small_kernels(folder: Path) -> Path:
-    """The saxpy program alone, with its reference: a library whose nights are quick."""
+def small_kernels(folder: Path, bench_n: int | None = None) -> Path:
+    """The saxpy program alone, with its reference: a library whose nights are quick; `bench_n`: its bench
+    size."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("saxpy.cl", "reference.py", "common.h"):
         (folder / name).write_bytes((KERNELS / name).read_bytes())
     manifest = (KERNELS / "kernels.yml").read_text()
-    (folder / "kernels.yml").write_text(_only_saxpy(manifest))
+    (folder / "kernels.yml").write_text(_only_saxpy(manifest, bench_n))
     return folder
 
 
-def _only_saxpy(manifest: str) -> str:
+def _only_saxpy(manifest: str, bench_n: int | None) -> str:
     import yaml
 
     data = yaml.safe_load(manifest)
     data["programs"] = {name: p for name, p in data["programs"].items() if name in SMALL_KERNELS}
+    if bench_n is not None:
+        data["programs"]["saxpy"]["kernels"][0]["bench_sizes"] = {"n": bench_n}
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -447,8 +451,272 @@ def test_history_list_and_prune(cli: Cli, tmp_path: Path) -> None:
 ])
 def test_shell_metrics(regex: str | None, as_json: bool, out: str, expected: list[tuple[str, float, str]],
                        why: str) -> None:
-    from deployer.tasks.run import shell_metrics
+    from deployer.tasks.grading import shell_metrics
 
     metrics, reason = shell_metrics(regex, as_json, {"temp": "C"}, out)
     assert [(m.name, m.value, m.unit) for m in metrics] == expected
     assert reason == why
+
+
+BENCH_NIGHT = """\
+name: bench
+steps:
+  - push:
+      kernels: kernels
+      smoke: never
+  - bench:
+      kernels: kernels
+      warmup: 2
+      min_repeats: 15
+      min_time_ms: 100
+      pause_ms: 50
+      min_change: {min_change}
+"""
+
+
+def bench_item(report: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(r for r in device(report, name)["results"] if r["item"].startswith("bench saxpy"))
+
+
+def seed_bench_nights(db_path: Path, report: dict[str, Any], starts: list[float], rng_seed: int) -> None:
+    """Nights like the reported one on each device: its own repeats, each night scaled by a log-normal 5%
+    (night-to-night) and each repeat by 3% (within the night), on its own fingerprint and subject: a past
+    of this machine as it is now, so the test does not depend on how fast these cores are."""
+    import random
+
+    from deployer.history.records import Sample
+
+    rng = random.Random(rng_seed)
+    with History.open(db_path) as db:
+        tonight = {d.device: d for d in db.device_results(report["run"]["id"])}
+        for started in starts:
+            run_id = db.begin_run("bench", "bench.yml", "0" * 64, "fleet", list(tonight), {}, started=started)
+            for name, result in tonight.items():
+                level = rng.lognormvariate(0, 0.05)
+                items = tuple(ItemResult(i.step, i.kind, i.item, i.status, subject=i.subject, samples=tuple(
+                    Sample(s.name, s.unit, tuple(v * level * rng.lognormvariate(0, 0.03) for v in s.values))
+                    for s in i.samples)) for i in result.items)
+                db.record_device(run_id, DeviceResult(name, "ok", started, started + 1, result.fingerprint, items))
+            db.finish_run(run_id, "complete", ended=started + 2)
+
+
+@pytest.mark.slow
+def test_a_slow_board_is_flagged_and_no_other(cli: Cli, run_fleet: Fleet, tmp_path: Path) -> None:
+    """Three real nights of a one-kernel bench among seeded ones: a board given a tenth of a CPU from the
+    second night on is a latency regression naming that night; the others are not, and a board whose
+    driver changed on the third night starts a new segment instead. The kernel runs longer than the quota's
+    10 ms period, so every repeat of it is throttled alike."""
+    small_kernels(tmp_path / "kernels", bench_n=1 << 23)
+    playbook = write_playbook(tmp_path, BENCH_NIGHT.format(min_change=0.5))
+    db_path = tmp_path / "history.db"
+    code, first, err = run(cli, playbook, run_fleet, tmp_path)
+    assert code == 0, err
+    assert bench_item(first, "sim-01")["latency"]["kind"] == "no_baseline"  # too few nights: no alert
+    assert {m["name"] for m in bench_item(first, "sim-01")["metrics"]} >= {"device_ms.median", "device_ms.p90"}
+    seed_bench_nights(db_path, first, [first["run"]["started"] - (13 - n) * 86400 for n in range(12)], 11)
+    sim(cli, run_fleet, "sim-02", "--cpu", "0.1")
+    try:
+        code, second, err = run(cli, playbook, run_fleet, tmp_path)
+        assert bench_item(second, "sim-02")["latency"]["kind"] == "no_change"  # one slow night is not a step yet
+        seed_bench_nights(db_path, second, [second["run"]["ended"] + 0.01], 12)  # a second slow night, just after
+        sim(cli, run_fleet, "sim-03", "--driver", "basic")
+        code, third, err = run(cli, playbook, run_fleet, tmp_path)
+    finally:
+        sim(cli, run_fleet, "sim-02", "--cpu", "0")
+        sim(cli, run_fleet, "sim-03", "--driver", "pthread")
+    slow, steady, changed = (bench_item(third, n)["latency"] for n in ("sim-02", "sim-01", "sim-03"))
+    assert slow["kind"] == "regression" and slow["since_run"] == second["run"]["id"], slow
+    assert slow["change"] > 0.5
+    assert steady["kind"] == "no_change", steady
+    assert changed["kind"] == "no_baseline", changed  # a driver change is a new segment, never a regression
+    assert code == 1, err  # a regression fails the run for CI (--fail-on new-failure)
+    assert third["summary"]["latency"]["regression"] == 1
+
+
+def test_bench_items_that_cannot_run_are_errors_and_the_rest_go_on(cli: Cli, run_fleet: Fleet,
+                                                                     tmp_path: Path) -> None:
+    """A bench size past what the device can allocate, and a kernel slower than its item timeout: each is
+    that item's `error`; the others are timed."""
+    import yaml
+
+    folder = small_kernels(tmp_path / "kernels")
+    manifest = yaml.safe_load((folder / "kernels.yml").read_text())
+    saxpy = manifest["programs"]["saxpy"]
+    huge = dict(saxpy, kernels=[dict(saxpy["kernels"][0], bench_sizes={"n": (1 << 31) - 1})])  # 8 GiB buffers
+    manifest["programs"]["huge"] = huge
+    (folder / "kernels.yml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    playbook = write_playbook(tmp_path, """\
+        name: bench-faults
+        limit: sim-01
+        steps:
+          - push:
+              kernels: kernels
+              smoke: never
+          - bench:
+              kernels: kernels
+              min_repeats: 5
+              min_time_ms: 0
+              pause_ms: 0
+            retries: 0
+            continue_on_error: true
+          - name: endless
+            bench:
+              kernels: kernels
+              min_repeats: 5
+              min_time_ms: 600000
+              max_repeats: 1000
+              item_timeout_s: 1
+              pause_ms: 0
+        """)
+    code, report, err = run(cli, playbook, run_fleet, tmp_path)
+    assert code == 0, err
+    bench = {r["item"]: r for r in device(report, "sim-01")["results"] if r["step"] == "bench" and r["item"]}
+    assert bench["bench huge.saxpy[f32]"]["status"] == "error", bench
+    assert "does not fit" in bench["bench huge.saxpy[f32]"]["reason"]
+    assert bench["bench saxpy[f32]"]["status"] == "pass" and bench["bench saxpy[f32]"]["samples"][0]["n"] >= 5
+    endless = results(device(report, "sim-01"), step="endless", item="bench saxpy[f32]")[0]
+    assert endless["status"] == "error" and "timed out" in endless["reason"], endless
+
+
+def seed_latency_nights(db_path: Path, levels: list[float], *, regression_from: int | None = None) -> list[int]:
+    """Nights of one bench series on one device (20 repeats around each level), judged as given."""
+    import random
+
+    from deployer.history.records import LatencyKind, LatencyResult, Sample
+
+    rng = random.Random(3)
+    fingerprint = Fingerprint("0123456789abcdef", "gpu driver 1")
+    ids: list[int] = []
+    with History.open(db_path) as db:
+        for night, level in enumerate(levels):
+            started = 1_700_000_000 + night * 86400
+            values = tuple(level * rng.uniform(0.98, 1.02) for _ in range(20))
+            item = ItemResult("bench", "bench", "bench k[f32]", "pass", subject="ab" * 32,
+                              samples=(Sample("device_ms", "ms", values),))
+            ids.append(seed_night(db, fingerprint=fingerprint, items=[item], started=started, device_name="pi-1"))
+            kind: LatencyKind = "regression" if regression_from is not None and night >= regression_from \
+                else "no_change"
+            since = ids[regression_from] if kind == "regression" and regression_from is not None else None
+            db.record_latency(ids[-1], [LatencyResult("pi-1", "bench", "bench k[f32]", "device_ms", kind,
+                                                      since_run=since, note="seeded")])
+    return ids
+
+
+def test_history_show_accept_and_compare(cli: Cli, tmp_path: Path) -> None:
+    db_path = tmp_path / "history.db"
+    ids = seed_latency_nights(db_path, [1.0] * 4 + [1.5] * 3, regression_from=4)
+    shown = cli("history", "show", "--history", db_path, "--device", "pi-1", "--item", "k[f32]")
+    assert shown.code == 0, shown.err
+    assert f"regression since run {ids[4]}" in shown.out and shown.out.count("median") == 7
+    accepted = cli("history", "accept", "pi-1", "bench k[f32]", "--history", db_path)
+    assert accepted.code == 0 and f"since run {ids[4]}" in accepted.out, accepted.out
+    with History.open(db_path) as db:  # the segment starts again at the night the change began
+        nights = db.sample_nights(ids[-1], "pi-1", "bench", "bench k[f32]", "device_ms",
+                                  fingerprint_id="0123456789abcdef", subject="ab" * 32)
+    assert [n[0] for n in nights] == ids[4:]
+    compared = cli("compare", str(ids[3]), str(ids[4]), "--history", db_path, "--json")
+    assert compared.code == 0, compared.err
+    row = compared.json()["items"][0]
+    assert row["significant"] and 0.45 < row["change"] < 0.55 and row["p_value"] < 0.002
+    same = cli("compare", str(ids[0]), str(ids[1]), "--history", db_path, "--json").json()["items"][0]
+    assert not same["significant"]
+    assert cli("compare", "1", "999", "--history", db_path).code == 2
+    unknown = cli("history", "accept", "pi-9", "bench k[f32]", "--history", db_path)
+    assert unknown.code == 2 and "no latency verdict" in unknown.err
+
+
+@pytest.mark.parametrize("spec", ["0/3", "4/3", "a/b", "1/0", "2"])
+def test_a_bad_shard_is_refused(cli: Cli, run_fleet: Fleet, tmp_path: Path, spec: str) -> None:
+    playbook = write_playbook(tmp_path, "name: n\nsteps:\n  - health: {}\n")
+    result = cli("run", playbook, "--fleet", run_fleet.inventory, "--shard", spec, "--run-id", "ci-1", "--dry-run")
+    assert result.code == 2 and "--shard" in result.err, result.err
+
+
+def test_shards_are_stable_and_cover_the_fleet(cli: Cli, run_fleet: Fleet, tmp_path: Path) -> None:
+    from deployer.history.shards import shard_of
+
+    names = [f"board-{i:03d}" for i in range(200)]
+    before = {n: shard_of(n, 4) for n in names}
+    assert {shard_of(n, 4) for n in [*names, "board-new"] if n in before} == set(range(1, 5))
+    assert all(shard_of(n, 4) == before[n] for n in names)  # adding a device moved none
+    assert all(20 < sum(1 for s in before.values() if s == k) < 80 for k in range(1, 5))
+    playbook = write_playbook(tmp_path, "name: n\nsteps:\n  - health: {}\n")
+    picked = set()
+    for k in (1, 2):
+        out = cli("run", playbook, "--fleet", run_fleet.inventory, "--shard", f"{k}/2", "--run-id", "ci-1",
+                  "--dry-run", "--json").json()
+        picked |= {d["name"] for d in out["devices"]}
+        assert all(shard_of(d["name"], 2) == k for d in out["devices"])
+    assert picked == {"sim-01", "sim-02", "sim-03"}
+
+
+def test_shards_merged_give_the_report_of_the_whole_run(cli: Cli, tmp_path: Path) -> None:
+    """One night recorded whole, and the same night recorded as two shards on copies of the history and
+    merged: the merged run's report is the whole run's; merging again changes nothing; a shard of another
+    playbook is refused with nothing written."""
+    import shutil
+
+    from deployer.history.report import run_report
+    from deployer.history.shards import merge_history, shard_of
+    from deployer.history.verdicts import judge
+
+    names = [f"pi-{i:02d}" for i in range(6)]
+    fingerprint = Fingerprint("0123456789abcdef", "gpu driver 1")
+
+    def night(name: str, status: Status) -> DeviceResult:
+        return DeviceResult(name, "ok", 1_800_000_000.0, 1_800_000_010.0, fingerprint,
+                            (ItemResult("smoke", "smoke", "case a", status, subject="cd" * 32),))
+
+    cumulative = tmp_path / "history.db"
+    with History.open(cumulative) as db:
+        for n in range(3):
+            seed_night(db, fingerprint=fingerprint, started=1_700_000_000 + n * 86400, device_name=names[0],
+                       items=[ItemResult("smoke", "smoke", "case a", "pass", subject="cd" * 32)])
+    copies = {k: tmp_path / f"{k}.db" for k in ("whole", "shard1", "shard2")}
+    for path in copies.values():
+        shutil.copy(cumulative, path)
+    tonight = {n: night(n, "fail" if n == names[0] else "pass") for n in names}
+
+    def record(path: Path, devices: list[str], settings: dict[str, str]) -> int:
+        with History.open(path) as db:
+            run_id = db.begin_run("night", "night.yml", "ef" * 32, "/lab/fleet.yml", devices, settings,
+                                  started=1_800_000_000.0)
+            for name in devices:
+                db.record_device(run_id, tonight[name])
+            db.record_verdicts(run_id, judge(db, run_id, [tonight[n] for n in devices]))
+            db.finish_run(run_id, "complete", ended=1_800_000_020.0)
+            return run_id
+
+    whole = record(copies["whole"], names, {})
+    for k in (1, 2):
+        record(copies[f"shard{k}"], [n for n in names if shard_of(n, 2) == k], {"run_key": "ci-7", "shard": f"{k}/2"})
+    merged = cli("history", "merge", copies["shard1"], copies["shard2"], "--history", cumulative)
+    assert merged.code == 0, merged.err
+
+    def report(path: Path, run_id: int) -> dict[str, Any]:
+        with History.open(path) as db:
+            info = db.run(run_id)
+            assert info is not None
+            made = run_report(info, db.device_results(run_id), db.verdicts(run_id), history="h",
+                              latency=db.latency(run_id))
+        made["run"] = {k: v for k, v in made["run"].items() if k not in ("id",)}
+        made["run"]["devices"] = sorted(info.devices)
+        return made
+
+    with History.open(cumulative) as db:
+        merged_id = db.runs(limit=1)[0].id
+    assert report(cumulative, merged_id) == report(copies["whole"], whole)
+    assert report(cumulative, merged_id)["summary"]["verdicts"]["new_failure"] == 1
+    again = cli("history", "merge", copies["shard1"], copies["shard2"], "--history", cumulative)
+    assert again.code == 0 and "0 device(s) added" in again.out
+    with History.open(cumulative) as db:
+        assert len(db.runs(limit=100)) == 4 and db.device_results(merged_id) == [tonight[n] for n in names]
+    other = tmp_path / "other.db"
+    shutil.copy(copies["shard1"], other)
+    with sqlite3.connect(other) as raw:
+        raw.execute("UPDATE runs SET playbook_sha256 = ? WHERE json_extract(settings, '$.run_key') = 'ci-7'",
+                    ("00" * 32,))
+    before = cumulative.read_bytes()
+    with History.open(cumulative) as db, pytest.raises(HistoryError, match="another playbook"):
+        merge_history(db, other)
+    assert cumulative.read_bytes() == before  # refused whole: nothing of it written
