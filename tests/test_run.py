@@ -574,6 +574,8 @@ def test_bench_items_that_cannot_run_are_errors_and_the_rest_go_on(cli: Cli, run
     assert bench["bench huge.saxpy[f32]"]["status"] == "error", bench
     assert "does not fit" in bench["bench huge.saxpy[f32]"]["reason"]
     assert bench["bench saxpy[f32]"]["status"] == "pass" and bench["bench saxpy[f32]"]["samples"][0]["n"] >= 5
+    step = results(device(report, "sim-01"), step="bench", item="")[0]
+    assert "saxpy -DDATA_TYPE=float.create_ms" in {m["name"] for m in step["metrics"]}  # creation timed apart
     endless = results(device(report, "sim-01"), step="endless", item="bench saxpy[f32]")[0]
     assert endless["status"] == "error" and "timed out" in endless["reason"], endless
 
@@ -720,3 +722,32 @@ def test_shards_merged_give_the_report_of_the_whole_run(cli: Cli, tmp_path: Path
     with History.open(cumulative) as db, pytest.raises(HistoryError, match="another playbook"):
         merge_history(db, other)
     assert cumulative.read_bytes() == before  # refused whole: nothing of it written
+
+
+@pytest.mark.slow
+def test_a_board_throttled_mid_run_is_timed_and_not_judged_yet(cli: Cli, run_fleet: Fleet, tmp_path: Path) -> None:
+    """The quota lands while the bench repeats: nothing breaks, the night's repeats are kept, and one odd
+    night is never a verdict (too few nights: no baseline yet)."""
+    import threading
+
+    from deployer.sim.fleet import set_cpu
+
+    small_kernels(tmp_path / "kernels", bench_n=1 << 22)
+    night = BENCH_NIGHT.format(min_change=0.05).replace("steps:", "limit: sim-02\nsteps:")
+    playbook = write_playbook(tmp_path, night.replace("min_time_ms: 100", "min_time_ms: 3000"))
+    assert run(cli, playbook, run_fleet, tmp_path)[0] == 0  # pushed, one night of baseline
+    throttle = threading.Timer(1.0, set_cpu, (run_fleet.device("sim-02"), 0.1))
+    throttle.start()
+    try:
+        code, report, err = run(cli, playbook, run_fleet, tmp_path)
+    finally:
+        throttle.cancel()
+        set_cpu(run_fleet.device("sim-02"), 0)
+    assert code == 0, err
+    item = bench_item(report, "sim-02")
+    assert item["status"] == "pass" and item["samples"][0]["n"] >= 15
+    assert item["latency"]["kind"] == "no_baseline"
+    with History.open(tmp_path / "history.db") as db:
+        night_result = db.device_results(report["run"]["id"])[0]
+    values = next(i for i in night_result.items if i.samples).samples[0].values
+    assert max(values) > 3 * min(values)  # the quota did land mid-bench: fast repeats, then throttled ones

@@ -140,3 +140,10 @@ def parse_bench(reply: Reply, asked: Sequence[str], models: Sequence[str], max_r
                                printable_line(error, 300) if error else None, (),
                                _times(record, "wall_ms", max_repeats)))
     return items
+
+
+def parse_create_ms(reply: Reply, keys: Mapping[str, object]) -> dict[str, float]:
+    """Each program's creation from its binary (ms), for the programs this device builds."""
+    timed = reply.get("create_ms", dict)
+    return {key: float(value) for key, value in timed.items() if key in keys
+            and isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e9}

@@ -79,12 +79,14 @@ def push_items(step: Step, outcome: DeviceOutcome, exc: DeviceError | None,
 
 def bench_items(step: Step, outcome: DeviceOutcome, exc: DeviceError | None, job: PushJob,
                 subjects: Sequence[Subject]) -> list[ItemResult]:
-    """A bench step's results: the step as a whole, then each case and model with every repeat kept
+    """A bench step's results: the step as a whole (each program's creation from its binary as a metric,
+    timed apart), then each case and model with every repeat kept
     (`samples`) and its night's median, p90, min and IQR as metrics; a case that failed on the board
     (does not fit its memory, timed out) is an `error`, the others go on."""
     status: Status = "pass" if exc is None else grade(exc)
+    created = tuple(Metric(f"{key}.create_ms", round(ms, 3), "ms") for key, ms in sorted(outcome.create_ms.items()))
     items = [ItemResult(step.name, step.kind, "", status, "" if exc is None else reason_text(exc.reason),
-                        duration_s=sum(outcome.stages.values()))]
+                        duration_s=sum(outcome.stages.values()), metrics=created)]
     if exc is not None:
         return items
     timed = {(b.kind, b.name): b for b in outcome.bench}

@@ -31,7 +31,7 @@ from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMisma
 from deployer.protocol.reply import Reply, printable, raise_for_failed_programs
 from deployer.protocol.reply import field as reply_field
 from deployer.protocol.session import AgentSession, open_session
-from deployer.tasks.bench import BenchItem, BenchPlan, batches, parse_bench
+from deployer.tasks.bench import BenchItem, BenchPlan, batches, parse_bench, parse_create_ms
 from deployer.tasks.fleet import FleetInterrupted, fail_limit, fan_out
 from deployer.tasks.models import ModelPlan, ModelResult, check_models, skipped_model, wire_models
 from deployer.tasks.plan import DevicePlan, FileContents, LocalFile, RemoteState, build_key, parse_state, plan_device
@@ -120,6 +120,7 @@ class DeviceOutcome:
     changed: bool = False  # a new release was committed
     pulled: bool = False  # the cache file was pulled (it differed from the local copy)
     bench: list[BenchItem] = field(default_factory=list)  # a bench step's timings
+    create_ms: dict[str, float] = field(default_factory=dict)  # a bench step's program creation, by key
 
     @property
     def built(self) -> int:
@@ -446,6 +447,7 @@ class _DeviceRun:
                                        bytes(bench.plan.payload),
                                        expected=self._expected({c.program_key for c in batch}), **fields)
             self.outcome.bench += parse_bench(reply, [c.id for c in batch], [], limit)
+            self.outcome.create_ms.update(parse_create_ms(reply, self.build_keys))
         runnable = [m for m in self.job.models if skipped_model(m, self.skipped) is None]
         if runnable:
             models, payload = wire_models(runnable)
