@@ -71,6 +71,8 @@ class NightStats:
 
 @dataclass(frozen=True, slots=True)
 class LatencyVerdict:
+    """Tonight's verdict on one series; levels in the unit of the repeats."""
+
     kind: LatencyKind
     since_run: int | None  # run_id of the night the step began (regression/improvement)
     change: float | None  # new level / old level - 1, e.g. 0.15 for 15% slower
