@@ -108,6 +108,9 @@ def _one_file_agent_checkout(tmp_path: Path) -> Path:
 def test_a_board_of_the_one_file_agent_upgrades_cleanly(make_fleet: MakeFleet, tmp_path: Path) -> None:
     fleet = make_fleet([DeviceSpec("sim-01")])
     library = _saxpy_only(tmp_path, "upgrade")
+    manifest = library / "kernels.yml"  # the old controller predates bench_sizes: a library it can read
+    manifest.write_text("".join(line for line in manifest.read_text().splitlines(keepends=True)
+                                if "bench_sizes:" not in line))
     push = ("--fleet", fleet.inventory, "--kernels", library, "--cache", tmp_path / "cache")
     rd = remote_dir(fleet)
 

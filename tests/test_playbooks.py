@@ -308,9 +308,10 @@ def test_nightly_playbook() -> None:
     playbook = load_playbook(REPO / "playbooks" / "nightly.yml")
     assert playbook.limit == "all"
     assert [(s.name, s.kind) for s in playbook.steps] == [
-        ("health", "health"), ("build", "push"), ("smoke", "smoke"), ("collect", "collect"), ("load", "shell"),
+        ("health", "health"), ("build", "push"), ("smoke", "smoke"), ("bench", "bench"), ("collect", "collect"),
+        ("load", "shell"),
     ]
-    push, shell = playbook.steps[1].options, playbook.steps[4]
+    push, shell = playbook.steps[1].options, playbook.steps[5]
     assert isinstance(push, PushStep) and push.smoke == "always"
     assert isinstance(shell.options, ShellStep) and shell.options.command == "cat /proc/loadavg"
     assert shell.options.metrics is not None and dict(shell.options.metrics.units) == {
