@@ -321,6 +321,8 @@ def test_nightly_playbook() -> None:
         "health reachable, opencl, disk >= 64 MB free, temperature <= 85 C (timeout 60 s, retries 1)",
         "push kernels/ + 1 model, smoke always (timeout 900 s, retries 1)",
         "smoke kernels/ + 1 model (timeout 600 s, retries 1)",
+        "bench kernels/ + 1 model, 10-200 repeats over >= 200 ms after 3 warm-up, report steps >= 5% "
+        "(timeout 1800 s, retries 1, continue on error)",
         "collect the default places (timeout 300 s, retries 1)",
         "shell `cat /proc/loadavg`, metrics load1, load5, load15 (timeout 30 s, retries 1, continue on error)",
     ]
