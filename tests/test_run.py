@@ -751,3 +751,32 @@ def test_a_board_throttled_mid_run_is_timed_and_not_judged_yet(cli: Cli, run_fle
         night_result = db.device_results(report["run"]["id"])[0]
     values = next(i for i in night_result.items if i.samples).samples[0].values
     assert max(values) > 3 * min(values)  # the quota did land mid-bench: fast repeats, then throttled ones
+
+
+def test_a_read_only_history_is_read_by_the_commands_that_only_read(cli: Cli, tmp_path: Path) -> None:
+    """A history kept as a CI artifact or on a read-only mount: report, list, show and compare read it;
+    the commands that write refuse with exit 3 and change nothing."""
+    db_path = tmp_path / "history.db"
+    ids = seed_latency_nights(db_path, [1.0, 1.0, 1.5])
+    set_read_only(db_path, True)
+    try:
+        before = db_path.read_bytes()
+        assert cli("history", "list", "--history", db_path, "--json").json()["runs"][0]["id"] == ids[-1]
+        assert "median" in cli("history", "show", "--history", db_path).out
+        assert cli("compare", str(ids[0]), str(ids[2]), "--history", db_path, "--json").code == 0
+        report = cli("report", "latest", "--history", db_path, "--out", tmp_path / "reports")
+        assert report.code == 0, report.err
+        assert (tmp_path / "reports" / "report.json").exists() and (tmp_path / "reports" / "junit.xml").exists()
+        pruned = cli("history", "prune", "--older-than", "1d", "--history", db_path)
+        assert pruned.code == 3 and str(db_path) in pruned.err
+        assert db_path.read_bytes() == before
+    finally:
+        set_read_only(db_path, False)
+
+
+def set_read_only(path: Path, on: bool) -> None:
+    """Root writes through file modes, so as root the file is made immutable instead."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+    else:
+        os.chmod(path, 0o444 if on else 0o644)

@@ -39,7 +39,7 @@ def history_list(
     """The newest runs: id, playbook, start, status, devices."""
     from deployer.history.db import History
 
-    with History.open(history, create=False) as db:
+    with History.open(history, create=False, read_only=True) as db:
         runs = db.runs(limit=last)
     if as_json:
         stdout.print_json(json.dumps({"schema_version": 1, "runs": [
@@ -71,7 +71,7 @@ def history_show(
     from deployer.history.db import History
     from deployer.history.latency import night_stats
 
-    with History.open(history, create=False) as db:
+    with History.open(history, create=False, read_only=True) as db:
         rows = db.sample_rows(device=device, item=item, metric=metric, runs=runs)
     if not rows:
         raise InputError(None, "--device" if device else "--item" if item else None,
@@ -188,7 +188,7 @@ def compare(
     from deployer.history.db import History
     from deployer.history.latency import mann_whitney, night_stats
 
-    with History.open(history, create=False) as db:
+    with History.open(history, create=False, read_only=True) as db:
         if db.run(run_a) is None or db.run(run_b) is None:
             missing = run_a if db.run(run_a) is None else run_b
             raise InputError(None, "run", f"{history} has no run {missing} (deploy history list)")

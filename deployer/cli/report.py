@@ -40,7 +40,7 @@ def report(
     from deployer.history.report import run_report
 
     wanted = _run_id(run)
-    with History.open(history, create=False) as db:
+    with History.open(history, create=False, read_only=True) as db:
         info = _find_run(db, history, wanted)
         made = run_report(info, db.device_results(info.id), db.verdicts(info.id), history=str(history),
                           interrupted=info.status == "incomplete", latency=db.latency(info.id))
@@ -77,7 +77,7 @@ def write_run_reports(report: dict[str, Any], history: Path, run_id: int, out: P
     """`deploy run --report DIR`: `write_reports` once the run is finished and its history closed."""
     from deployer.history.db import History
 
-    with History.open(history, create=False) as db:
+    with History.open(history, create=False, read_only=True) as db:
         return write_reports(report, db, run_id, out)
 
 

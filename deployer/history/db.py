@@ -115,10 +115,13 @@ class History:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True, wait_s: float = LOCK_WAIT_S) -> History:
-        """Open (or, with `create`, create) the history at `path`, checked whole; see the module docstring."""
+    def open(cls, path: Path, *, create: bool = True, wait_s: float = LOCK_WAIT_S, read_only: bool = False
+             ) -> History:
+        """Open (or, with `create`, create) the history at `path`, checked whole; see the module docstring.
+        `read_only`: for the commands that only read (reports, list, show, compare), so a history on a
+        read-only mount or kept as a CI artifact can be read; it must exist and be of this schema."""
         path = Path(path)
-        db = opening.connect(path, create=create, wait_s=wait_s)
+        db = opening.connect(path, create=create and not read_only, wait_s=wait_s, read_only=read_only)
         db.execute(f"PRAGMA busy_timeout = {int(WRITE_WAIT_S * 1000)}")
         return cls(path, db)
 

@@ -20,16 +20,20 @@ from deployer.history import schema
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def connect(path: Path, *, create: bool, wait_s: float) -> sqlite3.Connection:
-    """A connection to a checked, up-to-date, writable history; autocommit (the caller BEGINs), shared
-    between threads (the caller locks), foreign keys on, synchronous FULL, rollback journal."""
+def connect(path: Path, *, create: bool, wait_s: float, read_only: bool = False) -> sqlite3.Connection:
+    """A connection to a checked, up-to-date, writable history (or, `read_only`, a readable one of this
+    schema); autocommit (the caller BEGINs), shared between threads (the caller locks), foreign keys on,
+    synchronous FULL, rollback journal."""
     exists = _check_file(path, create=create)
+    uri = f"{path.absolute().as_uri()}?mode=ro" if read_only else _uri(path, create=not exists)
     try:
-        db = sqlite3.connect(_uri(path, create=not exists), uri=True, timeout=wait_s,
-                             isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(uri, uri=True, timeout=wait_s, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise _opening_error(path, exc) from exc
     try:
+        if read_only:
+            _check_readable(db, path)
+            return db
         _prepare(db, path)
     except BaseException:
         db.close()
@@ -79,6 +83,17 @@ def _prepare(db: sqlite3.Connection, path: Path) -> None:
     except sqlite3.Error as exc:
         rollback(db)
         raise _opening_error(path, exc) from exc
+
+
+def _check_readable(db: sqlite3.Connection, path: Path) -> None:
+    """A read-only history must be whole and of this schema: it cannot be brought up to date here."""
+    try:
+        version = _inspect(db, path)
+    except sqlite3.Error as exc:
+        raise _opening_error(path, exc) from exc
+    if version < schema.VERSION:
+        raise HistoryError(f"{path} has schema {version}, older than this deployer's {schema.VERSION}, and is "
+                           "opened read-only: open it writable once (deploy history list on a copy) to upgrade it")
 
 
 def _inspect(db: sqlite3.Connection, path: Path) -> int:
