@@ -18,7 +18,7 @@ from deployer.config.kernels import KernelSpec, Library, Program, Variant
 from deployer.errors import AgentError, InputError
 from deployer.protocol.reply import Reply, printable_line
 from deployer.protocol.reply import field as reply_field
-from deployer.tasks.smoke import case_name
+from deployer.tasks.smoke import case_name, dim, rounded_global
 
 TILE_BYTES = 256 << 10
 MAX_NUMBERS_PER_REQUEST = 40_000  # repeats x 2 timings x cases in one reply line (the agent's 1 MiB line)
@@ -52,7 +52,7 @@ class BenchItem:
 
 
 def _elements(shape: Sequence[str | int], sizes: Mapping[str, int]) -> int:
-    return math.prod(d if isinstance(d, int) else sizes[d] for d in shape)
+    return math.prod(dim(d, sizes) for d in shape)
 
 
 def _plan_case(plan: BenchPlan, program: Program, spec: KernelSpec, variant: Variant,
@@ -83,11 +83,8 @@ def _plan_case(plan: BenchPlan, program: Program, spec: KernelSpec, variant: Var
             args.append({"out": _elements(arg.shape, sizes) * dtype.itemsize})
         else:
             args.append({"local": _elements(arg.shape, sizes) * dtype.itemsize})
-    global_size = [d if isinstance(d, int) else sizes[d] for d in spec.global_size]
-    if spec.local_size:
-        global_size = [math.ceil(g / loc) * loc for g, loc in zip(global_size, spec.local_size, strict=True)]
     request = {"id": name, "program_key": program.key(variant), "kernel": spec.entry, "args": args,
-               "global": global_size, "local": list(spec.local_size) if spec.local_size else None}
+               "global": rounded_global(spec, sizes), "local": list(spec.local_size) if spec.local_size else None}
     plan.cases.append(BenchCase(name, program.key(variant), request))
 
 

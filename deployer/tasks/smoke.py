@@ -86,23 +86,24 @@ def load_references(library: Library) -> ModuleType | None:
     return module
 
 
-def _dim(value: str | int, sizes: Mapping[str, int]) -> int:
+def dim(value: str | int, sizes: Mapping[str, int]) -> int:
     return value if isinstance(value, int) else sizes[value]
 
 
 def _generate(arg: Arg, dtype: np.dtype[Any], sizes: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
-    shape = tuple(_dim(d, sizes) for d in arg.shape)
+    shape = tuple(dim(d, sizes) for d in arg.shape)
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)  # float16 included: the inputs are exact halves
     info = np.iinfo(dtype)
     return rng.integers(max(info.min, -100), min(info.max, 100), size=shape, endpoint=True).astype(dtype)
 
 
-def _rounded_global(spec: KernelSpec) -> list[int]:
-    sizes = [_dim(d, spec.sizes) for d in spec.global_size]
+def rounded_global(spec: KernelSpec, sizes: Mapping[str, int] | None = None) -> list[int]:
+    """The kernel's global size at `sizes` (default its smoke sizes), rounded up to a multiple of local."""
+    dims = [dim(d, spec.sizes if sizes is None else sizes) for d in spec.global_size]
     if spec.local_size:
-        sizes = [math.ceil(g / loc) * loc for g, loc in zip(sizes, spec.local_size, strict=True)]
-    return sizes
+        dims = [math.ceil(g / loc) * loc for g, loc in zip(dims, spec.local_size, strict=True)]
+    return dims
 
 
 def _plan_case(plan: SmokePlan, program: Program, spec: KernelSpec, variant: Variant,
@@ -129,16 +130,16 @@ def _plan_case(plan: SmokePlan, program: Program, spec: KernelSpec, variant: Var
             wire_args.append({"scalar": len(plan.payload), "size": len(data)})
             plan.payload += data
         elif arg.role == "out":
-            shape = tuple(_dim(d, spec.sizes) for d in arg.shape)
+            shape = tuple(dim(d, spec.sizes) for d in arg.shape)
             outputs.append((arg.name, dtype, shape))
             wire_args.append({"out": int(np.prod(shape)) * dtype.itemsize})
         else:
-            shape = tuple(_dim(d, spec.sizes) for d in arg.shape)
+            shape = tuple(dim(d, spec.sizes) for d in arg.shape)
             wire_args.append({"local": int(np.prod(shape)) * dtype.itemsize})
     name = case_name(program, spec, variant)
     expected = _reference(references, spec, values, name)
     request = {"id": name, "program_key": program.key(variant), "kernel": spec.entry, "args": wire_args,
-               "global": _rounded_global(spec), "local": list(spec.local_size) if spec.local_size else None}
+               "global": rounded_global(spec), "local": list(spec.local_size) if spec.local_size else None}
     return Case(name, program.key(variant), spec, variant.dtype, variant.name, request, outputs, expected)
 
 
