@@ -166,10 +166,7 @@ class History:
     def record_verdicts(self, run_id: int, verdicts: Sequence[Verdict]) -> None:
         """Store verdicts of the run (all at once or per device; one verdict per result, ever)."""
         with self._transaction(f"record the verdicts of run {run_id}") as db:
-            db.executemany(
-                "INSERT INTO verdicts (run_id, device, step, item, kind, note, baseline_run)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, v.device, v.step, v.item, v.kind, v.note, v.baseline_run) for v in verdicts])
+            insert_verdicts(db, run_id, verdicts)
 
     def finish_run(self, run_id: int, status: FinalStatus, *, ended: float | None = None) -> None:
         """Close a running run: 'complete' (every device recorded) or 'incomplete' (interrupted)."""
@@ -232,11 +229,7 @@ class History:
 
     def record_latency(self, run_id: int, results: Sequence[LatencyResult]) -> None:
         with self._transaction(f"record the latency verdicts of run {run_id}") as db:
-            db.executemany(
-                "INSERT INTO latency (run_id, device, step, item, metric, kind, since_run, change, p_value, baseline,"
-                " current, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, r.device, r.step, r.item, r.metric, r.kind, r.since_run, r.change, r.p_value, r.baseline,
-                  r.current, r.note) for r in results])
+            insert_latency(db, run_id, results)
 
     def latency(self, run_id: int) -> list[LatencyResult]:
         with self._reading() as db:
@@ -388,6 +381,20 @@ def _require_running(db: sqlite3.Connection, path: Path, run_id: int) -> None:
         raise HistoryError(f"{path} has no run {run_id}")
     if row[0] != "running":
         raise HistoryError(f"{path}: run {run_id} is {row[0]}, no longer running")
+
+
+def insert_verdicts(db: sqlite3.Connection, run_id: int, verdicts: Sequence[Verdict]) -> None:
+    db.executemany("INSERT INTO verdicts (run_id, device, step, item, kind, note, baseline_run)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   [(run_id, v.device, v.step, v.item, v.kind, v.note, v.baseline_run) for v in verdicts])
+
+
+def insert_latency(db: sqlite3.Connection, run_id: int, results: Sequence[LatencyResult]) -> None:
+    db.executemany(
+        "INSERT INTO latency (run_id, device, step, item, metric, kind, since_run, change, p_value, baseline,"
+        " current, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(run_id, r.device, r.step, r.item, r.metric, r.kind, r.since_run, r.change, r.p_value, r.baseline,
+          r.current, r.note) for r in results])
 
 
 def insert_device(db: sqlite3.Connection, run_id: int, result: DeviceResult) -> None:

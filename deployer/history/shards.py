@@ -13,10 +13,19 @@ import json
 import re
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from deployer.errors import HistoryError, InputError
-from deployer.history.db import RUN_COLUMNS, History, RunInfo, insert_device, run_info
+from deployer.history.db import (
+    RUN_COLUMNS,
+    History,
+    RunInfo,
+    insert_device,
+    insert_latency,
+    insert_verdicts,
+    run_info,
+)
 from deployer.history.records import DeviceResult, LatencyResult, Verdict
 
 SHARD_RE = re.compile(r"([0-9]{1,4})/([0-9]{1,4})")
@@ -78,17 +87,11 @@ def merge_run(history: History, run: RunInfo, devices: Sequence[DeviceResult], v
         names = {d.device for d in added}
         for device in added:
             insert_device(db, target, device)
-        mapped = {run.id: target}  # a shard's own run id, where its verdicts name it, is this run here
-        db.executemany(
-            "INSERT INTO verdicts (run_id, device, step, item, kind, note, baseline_run)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(target, v.device, v.step, v.item, v.kind, v.note, mapped.get(v.baseline_run or -1, v.baseline_run))
-             for v in verdicts if v.device in names])
-        db.executemany(
-            "INSERT INTO latency (run_id, device, step, item, metric, kind, since_run, change, p_value, baseline,"
-            " current, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(target, t.device, t.step, t.item, t.metric, t.kind, mapped.get(t.since_run or -1, t.since_run),
-              t.change, t.p_value, t.baseline, t.current, t.note) for t in latency if t.device in names])
+        here = {run.id: target}  # a shard's own run id, where its verdicts name it, is this run here
+        insert_verdicts(db, target, [replace(v, baseline_run=here.get(v.baseline_run or -1, v.baseline_run))
+                                     for v in verdicts if v.device in names])
+        insert_latency(db, target, [replace(t, since_run=here.get(t.since_run or -1, t.since_run))
+                                    for t in latency if t.device in names])
         return target, sorted(names)
 
 
