@@ -21,8 +21,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from deployer.config.playbooks import (
     SmokeStep,
     Step,
 )
-from deployer.connect.deadline import INTERRUPTED, current_deadline
+from deployer.connect.deadline import INTERRUPTED, Deadline, current_deadline
 from deployer.errors import AgentError, DeviceError, LocalStateError
 from deployer.history.records import (
     DeviceResult,
@@ -174,12 +174,6 @@ class _Connection:
             session.close()
 
 
-@dataclass(slots=True)
-class _Attempt:
-    items: list[ItemResult]
-    broken: bool = False  # the session was lost: reconnect before the next step
-
-
 class DeviceRun:
     """One device's run of the playbook."""
 
@@ -223,51 +217,34 @@ class DeviceRun:
 
     def _step(self, step: Step) -> list[ItemResult]:
         """The step, retried after infrastructure errors and re-run once to confirm a failure."""
-        attempt = self._attempt(step)
+        items = self._attempt(step)
         tries = 1
-        while any(i.status == "error" for i in attempt.items) and tries <= step.retries and not self._interrupted():
-            attempt = self._attempt(step)
+        while any(i.status == "error" for i in items) and tries <= step.retries and not self._interrupted():
+            items = self._attempt(step)
             tries += 1
-        items = [replace(i, attempts=tries) if tries > 1 else i for i in attempt.items]
+        items = [replace(i, attempts=tries) if tries > 1 else i for i in items]
         if any(i.status == "fail" for i in items) and not self._interrupted():
-            items = confirm(items, self._attempt(step).items)
+            items = confirm(items, self._attempt(step))
         return items
 
-    def _attempt(self, step: Step) -> _Attempt:
+    def _attempt(self, step: Step) -> list[ItemResult]:
+        """One run of the step within its timeout (plus a grace for the agent's own verdict), past which
+        the session is closed; an error of the device drops the session, so the next step reconnects."""
         start = time.monotonic()
+        limit = Deadline(step.timeout + SHELL_GRACE_S)
+        limit.on_expiry(self.connection.kill)
+        limit.start()
         try:
-            with self._timeout(step) as fired:
-                try:
-                    items = self._run_step(step)
-                except DeviceError as exc:
-                    exc.for_device(self.device.name, step.name)
-                    self.connection.drop()
-                    if fired.is_set():
-                        return _Attempt([ItemResult(step.name, step.kind, "", "error",
-                                                    f"timed out after {step.timeout:g} s")], broken=True)
-                    return _Attempt([ItemResult(step.name, step.kind, "", grade(exc), reason_text(exc.reason))],
-                                    broken=True)
+            items = self._run_step(step)
+        except DeviceError as exc:
+            exc.for_device(self.device.name, step.name)
+            self.connection.drop()
+            why = f"timed out after {step.timeout:g} s" if limit.expired else reason_text(exc.reason)
+            return [ItemResult(step.name, step.kind, "", "error" if limit.expired else grade(exc), why)]
         finally:
-            elapsed = time.monotonic() - start
-        return _Attempt([i if i.duration_s is not None else replace(i, duration_s=round(elapsed, 3))
-                         for i in items])
-
-    @contextmanager
-    def _timeout(self, step: Step) -> Iterator[threading.Event]:
-        """Past the step's timeout (plus a grace for the agent's own verdict), the session is closed."""
-        fired = threading.Event()
-
-        def expire() -> None:
-            fired.set()
-            self.connection.kill()
-
-        timer = threading.Timer(step.timeout + SHELL_GRACE_S, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            yield fired
-        finally:
-            timer.cancel()
+            limit.cancel()
+        elapsed = round(time.monotonic() - start, 3)
+        return [i if i.duration_s is not None else replace(i, duration_s=elapsed) for i in items]
 
     def _run_step(self, step: Step) -> list[ItemResult]:
         options = step.options
