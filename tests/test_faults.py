@@ -405,6 +405,59 @@ def test_a_trickling_or_silent_board_costs_one_timeout(make_fleet: MakeFleet, tm
     assert elapsed < 12, elapsed  # one 3 s timeout, plus start-up and connecting; not 3 s per byte or two
 
 
+# A board answering `collect` as the agent would, up to the file's content: 200 MB of other bytes, within
+# the size it announced (and the --max-size allowed), so only the hash can tell.
+LYING_READ = HELLO.replace("sys.stdin.readline()\n", "") + """SIZE = 200 * 1000 * 1000
+def answer(fields, payload=b""):
+    if payload:
+        fields["payload_size"] = len(payload)
+    sys.stdout.buffer.write(json.dumps(fields).encode() + b"\\n")
+    sys.stdout.buffer.write(payload)
+    sys.stdout.flush()
+for line in sys.stdin.buffer:
+    op = json.loads(line)["op"]
+    if op == "fingerprint":
+        answer({"ok": True, "fingerprint": {"id": "0123456789abcdef", "platform": "p", "device": "d"}})
+    elif op == "find":
+        answer({"ok": True, "truncated": False, "files": [{"path": "/data/mace_cl_compiled_program.bin",
+                "kind": "file", "size": SIZE, "sha256": "ab" * 32, "mtime": 1.0}]})
+    elif op == "read":
+        answer({"ok": True, "payload_size": SIZE})
+        chunk = b"\\0" * (1 << 20)
+        for _ in range(SIZE // len(chunk)):
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.write(b"\\0" * (SIZE % len(chunk)))
+        sys.stdout.flush()
+    else:
+        answer({"ok": True})
+        break
+"""
+
+
+@pytest.mark.slow
+def test_a_pulled_payload_is_streamed_to_disk_and_checked_before_it_is_kept(make_fleet: MakeFleet,
+                                                                            tmp_path: Path) -> None:
+    """A file's bytes go to a temp file in the cache as they arrive, hashed on the way: 200 MB of wrong bytes
+    within the announced size cost the controller a chunk of memory (it held them all before), fail that
+    file by its hash, and leave nothing in the cache."""
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    inventory = stand_in_python(fleet, LYING_READ)
+    cache = tmp_path / "cache"
+    with open(tmp_path / "out", "w+") as out:
+        process = subprocess.Popen([sys.executable, "-m", "deployer", "collect", "--fleet", str(inventory),
+                                    "--path", "/data/*.bin", "--max-size", str(300 << 20), "--cache", str(cache),
+                                    "--json"], stdout=out, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+        _, status, usage = os.wait4(process.pid, 0)
+        out.seek(0)
+        report = json.loads(out.read())
+    assert os.waitstatus_to_exitcode(status) == 1, report
+    (entry,) = report["devices"][0]["files"]
+    assert entry["status"] == "failed" and "differ from what the device announced" in entry["detail"], entry
+    assert usage.ru_maxrss < 150 * 1024, usage.ru_maxrss  # KiB: far below the 200 MB the board sent
+    assert not (cache / "sim-01" / "collected").exists() or not list((cache / "sim-01" / "collected").iterdir())
+
+
 @pytest.mark.slow
 def test_a_payload_over_what_the_op_may_send_is_refused_unread(make_fleet: MakeFleet, tmp_path: Path) -> None:
     """Sizes are checked before reading: a board announcing 400 MB for `state` (64 MiB at most) fails at

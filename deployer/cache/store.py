@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from deployer import phases
 from deployer.errors import LocalStateError
@@ -58,24 +58,78 @@ def inside(root: Path, relative: str) -> Path:
 def write_atomic(path: Path, data: bytes, *, phase: str | None = None) -> None:
     """Temp file in the same folder, fsync, rename, fsync the folder. `phase`: the test hook's name for
     the moment before the rename (docs/design.md, section 12)."""
-    temp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        if phase is not None:
-            phases.reached(phase)
-        os.rename(temp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
+    with AtomicFile(path) as out:
+        out.write(data)
+        out.commit(phase=phase)
+
+
+class AtomicFile:
+    """A file written under a temp name in its own folder and renamed into place by `commit`; left without
+    a commit (an error, a refused payload), the temp file is removed and `path` is untouched."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}"
+        self._file: BinaryIO | None = None
+        self._made: list[Path] = []  # folders this file's writing created, deepest first
+
+    def __enter__(self) -> AtomicFile:
         try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except OSError as exc:
-        _discard(temp)
-        raise LocalStateError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            self._made = [f for f in (self.path.parent, *self.path.parent.parents) if not f.exists()]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.temp, "w+b")
+        except OSError as exc:
+            raise self._error(exc) from exc
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            _discard(self.temp)
+            for folder in self._made:  # a refused file leaves no empty folders behind
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None, "write outside the with block"
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def read_back(self) -> bytes:
+        """What was written so far (to check it before it is committed)."""
+        assert self._file is not None, "read_back outside the with block"
+        self._file.flush()
+        self._file.seek(0)
+        data = self._file.read()
+        self._file.seek(0, os.SEEK_END)
+        return data
+
+    def commit(self, *, phase: str | None = None) -> None:
+        assert self._file is not None, "commit outside the with block"
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            if phase is not None:
+                phases.reached(phase)
+            os.rename(self.temp, self.path)
+            folder = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError as exc:
+            _discard(self.temp)
+            raise self._error(exc) from exc
+
+    def _error(self, exc: OSError) -> LocalStateError:
+        return LocalStateError(f"cannot write {self.path}: {exc.strerror or exc}")
 
 
 def _discard(path: Path) -> None:

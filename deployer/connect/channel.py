@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from deployer.errors import CommandTimeout, TransportError
@@ -19,6 +20,7 @@ class Channel(Protocol):
     def write(self, data: bytes) -> None: ...
     def read_line(self, limit: int) -> bytes: ...
     def read_exact(self, size: int) -> bytes: ...
+    def read_into(self, size: int, sink: Callable[[bytes], object]) -> None: ...
     def close_input(self) -> None: ...
     def finish(self, timeout: float) -> tuple[int | None, str]: ...
     def close(self) -> None: ...
@@ -93,3 +95,14 @@ class BufferedReader:
         data = bytes(self._buffer[:size])
         del self._buffer[:size]
         return data
+
+    def read_into(self, size: int, sink: Callable[[bytes], object]) -> None:
+        """`size` bytes handed to `sink` as they arrive (a large payload: memory stays one read's worth)."""
+        left = size
+        while left:
+            if not self._buffer and not self._fill():
+                raise TransportError(f"{self._what}: stream ended after {size - left} of {size} bytes")
+            take = min(left, len(self._buffer))
+            sink(bytes(self._buffer[:take]))
+            del self._buffer[:take]
+            left -= take

@@ -18,6 +18,7 @@ from deployer.connect.transport import open_transport
 from deployer.errors import AgentError, TransportError
 from deployer.protocol.bundle import NEED_AGENT, NO_REMOTE_DIR, agent_bundle, bootstrap_command, run_command
 from deployer.protocol.reply import Reply, printable, printable_line, show
+from deployer.protocol.spool import Spool
 
 MAX_HEADER = 1 << 20
 # The most payload each op's reply may announce; checked before a byte of it is read, so a board announcing
@@ -106,7 +107,7 @@ class AgentSession:
             self._channel.write(line)  # a large payload is not copied into one buffer with its header
             self._channel.write(payload)
 
-    def _read(self, op: str = "hello", max_reply: int = SMALL_REPLY) -> Reply:
+    def _read(self, op: str = "hello", max_reply: int = SMALL_REPLY, spool: Spool | None = None) -> Reply:
         line = self._channel.read_line(MAX_HEADER)
         if not line.endswith(b"\n"):
             raise self._ended_early(line)
@@ -123,6 +124,9 @@ class AgentSession:
             self._broken = True
             raise AgentError(f"the agent announced {size} bytes for its {op!r} reply, over the {max_reply} it "
                              f"may send", kind="bad_reply")
+        if spool is not None:  # streamed to a file: memory stays one chunk however large the payload
+            self._channel.read_into(size, spool.write)
+            return Reply(fields, b"")
         return Reply(fields, self._channel.read_exact(size) if size else b"")
 
     def _ended_early(self, partial: bytes) -> AgentError:
@@ -147,15 +151,16 @@ class AgentSession:
             return AgentError(f"the agent stopped answering{detail}", kind="agent_died")
         return AgentError(f"the agent exited with status {status}{detail}", kind="agent_died")
 
-    def request(self, op: str, payload: bytes = b"", *, max_reply: int | None = None, **fields: Any) -> Reply:
+    def request(self, op: str, payload: bytes = b"", *, max_reply: int | None = None, spool: Spool | None = None,
+                **fields: Any) -> Reply:
         """Send one request and read its reply; `max_reply`: the most payload that reply may carry (default:
-        REPLY_LIMITS for the op)."""
+        REPLY_LIMITS for the op); `spool`: where the reply's payload goes instead of `Reply.payload`."""
         limit = max_reply if max_reply is not None else REPLY_LIMITS.get(op, SMALL_REPLY)
         if self._broken:
             raise AgentError(f"no {op!r}: the exchange with the agent broke off earlier", kind="bad_reply")
         try:
             self._write({"op": op, **fields}, payload)
-            reply = self._read(op, limit)
+            reply = self._read(op, limit, spool)
         except TransportError:
             self._broken = True  # the channel is out of step or gone: no goodbye will be read
             raise

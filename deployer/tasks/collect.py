@@ -22,19 +22,22 @@ from deployer.cache.mace import binary_kind, mace_verdict, parse_cache
 from deployer.cache.store import (
     CACHE_FILE,
     COLLECTED,
+    CONTENT_FILE,
+    RECORD_FILE,
+    AtomicFile,
     collected_entries,
     device_dir,
     fingerprint_history,
     inside,
     record_fingerprint,
     slug,
-    write_atomic,
     write_json,
 )
 from deployer.config.inventory import Device
 from deployer.errors import AgentError, DeviceError, LocalStateError
 from deployer.protocol.reply import printable, printable_line
 from deployer.protocol.session import AgentSession, open_session
+from deployer.protocol.spool import Spool
 from deployer.tasks.fleet import fan_out
 from deployer.tasks.progress import Progress
 
@@ -204,35 +207,37 @@ class _Collector:
     def _one(self, session: AgentSession, found: Found, previous: Mapping[str, Any] | None) -> FileOutcome:
         shown = printable_line(found.path, 300)
         if previous is not None and previous.get("sha256") == found.sha256:
-            return FileOutcome(shown, "unchanged", record=self._store(previous, None))
+            return FileOutcome(shown, "unchanged", record=self._store(previous, stored=False))
         self.progress.stage(self.device.name, f"read {shown}")
-        try:
-            reply = session.request("read", path=found.path, size=found.size, sha256=found.sha256,
-                                    max_reply=found.size)
-        except AgentError as exc:
-            return FileOutcome(shown, "failed", exc.reason)
-        data = reply.payload
-        if len(data) != found.size or hashlib.sha256(data).hexdigest() != found.sha256:
-            return FileOutcome(shown, "failed", "pulled bytes differ from what the device announced")
-        try:
-            described = describe_file(data, found.path, self.outcome.fingerprint)
-        except ValueError as exc:
-            return FileOutcome(shown, "failed", f"kept out of the cache: {exc}")
+        folder = inside(self.root, f"{COLLECTED}/{local_folder(found.path)}")
+        with AtomicFile(folder / CONTENT_FILE) as content:  # streamed to disk; renamed only once checked
+            spool = Spool(content)
+            try:
+                session.request("read", path=found.path, size=found.size, sha256=found.sha256,
+                                max_reply=found.size, spool=spool)
+            except AgentError as exc:
+                return FileOutcome(shown, "failed", exc.reason)
+            if not spool.matches(found.size, found.sha256):
+                return FileOutcome(shown, "failed", "pulled bytes differ from what the device announced")
+            try:
+                described = describe_file(content.read_back(), found.path, self.outcome.fingerprint)
+            except ValueError as exc:
+                return FileOutcome(shown, "failed", f"kept out of the cache: {exc}")
+            content.commit()
         record = {"device": self.device.name, "remote_path": found.path, "size": found.size,
                   "sha256": found.sha256, "mtime": found.mtime, "collected_at": time.time(),
                   "file": posixpath.basename(found.path), **described}
-        return FileOutcome(shown, "updated" if previous else "new", record=self._store(record, data))
+        return FileOutcome(shown, "updated" if previous else "new", record=self._store(record, stored=True))
 
-    def _store(self, record: Mapping[str, Any], data: bytes | None) -> dict[str, Any]:
-        """Content first, then the record that names it; a previous record only gets a new verdict."""
+    def _store(self, record: Mapping[str, Any], *, stored: bool) -> dict[str, Any]:
+        """The record that names the content (`stored`: just written); a previous record only gets a new
+        verdict."""
         folder = inside(self.root, f"{COLLECTED}/{local_folder(str(record['remote_path']))}")
         updated = dict(record, fingerprint=self.outcome.fingerprint)
-        if data is not None:
-            write_atomic(inside(folder, "content.bin"), data)
-        elif self.outcome.fingerprint and updated.get("kind") == "compiled_programs":
-            content = (folder / "content.bin").read_bytes()
+        if not stored and self.outcome.fingerprint and updated.get("kind") == "compiled_programs":
+            content = (folder / CONTENT_FILE).read_bytes()
             updated["verdict"] = mace_verdict(parse_cache(content), self.outcome.fingerprint).to_json()
-        write_json(inside(folder, "record.json"), updated)
+        write_json(inside(folder, RECORD_FILE), updated)
         return updated
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -31,6 +32,7 @@ from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMisma
 from deployer.protocol.reply import Reply, printable, raise_for_failed_programs
 from deployer.protocol.reply import field as reply_field
 from deployer.protocol.session import AgentSession, open_session
+from deployer.protocol.spool import Spool
 from deployer.tasks.bench import BenchItem, BenchPlan, batches, parse_bench, parse_create_ms
 from deployer.tasks.fleet import FleetInterrupted, fail_limit, fan_out
 from deployer.tasks.models import ModelPlan, ModelResult, check_models, skipped_model, wire_models
@@ -40,6 +42,7 @@ from deployer.tasks.smoke import KernelResult, SmokePlan, Startup, compare, pars
 
 STAGES = ("connect", "state", "fingerprint", "upload", "compile", "pull", "smoke", "commit", "store")
 MAX_PULL = 256 << 20
+MAX_MANIFEST = 16 << 20  # the agent's own limit on a manifest it reads back (remote/layout.py MAX_INDEX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +372,8 @@ class _DeviceRun:
             cache_bytes, manifest = local, None
         else:
             cache_bytes = _get(session, f"build/{CACHE_FILE}", built.cache_sha256)
-            manifest = _parse_manifest(session.request("get", path=built.manifest_file).payload)
+            manifest = _parse_manifest(session.request("get", path=built.manifest_file,
+                                                      max_reply=MAX_MANIFEST).payload)
             self.outcome.pulled = True
         try:
             entries = parse_cache(cache_bytes, fmt=self.job.mace_format).programs
@@ -513,13 +517,18 @@ def _local_cache(cache: Path, device: str) -> bytes | None:
 
 
 def _get(session: AgentSession, path: str, sha256: str) -> bytes:
-    reply = session.request("get", path=path)
-    if len(reply.payload) > MAX_PULL or reply.get("size", int) != len(reply.payload):
-        raise AgentError(f"pulled {path}: size does not match what the agent announced", kind="bad_cache")
-    if hashlib.sha256(reply.payload).hexdigest() != sha256:
-        raise AgentError(f"pulled {path}: sha256 differs from the build's report (corrupted in transit?)",
-                         kind="checksum")
-    return reply.payload
+    """A file of the build, streamed to a temp file and read only once its size and hash match the build's
+    report: a board sending other bytes, however many, costs a chunk of memory."""
+    with tempfile.TemporaryFile() as out:
+        spool = Spool(out)
+        reply = session.request("get", path=path, spool=spool, max_reply=MAX_PULL)
+        if reply.get("size", int) != spool.size:
+            raise AgentError(f"pulled {path}: size does not match what the agent announced", kind="bad_cache")
+        if spool.sha256 != sha256:
+            raise AgentError(f"pulled {path}: sha256 differs from the build's report (corrupted in transit?)",
+                             kind="checksum")
+        out.seek(0)
+        return out.read()
 
 
 def _parse_manifest(data: bytes) -> dict[str, Any]:
