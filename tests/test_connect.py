@@ -21,7 +21,7 @@ import pytest
 from deployer.config.inventory import Device, load_inventory
 from deployer.config.sshconfig import JumpHost
 from deployer.connect.transport import open_transport
-from deployer.errors import AuthError, ConnectError, HostKeyError
+from deployer.errors import AgentError, AuthError, ConnectError, HostKeyError
 from deployer.protocol.session import open_session
 from deployer.sim.fleet import DeviceSpec, Fleet
 from tests.conftest import Cli
@@ -455,3 +455,29 @@ def test_a_default_key_that_is_not_a_file_is_a_clear_error(two: Fleet, ssh_agent
         open_transport(replace(sim_device(two, "sim-01"), identity_file=None))
     key = home_ssh / "id_ed25519"
     assert str(caught.value) == f"identity file {key}: not a regular file (a device, a pipe or a folder)"
+
+
+def test_env_travels_over_the_channel_not_on_the_remote_command_line(two: Fleet) -> None:
+    """Inventory `env:` values may be secrets, and a remote command line is readable by every user of a board
+    (/proc, process lists): they go in the session's first request, and the agent's children still see them.
+    sshd's forced command records each command the controller sent ($SSH_ORIGINAL_COMMAND) before running it."""
+    home = Path(two.device("sim-01").folder) / "home"
+    keys = home / ".ssh" / "authorized_keys"
+    record = ('command="printf \'%s\\n\' \\"$SSH_ORIGINAL_COMMAND\\" >> $HOME/commands.log; '
+              'exec sh -c \\"$SSH_ORIGINAL_COMMAND\\"" ')
+    keys.write_text(record + keys.read_text())
+    device = replace(sim_device(two, "sim-01"), env={"API_TOKEN": "s3cret-4f2a"})
+    with open_session(device) as session:
+        reply = session.request("shell", command='echo "token=$API_TOKEN"', timeout_s=10)
+    assert b"token=s3cret-4f2a" in reply.payload  # the agent's children (drivers, shell steps) see it
+    sent = (home / "commands.log").read_text()
+    assert "deployer_remote.main serve" in sent  # the record is real: the agent's command went through it
+    assert "s3cret" not in sent and "API_TOKEN" not in sent, sent
+
+
+def test_env_must_be_the_first_request(fleet: Fleet) -> None:
+    """A child or the driver stamp may have read the environment already: a later `env` is refused."""
+    with open_session(sim_device(fleet, "sim-01")) as session:
+        session.request("disk")
+        with pytest.raises(AgentError, match="env must be the session's first request"):
+            session.request("env", env={"A": "1"})

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -87,7 +88,9 @@ class Rig:
         return _saxpy_only(self.tmp, f"v{self.libraries}")
 
     def hooked_inventory(self, phase: str, names: Sequence[str] | None = None) -> Path:
-        """The fleet's inventory with the agent-side hook in the devices' environment (inventory `env:`)."""
+        """The fleet's inventory with the agent-side hook installed: the devices' `python` is a wrapper that
+        starts python3 with the hook on its PYTHONPATH (it must be there when the interpreter starts; the
+        inventory's `env:` only reaches the agent after its hello)."""
         for name in names or [self.name]:
             self.marker(name).unlink(missing_ok=True)
             Path(f"{self.marker(name)}.continue").unlink(missing_ok=True)
@@ -95,11 +98,15 @@ class Rig:
             hooks = self.marker(name).parent / "hooks"  # the device sees it as /home/deploysim/hooks
             hooks.mkdir(exist_ok=True)
             shutil.copy(HOOKS / "sitecustomize.py", hooks / "sitecustomize.py")
+            wrapper = self.marker(name).parent / "hooked-python"
+            hook = shlex.quote(f"{phase}:{SIM_HOME / 'phase-marker'}")
+            wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={SIM_HOME / 'hooks'} {PHASE_HOOK_ENV}={hook} "
+                               f"exec python3 \"$@\"\n")
+            wrapper.chmod(0o755)
 
         def change(doc: dict[str, Any]) -> None:
             for name in names or [self.name]:
-                device_entry(doc, name)["env"] = {PHASE_HOOK_ENV: f"{phase}:{SIM_HOME / 'phase-marker'}",
-                                                  "PYTHONPATH": str(SIM_HOME / "hooks")}
+                device_entry(doc, name)["python"] = str(SIM_HOME / "hooked-python")
         return edit_inventory(self.fleet, change)
 
     def start(self, library: Path, *, inventory: Path | None = None, cache: Path | None = None, hook: str | None = None,

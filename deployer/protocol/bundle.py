@@ -68,10 +68,10 @@ def remote_path(path: str) -> str:
 
 
 def _runner(device: Device, check: bool) -> tuple[str, str, str]:
-    """(remote dir as a shell word, the bundle's id12, `exec env K=V.. PYTHON`)."""
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in
-                   [*device.env.items(), *([(READONLY_ENV, "1")] if check else [])])
-    run = f"exec env {env} {shlex.quote(device.python)}".replace("env  ", "env ")
+    """(remote dir as a shell word, the bundle's id12, `exec [env K=1] PYTHON`). The inventory's `env:`
+    is not here: it may hold secrets, and a command line is readable by every user of the board (it goes
+    in the session's first request, `env`)."""
+    run = f"exec {f'env {READONLY_ENV}=1 ' if check else ''}{shlex.quote(device.python)}"
     return remote_path(device.remote_dir), agent_bundle().id12, run
 
 

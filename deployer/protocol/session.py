@@ -95,6 +95,8 @@ class AgentSession:
                              f"{agent_bundle().id12}: its bundle folder was changed on the device; delete "
                              f"{self._device.remote_dir}/agent and push again", kind="bad_reply")
         self.hello = first
+        if self._device.env:  # secrets travel over the channel, never on the remote command line
+            self.request("env", env=dict(self._device.env))
 
     def _write(self, header: Mapping[str, Any], payload: bytes = b"") -> None:
         fields = dict(header)

@@ -16,6 +16,7 @@ from .build import parse_program_specs
 from .bundle import bundle_files, bundle_id, bundle_root, drop_ephemeral_bundle, prune_bundles
 from .child import run_child
 from .collect import op_find, op_install, op_read
+from .environ import op_env
 from .fields import req_int, req_str, req_str_list, req_timeout
 from .framing import AgentFailure, FramingError, Payload, bad_request, read_header, write_message
 from .fs import fsync_dir, io_failure, read_file_limited, read_json_file, resolve_inside, write_atomic
@@ -81,7 +82,8 @@ class Session:
                     "bench": self.op_opencl, "get": self.op_get,
                     "commit": self.op_commit, "bye": self.op_bye,
                     "find": op_find, "read": op_read, "install": op_install, "rollback": self.op_rollback,
-                    "shell": self.op_shell, "disk": self.op_disk}
+                    "shell": self.op_shell, "disk": self.op_disk, "env": op_env}
+        self.answered = 0  # requests answered so far: `env` must be the first
 
     # ----- helpers -----
 
@@ -411,6 +413,9 @@ class Session:
         handler = self.ops.get(op) if isinstance(op, str) else None
         if handler is None:
             return bad_request("unknown op %r (known: %s)" % (op, ", ".join(sorted(self.ops)))).reply(), b""
+        self.answered += 1
+        if op == "env" and self.answered > 1:  # a child or the stamp may already have read the environment
+            return bad_request("env must be the session's first request").reply(), b""
         if self.readonly and op in WRITING_OPS:
             return AgentFailure("read_only", "this session only checks (deploy push --check): %s would write"
                                 % op).reply(), b""
