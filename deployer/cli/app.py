@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SIM_DIR = Path(".deploy-sim")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Push OpenCL kernels and models to a fleet of boards, compile them there, "
                        "cache the binaries in MACE's format and smoke-test them.")
 

@@ -13,7 +13,9 @@ import sys
 import tempfile
 import threading
 import traceback
+from typing import Any
 
+import typer
 from rich.markup import escape
 
 from deployer.cli import cache, collect, history, inventory, push, report, run, sim  # noqa: F401  (each adds its commands)
@@ -38,6 +40,34 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted
 
 
+def _plain_metavars(command: Any, context: Any = None) -> None:
+    """Short placeholders in `--help` (`N`, `PATH`, `TEXT`) for options that name none, instead of Typer's
+    `<int range>` or `<list[Path]>`: with them an 80-column help keeps every flag whole."""
+    context = context or command.make_context("deploy", [], resilient_parsing=True)
+    for param in command.params:
+        if param.param_type_name == "option" and param.metavar is None and not param.is_flag:
+            param.metavar = _metavar_of(param.display_type(context))
+        elif param.param_type_name == "argument":  # `RUN_A`, not `run_a <int>`: its help says what it is
+            param.metavar = param.metavar or param.name.upper()
+            param.display_type_rich = lambda ctx: None
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub, context)
+
+
+def _metavar_of(shown: str) -> str | None:
+    """Typer's `<type>` as a plain placeholder; choices (`<a|b>`) already say all there is."""
+    kind = shown.strip("<>").removeprefix("list[").removesuffix("]").lower()
+    if "|" in kind:
+        return None
+    if kind.startswith("int"):
+        return "N"
+    if kind.startswith("float"):
+        return "NUMBER"
+    if kind in ("path", "file", "directory"):
+        return "PATH"
+    return "TEXT"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script passes it to sys.exit).
 
@@ -45,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGINT, _interrupt) if threading.current_thread() is threading.main_thread() \
         else None
     try:
-        app(args=argv, prog_name="deploy")
+        command = typer.main.get_command(app)
+        _plain_metavars(command)
+        command.main(args=argv, prog_name="deploy")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Interrupted:
