@@ -283,3 +283,11 @@ def _params(command: tuple[str, ...]) -> list[Any]:
     for name in command:
         node = node.commands[name]
     return [p for p in node.params if p.param_type_name == "option"]
+
+
+def test_inventory_commands_offer_no_failed_set(cli: Cli, fleet: Fleet) -> None:
+    """`inventory check/list` read no cache: their help offers no @failed, and asking for it says why."""
+    for command in ("check", "list"):
+        assert "@failed" not in cli("inventory", command, "--help").out
+        run = cli("inventory", command, "--fleet", fleet.inventory, "--limit", "@failed")
+        assert run.code == 2 and "@failed" in run.err and "Traceback" not in run.err, run.err

@@ -58,6 +58,10 @@ LimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices:
                                                  "a,b lists, !exclusions; @failed: those that failed the "
                                                  "last push on this cache.")]
 
+# The inventory commands read no cache, so they offer no @failed/@passed.
+InventoryLimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices: names, groups, globs, "
+                                                          "a,b lists, !exclusions.")]
+
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (the summary or JSON "
                                        "still goes to stdout).")]
 

@@ -6,11 +6,11 @@ import json
 
 from rich.table import Table
 
-from deployer.cli.app import FleetOption, JsonOption, LimitOption, inventory_app, select_devices, stdout
+from deployer.cli.app import FleetOption, InventoryLimitOption, JsonOption, inventory_app, select_devices, stdout
 
 
 @inventory_app.command("check")
-def inventory_check(fleet: FleetOption, limit: LimitOption = None, as_json: JsonOption = False) -> None:
+def inventory_check(fleet: FleetOption, limit: InventoryLimitOption = None, as_json: JsonOption = False) -> None:
     """Validate an inventory (and a --limit) without touching any device."""
     devices = select_devices(fleet, limit)
     if as_json:
@@ -20,7 +20,7 @@ def inventory_check(fleet: FleetOption, limit: LimitOption = None, as_json: Json
 
 
 @inventory_app.command("list")
-def inventory_list(fleet: FleetOption, limit: LimitOption = None, as_json: JsonOption = False) -> None:
+def inventory_list(fleet: FleetOption, limit: InventoryLimitOption = None, as_json: JsonOption = False) -> None:
     """List the selected devices with their resolved settings (secrets hidden)."""
     from deployer.config.inventory import describe
 

@@ -70,7 +70,10 @@ def _match(inventory: Inventory, pattern: str, named_sets: Mapping[str, Sequence
 def _named_set(inventory: Inventory, pattern: str, named_sets: Mapping[str, Sequence[str]]) -> set[str]:
     name = pattern[1:]
     if name not in named_sets:
-        known = ", ".join("@" + key for key in sorted(named_sets)) or "none here"
+        if not named_sets:
+            raise InputError(None, "limit", f"{pattern!r} names devices of a cache's last run: this command "
+                                            f"reads no cache (push, collect, rollback and cache install do)")
+        known = ", ".join("@" + key for key in sorted(named_sets))
         raise InputError(None, "limit", f"unknown set {pattern!r} (known: {known})")
     picked = set(named_sets[name]) & _names(inventory)
     if not picked:
