@@ -405,6 +405,37 @@ def test_a_trickling_or_silent_board_costs_one_timeout(make_fleet: MakeFleet, tm
     assert elapsed < 12, elapsed  # one 3 s timeout, plus start-up and connecting; not 3 s per byte or two
 
 
+# A board whose python writes 16 MiB on stderr before starting (a chatty driver, a loader's warnings):
+# eight times the SSH channel's window, which stdout shares.
+CHATTY = """#!/bin/sh
+head -c 16777216 /dev/zero | tr '\\0' 'w' >&2
+exec python3 "$@"
+"""
+
+
+@pytest.mark.slow
+def test_a_flood_on_stderr_does_not_stall_the_session(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    """stderr is drained while the controller waits for a reply, its tail kept: a board that writes far more
+    there than the channel's window holds still pushes (it stalled until "no answer within 10 s" before)."""
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    inventory = stand_in_python(fleet, CHATTY, timeouts={"command": 10})
+    code, devices = push(cli, inventory, tmp_path, "--kernels", _saxpy_only(tmp_path, "chatty"))
+    assert code == 0 and devices["sim-01"]["ok"] is True, devices
+
+
+def test_a_flood_on_stderr_does_not_stall_a_local_device(cli: Cli, tmp_path: Path) -> None:
+    """The same on the `local` transport, whose stderr pipe (64 KiB) stalled the agent once full."""
+    python = tmp_path / "chatty-python"
+    python.write_text(CHATTY)
+    python.chmod(0o755)
+    inventory = tmp_path / "local.yml"
+    inventory.write_text(yaml.safe_dump({"devices": [{
+        "name": "controller", "host": "local", "remote_dir": str(tmp_path / "remote"), "python": str(python),
+        "timeouts": {"command": 10}, "env": {"POCL_CACHE_DIR": str(tmp_path / "pocl-cache")}}]}))
+    code, devices = push(cli, inventory, tmp_path, "--kernels", _saxpy_only(tmp_path, "chatty"))
+    assert code == 0 and devices["controller"]["ok"] is True, devices
+
+
 # A board answering `collect` as the agent would, up to the file's content: 200 MB of other bytes, within
 # the size it announced (and the --max-size allowed), so only the hash can tell.
 LYING_READ = HELLO.replace("sys.stdin.readline()\n", "") + """SIZE = 200 * 1000 * 1000

@@ -9,6 +9,7 @@ from typing import Protocol
 from deployer.errors import CommandTimeout, TransportError
 
 READ_CHUNK = 1 << 16
+STDERR_TAIL = 1 << 16  # bytes of a command's stderr kept for error messages (the rest is drained)
 
 
 class Channel(Protocol):

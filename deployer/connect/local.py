@@ -6,9 +6,10 @@ import os
 import select
 import signal
 import subprocess
+import time
 
 from deployer.config.inventory import Device
-from deployer.connect.channel import BufferedReader
+from deployer.connect.channel import READ_CHUNK, STDERR_TAIL, BufferedReader
 from deployer.connect.deadline import Deadline, current_deadline
 from deployer.connect.ssh import _raise_if_expired
 from deployer.errors import CommandTimeout, TransportError
@@ -28,6 +29,7 @@ class LocalChannel(BufferedReader):
         )
         self.bytes_sent = 0
         self._deadline = deadline
+        self._stderr, self._stderr_ended = bytearray(), False
         # At the deadline the command is killed (only signalled: the worker thread still owns the pipes).
         self._unwatch = deadline.on_expiry(self._kill_group) if deadline else None
 
@@ -40,11 +42,17 @@ class LocalChannel(BufferedReader):
             pass
 
     def _recv(self, size: int, wait: float) -> bytes:
-        assert self._process.stdout is not None
-        fd = self._process.stdout.fileno()
-        ready, _, _ = select.select([fd], [], [], max(wait, 0.0))
-        if not ready:
-            raise CommandTimeout(f"{self._what}: no answer within {self._timeout:g} s")
+        assert self._process.stdout is not None and self._process.stderr is not None
+        fd, err = self._process.stdout.fileno(), self._process.stderr.fileno()
+        end = time.monotonic() + max(wait, 0.0)
+        while True:  # stderr is drained as it comes (a full pipe would stall the command), its tail kept
+            watched = [fd] if self._stderr_ended else [fd, err]
+            ready, _, _ = select.select(watched, [], [], max(end - time.monotonic(), 0.0))
+            if not ready:
+                raise CommandTimeout(f"{self._what}: no answer within {self._timeout:g} s")
+            if fd in ready:
+                break
+            self._keep_stderr(os.read(err, READ_CHUNK))
         chunk = os.read(fd, size)
         if not chunk:
             _raise_if_expired(self._deadline)
@@ -73,10 +81,14 @@ class LocalChannel(BufferedReader):
         except subprocess.TimeoutExpired:
             status = None
         assert self._process.stderr is not None
-        stderr = b""
-        if status is not None:
-            stderr = self._process.stderr.read()
-        return status, stderr[-4096:].decode("utf-8", "replace")
+        if status is not None and not self._stderr_ended:
+            self._keep_stderr(self._process.stderr.read())
+        return status, self._stderr[-4096:].decode("utf-8", "replace")
+
+    def _keep_stderr(self, data: bytes) -> None:
+        self._stderr_ended = self._stderr_ended or not data
+        self._stderr += data
+        del self._stderr[:-STDERR_TAIL]
 
     def close(self) -> None:
         if self._unwatch is not None:

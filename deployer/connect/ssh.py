@@ -27,7 +27,7 @@ from pathlib import Path
 
 from deployer.config.files import unfit_file
 from deployer.config.inventory import Device
-from deployer.connect.channel import READ_CHUNK, BufferedReader
+from deployer.connect.channel import READ_CHUNK, STDERR_TAIL, BufferedReader
 from deployer.connect.deadline import Deadline, current_deadline
 from deployer.errors import AuthError, CommandTimeout, ConnectError, DeadlineExceeded, HostKeyError, TransportError
 
@@ -55,6 +55,9 @@ _paramiko_log.addHandler(logging.NullHandler())
 _paramiko_log.propagate = False
 
 
+STDERR_POLL_S = 0.1  # how often a waiting read drains stderr
+
+
 class SshChannel(BufferedReader):
     def __init__(self, channel: paramiko.Channel, what: str, timeout: float, deadline: Deadline | None = None) -> None:
         super().__init__(what, timeout)
@@ -62,11 +65,22 @@ class SshChannel(BufferedReader):
         self._channel.settimeout(timeout)
         self._deadline = deadline
         self.bytes_sent = 0
+        self._stderr = bytearray()  # the tail of what the command wrote on stderr
 
     def _recv(self, size: int, wait: float) -> bytes:
+        end = time.monotonic() + wait
         try:
-            self._channel.settimeout(max(wait, 0.01))
-            data = self._channel.recv(size)
+            while True:
+                # stderr shares the channel's window with stdout: unread, a chatty driver or a flood on it
+                # would stall the replies until the timeout. It is drained while waiting, its tail kept.
+                self._drain_stderr()
+                self._channel.settimeout(max(min(end - time.monotonic(), STDERR_POLL_S), 0.01))
+                try:
+                    data = self._channel.recv(size)
+                    break
+                except TimeoutError:
+                    if time.monotonic() >= end:
+                        raise
         except TimeoutError as exc:
             _raise_if_expired(self._deadline, exc)
             raise CommandTimeout(f"{self._what}: no answer within {self._timeout:g} s") from exc
@@ -119,13 +133,16 @@ class SshChannel(BufferedReader):
         while not self._channel.exit_status_ready() and time.monotonic() < deadline and not self._channel.closed:
             time.sleep(0.01)
         status = self._channel.recv_exit_status() if self._channel.exit_status_ready() else None
-        stderr = b""
         try:
-            while self._channel.recv_stderr_ready():
-                stderr += self._channel.recv_stderr(READ_CHUNK)
+            self._drain_stderr()
         except (OSError, EOFError, paramiko.SSHException):
             pass
-        return status, stderr[-4096:].decode("utf-8", "replace")
+        return status, self._stderr[-4096:].decode("utf-8", "replace")
+
+    def _drain_stderr(self) -> None:
+        while self._channel.recv_stderr_ready():
+            self._stderr += self._channel.recv_stderr(READ_CHUNK)
+            del self._stderr[:-STDERR_TAIL]
 
     def close(self) -> None:
         try:
