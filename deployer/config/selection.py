@@ -45,7 +45,7 @@ def _match(inventory: Inventory, pattern: str, named_sets: Mapping[str, Sequence
     if not pattern:
         raise InputError(None, "limit", "'!' or '&' needs a pattern after it")
     if pattern.startswith("@"):
-        return _named_set(inventory, pattern, named_sets or {})
+        return _named_set(inventory, pattern, named_sets)
     if pattern in ALL:
         return _names(inventory)
     names = _names(inventory)
@@ -67,13 +67,14 @@ def _match(inventory: Inventory, pattern: str, named_sets: Mapping[str, Sequence
     return picked
 
 
-def _named_set(inventory: Inventory, pattern: str, named_sets: Mapping[str, Sequence[str]]) -> set[str]:
+def _named_set(inventory: Inventory, pattern: str, named_sets: Mapping[str, Sequence[str]] | None) -> set[str]:
+    """`named_sets`: those of the cache's last run (empty: none recorded yet); None: the command reads no cache."""
     name = pattern[1:]
+    if named_sets is None:
+        raise InputError(None, "limit", f"{pattern!r} names devices of a cache's last run: this command "
+                                        f"reads no cache (push, collect, rollback and cache install do)")
     if name not in named_sets:
-        if not named_sets:
-            raise InputError(None, "limit", f"{pattern!r} names devices of a cache's last run: this command "
-                                            f"reads no cache (push, collect, rollback and cache install do)")
-        known = ", ".join("@" + key for key in sorted(named_sets))
+        known = ", ".join("@" + key for key in sorted(named_sets)) or "none: no run on this cache yet"
         raise InputError(None, "limit", f"unknown set {pattern!r} (known: {known})")
     picked = set(named_sets[name]) & _names(inventory)
     if not picked:
