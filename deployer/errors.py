@@ -120,7 +120,7 @@ class DeadlineExceeded(TransportError):
 class AgentError(DeviceError):
     """The agent replied with an error, or something that breaks the contract."""
 
-    def __init__(self, message: str, *, kind: str = "agent", device: str = "", stage: str = "") -> None:
+    def __init__(self, message: str, *, kind: str = "bad_reply", device: str = "", stage: str = "") -> None:
         self.kind = kind
         super().__init__(message, device=device, stage=stage)
 

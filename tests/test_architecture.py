@@ -71,3 +71,53 @@ def test_help_does_not_import_heavy_modules() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.stdout.strip() == "[]", result.stderr
+
+
+ERROR_CLASSES = {"AgentFailure", "AgentError", "CompileError", "AgentMissing"}
+
+
+def _raised_kinds(path: Path) -> set[str]:
+    """Every literal kind given to an error class in one module: `AgentFailure("k", ...)`, `kind="k"`."""
+    kinds = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+        if name not in ERROR_CLASSES:
+            continue
+        literals = [k.value for k in node.keywords if k.arg == "kind"]
+        if name == "AgentFailure" and node.args:
+            literals.append(node.args[0])
+        kinds |= {c.value for c in literals if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    return kinds
+
+
+def test_one_vocabulary_of_error_kinds() -> None:
+    """The board and the controller raise only kinds of `remote/kinds.py` (the board only the agent's), and
+    docs/design.md's table lists exactly those, each on its side."""
+    from deployer.remote.kinds import AGENT, CONTROLLER, KINDS
+
+    assert not set(AGENT) & set(CONTROLLER)
+    package = REPO / "deployer"
+    board = set().union(*(_raised_kinds(p) for p in (package / "remote").rglob("*.py")))
+    controller = set().union(*(_raised_kinds(p) for p in package.rglob("*.py") if "remote" not in p.parts))
+    assert {"bad_request", "locked", "io"} <= board and {"bad_reply", "no_python"} <= controller  # the scan works
+    assert board <= set(AGENT), board - set(AGENT)
+    assert controller <= set(KINDS), controller - set(KINDS)
+    table = (REPO / "docs" / "design.md").read_text().split("### Error kinds", 1)[1].split("\n\n")[1]
+    rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
+    documented = {cell.strip().strip("`"): side.strip() for cell, side in rows}
+    assert documented == {**{k: "agent" for k in AGENT}, **{k: "controller" for k in CONTROLLER}}
+
+
+def test_an_unknown_kind_from_a_board_is_a_bad_reply() -> None:
+    """A kind is shown on screens and stored: one outside the agent's vocabulary (here an escape sequence)
+    is itself a broken reply, shown escaped."""
+    from deployer.protocol.reply import Reply
+    from deployer.protocol.session import agent_failure
+
+    error = agent_failure(Reply({"ok": False, "error": {"kind": "\x1b]0;owned\x07", "message": "x"}}, b""))
+    assert error is not None and error.kind == "bad_reply"
+    assert "\x1b" not in error.reason and "\\x1b]0;owned\\x07" in error.reason, error.reason
+    known = agent_failure(Reply({"ok": False, "error": {"kind": "locked", "message": "held"}}, b""))
+    assert known is not None and known.kind == "locked"

@@ -19,6 +19,7 @@ from deployer.errors import AgentError, TransportError
 from deployer.protocol.bundle import NEED_AGENT, NO_REMOTE_DIR, agent_bundle, bootstrap_command, run_command
 from deployer.protocol.reply import Reply, printable, printable_line, show
 from deployer.protocol.spool import Spool
+from deployer.remote.kinds import AGENT as AGENT_KINDS
 
 MAX_HEADER = 1 << 20
 # The most payload each op's reply may announce; checked before a byte of it is read, so a board announcing
@@ -34,12 +35,16 @@ class AgentMissing(AgentError):
 
 
 def agent_failure(reply: Reply) -> AgentError | None:
-    """The error a well-formed failure reply (`ok: false` with a string kind and message) carries."""
+    """The error a well-formed failure reply (`ok: false` with a string kind and message) carries; a kind
+    outside the agent's vocabulary is itself a broken reply (`bad_reply`), shown escaped."""
     error = reply.fields.get("error")
     if reply.fields.get("ok") is False and isinstance(error, dict):
         kind, message = error.get("kind"), error.get("message")
         if isinstance(kind, str) and isinstance(message, str):
-            return AgentError(printable(message, 2000), kind=printable(kind, 40))
+            if kind not in AGENT_KINDS:
+                return AgentError(f"the agent replied with an unknown error kind {printable_line(kind, 40)}: "
+                                  f"{printable(message, 2000)}", kind="bad_reply")
+            return AgentError(printable(message, 2000), kind=kind)
     return None
 
 
