@@ -222,9 +222,12 @@ def test_cache_commands(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None
     converted = parse_cache((tmp_path / "v10.bin").read_bytes())
     assert converted.format == "legacy" and converted.programs == parse_cache(exported_bytes(cache)).programs
     assert converted.device_name is None and converted.hashes == {}
+    with open(cache / "sim-02" / "fingerprints.jsonl", "a") as history:  # an id written before ids were checked
+        history.write(json.dumps({"seen_at": 1.0, "id": "../../x\u001b[2J", "fingerprint": {}}) + "\n")
     out = tmp_path / "tarballs"
     out.mkdir()
     assert cli("cache", "export", "--cache", cache, "--tarballs", "--to", out).code == 0
+    assert "\x1b" not in cli("cache", "ls", "--cache", cache).out
     tarballs = sorted(out.glob("*.tar.gz"))
     assert len(tarballs) == 2  # one per fingerprint: sim-01 and sim-03 share one
     with tarfile.open(next(t for t in tarballs if "pthread" in t.name)) as tar:

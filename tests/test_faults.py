@@ -448,7 +448,10 @@ def answer(fields, payload=b""):
 for line in sys.stdin.buffer:
     op = json.loads(line)["op"]
     if op == "fingerprint":
-        answer({"ok": True, "fingerprint": {"id": "0123456789abcdef", "platform": "p", "device": "d"}})
+        import hashlib
+        answer({"ok": True, "fingerprint": {"platform": {"name": "p", "version": "1"}, "cpu_only": True,
+                                            "device": {"name": "d", "driver_version": "1"},
+                                            "id": hashlib.sha256(b"p|1|d|1").hexdigest()[:16]}})
     elif op == "find":
         answer({"ok": True, "truncated": False, "files": [{"path": "/data/mace_cl_compiled_program.bin",
                 "kind": "file", "size": SIZE, "sha256": "ab" * 32, "mtime": 1.0}]})

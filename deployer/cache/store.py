@@ -31,6 +31,7 @@ CONTENT_FILE = "content.bin"
 HISTORY_FILE = "fingerprints.jsonl"
 LAST_RUN_FILE = "last-run.json"
 TEMP_MARK = ".tmp-"  # .<name>.tmp-<pid>: a file being written; stale once its run has ended
+FINGERPRINT_ID = re.compile(r"[0-9a-f]{16}")  # docs/design.md, section 4
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
 
@@ -223,7 +224,9 @@ def fingerprint_history(root: Path) -> list[dict[str, Any]]:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict):
+        # an id is a folder and tarball name: a malformed one (written before ids were checked, or by hand)
+        # is skipped, never used as a path or allowed to block the other devices' export
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and FINGERPRINT_ID.fullmatch(entry["id"]):
             entries.append(entry)
     return entries
 

@@ -35,6 +35,7 @@ from deployer.cache.store import (
 )
 from deployer.config.inventory import Device
 from deployer.errors import AgentError, DeviceError, LocalStateError
+from deployer.protocol.fingerprint import parse_fingerprint
 from deployer.protocol.reply import printable, printable_line
 from deployer.protocol.session import AgentSession, open_session
 from deployer.protocol.spool import Spool
@@ -163,7 +164,7 @@ def describe_file(data: bytes, remote_path: str, fingerprint: Mapping[str, Any] 
 def _fingerprint(session: AgentSession, device: Device) -> dict[str, Any]:
     """The device's current fingerprint, reduced to what records keep."""
     reply = session.request("fingerprint", opencl=device.opencl.as_request())
-    fingerprint = reply.get("fingerprint", dict)
+    fingerprint = parse_fingerprint(reply.get("fingerprint", dict))
     return {k: fingerprint.get(k) for k in ("id", "platform", "device", "cpu_only")}
 
 

@@ -29,6 +29,7 @@ from deployer.config.inventory import Device
 from deployer.config.kernels import Library
 from deployer.connect.deadline import INTERRUPTED
 from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMismatch
+from deployer.protocol.fingerprint import parse_fingerprint
 from deployer.protocol.reply import Reply, printable, raise_for_failed_programs
 from deployer.protocol.reply import field as reply_field
 from deployer.protocol.session import AgentSession, open_session
@@ -280,7 +281,7 @@ class _DeviceRun:
     # ----- state: one round trip, then the plan -----
 
     def _plan(self, state: RemoteState, fingerprint: Mapping[str, Any]) -> DevicePlan:
-        self.outcome.fingerprint = _fingerprint(fingerprint)
+        self.outcome.fingerprint = parse_fingerprint(fingerprint)
         self.skipped = self.job.library.skipped(self.outcome.fingerprint)
         fingerprint_id = str(self.outcome.fingerprint.get("id", ""))
         shas, mace_version = self.job.shas, self._mace_version()
@@ -539,30 +540,6 @@ def _parse_manifest(data: bytes) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("programs"), list):
         raise AgentError("the device's manifest lacks a programs list", kind="bad_manifest")
     return manifest
-
-
-def _fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
-    """The device's fingerprint, checked for the fields every later step reads."""
-    for part in ("platform", "device"):
-        record = reply_field(fingerprint, part, dict)
-        reply_field(record, "name", str)
-    reply_field(fingerprint["device"], "driver_version", str)
-    reply_field(fingerprint, "cpu_only", bool)
-    clean: dict[str, Any] = _printable_tree(fingerprint)
-    return clean
-
-
-def _printable_tree(value: Any, depth: int = 0) -> Any:
-    """A device-sent JSON tree with every string made printable and bounded."""
-    if depth > 4:
-        return None
-    if isinstance(value, str):
-        return printable(value, 512)
-    if isinstance(value, list):
-        return [_printable_tree(v, depth + 1) for v in value[:512]]
-    if isinstance(value, dict):
-        return {printable(str(k), 64): _printable_tree(v, depth + 1) for k, v in list(value.items())[:64]}
-    return value
 
 
 def check_cases(plan: SmokePlan, reply: Reply, skipped: Mapping[str, str] | None = None) -> list[KernelResult]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +50,7 @@ from deployer.history.records import (
     Status,
     Subject,
 )
+from deployer.protocol.fingerprint import parse_fingerprint
 from deployer.protocol.reply import printable, printable_line
 from deployer.protocol.session import AgentSession, open_session
 from deployer.tasks.bench import plan_bench
@@ -276,7 +276,7 @@ class DeviceRun:
         try:
             reply = session.request("fingerprint", opencl=self.device.opencl.as_request(), remember=False,
                                     timeout_s=min(step.timeout, self.device.timeouts.command))
-            self._remember_fingerprint(reply.get("fingerprint", dict))
+            self._remember_fingerprint(parse_fingerprint(reply.get("fingerprint", dict)))
             items.append(item("opencl"))
         except AgentError as exc:
             return [*items, item("opencl", "error", reason_text(exc.reason))]
@@ -317,9 +317,7 @@ class DeviceRun:
     def _remember_fingerprint(self, raw: Mapping[str, Any] | None) -> None:
         if not raw:
             return
-        fid = str(raw.get("id", ""))
-        if not re.fullmatch(r"[0-9a-f]{16}", fid):
-            return  # a board's malformed id is never stored (the push and collect report it)
+        fid = str(raw.get("id", ""))  # checked by parse_fingerprint
         device = raw.get("device") if isinstance(raw.get("device"), Mapping) else None
         if device is None:
             return
