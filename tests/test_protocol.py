@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from deployer.errors import AgentError
 from deployer.protocol.fingerprint import fingerprint_id, parse_fingerprint
+from deployer.protocol.reply import Reply
+from deployer.tasks.plan import parse_state
 
 
 def _fingerprint(**device: Any) -> dict[str, Any]:
@@ -42,3 +45,18 @@ def test_a_fingerprints_strings_are_kept_printable() -> None:
     parsed = parse_fingerprint(_fingerprint(name="\x1b[2J\x1b]0;owned\x07gpu"))
     assert "\x1b" not in parsed["device"]["name"] and "\x07" not in parsed["device"]["name"]
     assert parsed["device"]["name"].endswith("gpu")
+
+
+@pytest.mark.parametrize("path", ["\x1b[2Jcleared.cl", "../outside", "/etc/passwd", "a/./b", "", "x" * 2000])
+def test_a_state_naming_a_file_that_is_not_a_plain_path_is_a_bad_reply(path: str) -> None:
+    """`push --check` prints the current release's files and a push sends them back in `drop`: a name with
+    escape sequences (it cleared the screen) or a path out of the release is refused at the boundary."""
+    state = {"current": "r1", "files": {path: {"size": 1, "sha256": "a" * 64}}, "manifest": {}}
+    with pytest.raises(AgentError) as caught:
+        parse_state(Reply({"ok": True}, json.dumps(state).encode()))
+    assert caught.value.kind == "bad_reply" and "\x1b" not in caught.value.reason
+
+
+def test_a_plain_state_is_read() -> None:
+    state = {"current": "r1", "files": {"kernels/saxpy.cl": {"size": 1, "sha256": "a" * 64}}, "manifest": {}}
+    assert parse_state(Reply({"ok": True}, json.dumps(state).encode())).files == {"kernels/saxpy.cl": (1, "a" * 64)}

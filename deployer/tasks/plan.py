@@ -163,6 +163,12 @@ class RemoteState:
     blobs: frozenset[str]
 
 
+def _plain_path(path: str) -> bool:
+    """A release file's name as this controller writes them: relative, normalised, printable, bounded."""
+    return (0 < len(path) <= 1024 and path.isprintable() and not path.startswith("/")
+            and os.path.normpath(path) == path and ".." not in path.split("/"))
+
+
 def _sha(value: Any) -> str | None:
     return value if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value) \
         else None
@@ -180,8 +186,11 @@ def parse_state(reply: Reply) -> RemoteState:
     raw_files = state.get("files")
     if isinstance(raw_files, dict):
         for path, rec in list(raw_files.items())[:MAX_STATE_FILES]:
+            if not _plain_path(path):  # shown by --check and sent back in `drop`: never a raw device string
+                raise AgentError(f"the device's release index names a file that is not a plain relative path: "
+                                 f"{printable_line(str(path), 120)}", kind="bad_reply")
             if isinstance(rec, dict) and isinstance(rec.get("size"), int) and _sha(rec.get("sha256")):
-                files[str(path)] = (rec["size"], rec["sha256"])
+                files[path] = (rec["size"], rec["sha256"])
     manifest: dict[str, Any] = state["manifest"] if isinstance(state.get("manifest"), dict) else {}
     programs: dict[str, RemoteProgram] = {}
     for rec in manifest.get("programs") or []:
