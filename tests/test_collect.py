@@ -26,7 +26,7 @@ from deployer.cache.mace import (
 from deployer.config.inventory import load_inventory
 from deployer.sim.fleet import DeviceSpec, Fleet, fleet_specs
 from deployer.tasks.collect import CollectJob, check_found, collect_fleet, local_folder
-from tests.conftest import KERNELS, Cli, StageHook
+from tests.conftest import KERNELS, REPO, Cli, StageHook
 from tests.test_faults import MakeFleet
 
 MACE_FILE = "mace_cl_compiled_program.bin"
@@ -267,3 +267,45 @@ def test_install_skips_a_device_whose_driver_changed(make_fleet: MakeFleet, cli:
     run = cli("cache", "install", "--fleet", fleet.inventory, "--cache", cache, "--to", f"~/m/{MACE_FILE}")
     assert "skipped" in run.out and "fingerprint changed" in run.out
     assert not (home(fleet) / "m").exists()
+
+
+def _documented(command: str) -> dict[str, Any]:
+    """The example document of `deploy <command> --json` in docs/json.md."""
+    text = (REPO / "docs" / "json.md").read_text()
+    section = text.split(f"## `deploy {command} --json`", 1)[1]
+    example: dict[str, Any] = json.loads(section.split("```json", 1)[1].split("```", 1)[0])
+    return example
+
+
+def _same_shape(real: dict[str, Any], documented: dict[str, Any], where: str) -> None:
+    """The same keys, and the same keys again in every nested object both have (first list items)."""
+    assert set(real) == set(documented), (where, set(real) ^ set(documented))
+    for key, value in documented.items():
+        if isinstance(value, dict) and isinstance(real[key], dict) and key not in ("fingerprint", "verdict"):
+            _same_shape(real[key], value, f"{where}.{key}")
+        if isinstance(value, list) and value and isinstance(value[0], dict) and real[key]:
+            _same_shape(real[key][0], value[0], f"{where}.{key}[]")
+
+
+def test_the_json_of_collect_rollback_install_and_sim_status_is_the_documented_one(
+        make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    """docs/json.md documents each command's document; the real ones have exactly those fields."""
+    from tests.test_faults import _saxpy_only
+
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    cache = tmp_path / "cache"
+    for version in ("v1", "v2"):
+        assert cli("push", "--fleet", fleet.inventory, "--kernels", _saxpy_only(tmp_path, version), "--cache",
+                   cache, "-q").code == 0
+    put(home(fleet) / "app" / MACE_FILE, encode_mace_pb([(PLATFORM_INFO_KEY, platform_entry()), ("k", b"x")]))
+    documents = {
+        "collect": cli("collect", "--fleet", fleet.inventory, "--cache", cache, "--json"),
+        "cache install": cli("cache", "install", "--fleet", fleet.inventory, "--cache", cache, "--to",
+                             "~/app/installed.bin", "--json"),
+        "rollback": cli("rollback", "--fleet", fleet.inventory, "--cache", cache, "--json"),
+        "sim status": cli("sim", "status", "--dir", fleet.folder, "--json"),
+    }
+    for command, run in documents.items():
+        assert run.code == 0, (command, run.err)
+        _same_shape(run.json(), _documented(command), command)
+    assert documents["collect"].json()["devices"][0]["files"], "the collect document has a file record"

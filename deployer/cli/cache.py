@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from deployer.cli.app import (
@@ -23,6 +21,7 @@ from deployer.cli.app import (
     stdout,
 )
 from deployer.cli.push import CacheOption
+from deployer.cli.render import device_line, emit_json, shown
 from deployer.errors import InputError
 
 cache_app = typer.Typer(no_args_is_help=True, help="The local per-device cache: list, show, verify, prune, "
@@ -45,11 +44,11 @@ def cache_ls(cache: CacheOption = Path("cache"), as_json: JsonOption = False) ->
 
     rows = summary(cache)
     if as_json:
-        stdout.print_json(json.dumps({"devices": rows}))
+        emit_json({"devices": rows})
         return
     table = Table("device", "fingerprint", "seen", "programs", "bytes", "age s", "collected")
     for r in rows:
-        table.add_row(*(escape(str(r[k])) for k in ("name", "fingerprint_id", "fingerprints_seen", "programs",
+        table.add_row(*(shown(str(r[k])) for k in ("name", "fingerprint_id", "fingerprints_seen", "programs",
                                                     "cache_bytes", "age_s", "collected")))
     stdout.print(table if rows else f"no devices in {cache}")
 
@@ -59,7 +58,7 @@ def cache_show(device: Annotated[str, typer.Argument(help="Device name.")], cach
     """One device's fingerprint history, programs and collected files (JSON)."""
     from deployer.cache.admin import show
 
-    stdout.print_json(json.dumps(show(existing(cache), device)))
+    emit_json(show(existing(cache), device))
 
 
 @cache_app.command("verify")
@@ -69,7 +68,7 @@ def cache_verify(cache: CacheOption = Path("cache")) -> None:
 
     problems = verify(existing(cache))
     for problem in problems:
-        stdout.print(f"[red]problem[/red] {escape(problem)}")
+        stdout.print(f"[red]problem[/red] {shown(problem)}")
     stdout.print(f"{len(device_names(cache))} device(s) checked, {len(problems)} problem(s)")
     raise typer.Exit(1 if problems else 0)
 
@@ -91,7 +90,7 @@ def cache_prune(
     with cache_lock(existing(cache), wait=wait):  # never under a collect that is writing the same records
         removed = prune(cache, older_than_days=older_than, stale=stale)
     for line in removed:
-        stdout.print(f"removed {escape(line)}")
+        stdout.print(f"removed {shown(line)}")
     stdout.print(f"{len(removed)} collected file(s) removed")
 
 
@@ -126,13 +125,20 @@ def cache_install(
     cache: CacheOption = Path("cache"),
     forks: ForksOption = 16,
     accept_new_host_keys: AcceptNewOption = False,
+    wait: WaitOption = 0.0,
+    as_json: JsonOption = False,
 ) -> None:
     """Copy each device's cache file to where its app reads it, on devices whose driver still matches."""
+    from deployer.cache.store import cache_lock
     from deployer.tasks.collect import install_fleet
 
-    outcomes = install_fleet(select_devices(fleet, limit), cache, to, forks=forks,
-                             accept_new_host_keys=accept_new_host_keys)
-    for o in outcomes:
-        color = {"installed": "green", "skipped": "yellow"}.get(o.status, "red")
-        stdout.print(f"{escape(o.name)}: [{color}]{o.status}[/{color}] {escape(o.detail or '')}")
-    raise typer.Exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+    devices = select_devices(fleet, limit, cache)
+    with cache_lock(cache, wait=wait):  # a push or prune beside it never changes the files it sends
+        outcomes = install_fleet(devices, cache, to, forks=forks, accept_new_host_keys=accept_new_host_keys)
+    ok = not any(o.status == "failed" for o in outcomes)
+    if as_json:
+        emit_json({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]})
+    else:
+        for o in outcomes:
+            device_line(o.name, o.status, {"installed": "green", "skipped": "yellow"}.get(o.status, "red"), o.detail)
+    raise typer.Exit(0 if ok else 1)

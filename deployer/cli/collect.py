@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from deployer.cli.app import (
@@ -23,6 +21,7 @@ from deployer.cli.app import (
     stdout,
 )
 from deployer.cli.push import CacheOption, make_fleet_progress
+from deployer.cli.render import emit_json, shown
 from deployer.errors import InputError
 
 
@@ -60,7 +59,7 @@ def collect(
             outcomes = collect_fleet(devices, job, forks=forks, progress=progress)
     ok = all(o.ok for o in outcomes)
     if as_json:
-        stdout.print_json(json.dumps({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]}))
+        emit_json({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]})
     else:
         _print_collect(outcomes)
     raise typer.Exit(0 if ok else 1)
@@ -71,14 +70,14 @@ def _print_collect(outcomes: list[Any]) -> None:
                   title_justify="left")
     for o in outcomes:
         if o.error:
-            table.add_row(escape(o.name), "-", "[red]failed[/red]", "", "", "", escape(o.error))
+            table.add_row(shown(o.name), "-", "[red]failed[/red]", "", "", "", shown(o.error))
         for f in o.files:
             record = f.record or {}
             verdict = record.get("verdict") or {}
-            status = f.status if f.ok else f"[red]{f.status}[/red]: {escape(f.detail or '')}"
-            table.add_row(escape(o.name), escape(f.remote_path), status, record.get("format", ""),
+            status = f.status if f.ok else f"[red]{f.status}[/red]: {shown(f.detail or '')}"
+            table.add_row(shown(o.name), shown(f.remote_path), status, record.get("format", ""),
                           str(len(record.get("programs", []))) if record else "", verdict.get("mace", ""),
                           "yes" if verdict.get("drift") else ("no" if verdict else ""))
         if o.truncated:
-            table.add_row(escape(o.name), "...", "[yellow]listing truncated[/yellow] (--max-files)", "", "", "", "")
+            table.add_row(shown(o.name), "...", "[yellow]listing truncated[/yellow] (--max-files)", "", "", "", "")
     stdout.print(table)

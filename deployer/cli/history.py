@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from deployer.cli.app import JsonOption, app, stdout
+from deployer.cli.render import emit_json, shown
 from deployer.errors import InputError
 
 if TYPE_CHECKING:
@@ -42,16 +41,16 @@ def history_list(
     with History.open(history, create=False, read_only=True) as db:
         runs = db.runs(limit=last)
     if as_json:
-        stdout.print_json(json.dumps({"schema_version": 1, "runs": [
+        emit_json({"schema_version": 1, "runs": [
             {"id": r.id, "playbook": r.playbook, "playbook_file": r.playbook_path, "playbook_sha256": r.playbook_sha256,
              "fleet": r.fleet, "devices": list(r.devices), "started": r.started, "ended": r.ended,
-             "status": r.status, "host": r.host, "pid": r.pid, "settings": dict(r.settings)} for r in runs]}))
+             "status": r.status, "host": r.host, "pid": r.pid, "settings": dict(r.settings)} for r in runs]})
         return
     table = Table()
     for column in ("run", "playbook", "started", "status", "devices"):
         table.add_column(column)
     for entry in runs:
-        table.add_row(str(entry.id), escape(entry.playbook), _day(entry.started), entry.status,
+        table.add_row(str(entry.id), shown(entry.playbook), _day(entry.started), entry.status,
                       str(len(entry.devices)))
     stdout.print(table)
 
@@ -77,13 +76,13 @@ def history_show(
         raise InputError(None, "--device" if device else "--item" if item else None,
                          f"{history}: no latency samples match (run a playbook with a bench step)")
     if as_json:
-        stdout.print_json(json.dumps({"schema_version": 1, "nights": [
+        emit_json({"schema_version": 1, "nights": [
             {"run": r.run_id, "started": r.started, "device": r.device, "step": r.step, "item": r.item,
              "metric": r.metric, "n": len(r.values), "median": night_stats(r.values).median,
-             "fingerprint": r.fingerprint_id, "latency": r.latency, "since_run": r.since_run} for r in rows]}))
+             "fingerprint": r.fingerprint_id, "latency": r.latency, "since_run": r.since_run} for r in rows]})
         return
     for key, series in _series(rows).items():
-        stdout.print(f"[bold]{escape(' '.join(key))}[/bold]")
+        stdout.print(f"[bold]{shown(' '.join(key))}[/bold]")
         previous = None
         for row in series:
             stats = night_stats(row.values)
@@ -155,7 +154,7 @@ def history_prune(
     age = parse_age(older_than)
     with History.open(history, create=False) as db:
         removed = db.prune(age)
-    stdout.print(f"{history}: {removed} run(s) older than {escape(older_than)} deleted")
+    stdout.print(f"{history}: {removed} run(s) older than {shown(older_than)} deleted")
 
 
 @history_app.command("merge")
@@ -172,8 +171,8 @@ def history_merge(
     with History.open(history) as db:
         for shard in shards:
             for key, here, added in merge_history(db, shard):
-                stdout.print(f"{shard}: run {escape(key)} -> run {here} here: "
-                             f"{len(added)} device(s) added" + (f" ({escape(', '.join(added))})" if added else ""))
+                stdout.print(f"{shard}: run {shown(key)} -> run {here} here: "
+                             f"{len(added)} device(s) added" + (f" ({shown(', '.join(added))})" if added else ""))
 
 
 @app.command()
@@ -211,7 +210,7 @@ def compare(
         if a.status != b.status or metric is not None:
             rows.append(row)
     if as_json:
-        stdout.print_json(json.dumps({"schema_version": 1, "run_a": run_a, "run_b": run_b, "items": rows}))
+        emit_json({"schema_version": 1, "run_a": run_a, "run_b": run_b, "items": rows})
         return
     table = Table(title=f"run {run_a} -> run {run_b}", title_justify="left")
     for column in ("device", "item", "status", "latency", "significant"):
@@ -220,6 +219,6 @@ def compare(
         status = str(row["before"]) if row["before"] == row["after"] else f"{row['before']} -> {row['after']}"
         delta = row["change"]
         latency = "" if not isinstance(delta, float) else f"{delta:+.1%} ({row['metric']}, p={row['p_value']:.2g})"
-        table.add_row(escape(str(row["device"])), escape(f"{row['step']} {row['item']}".strip()), status, latency,
+        table.add_row(shown(str(row["device"])), shown(f"{row['step']} {row['item']}".strip()), status, latency,
                       "yes" if row["significant"] else "")
     stdout.print(table)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from deployer import DEFAULT_MACE_VERSION
@@ -26,6 +24,7 @@ from deployer.cli.app import (
     stderr,
     stdout,
 )
+from deployer.cli.render import device_line, emit_json, shown
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -82,7 +81,7 @@ def push(
             result = run_fleet(devices, job, forks=forks, progress=progress)
             record_run(cache, "push", str(fleet), {o.name: o.error for o in result.outcomes})
     if as_json:
-        stdout.print_json(json.dumps(_push_json(result, check=check)))
+        emit_json(_push_json(result, check=check))
     elif check:
         _print_check(result)
     else:
@@ -113,14 +112,14 @@ def rollback(
         record_run(cache, "rollback", str(fleet), {o.name: None if o.ok else o.error for o in outcomes})
     ok = all(o.ok for o in outcomes)
     if as_json:
-        stdout.print_json(json.dumps({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]}))
+        emit_json({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]})
     else:
         for o in outcomes:
             if o.ok:
-                stdout.print(f"{escape(o.name)}: [green]rolled back[/green] {escape(str(o.previous))} -> "
-                             f"{escape(str(o.current))}" + (f" ({escape(o.error)})" if o.error else ""))
+                device_line(o.name, "rolled back", "green", f"{o.previous} -> {o.current}"
+                            + (f" ({o.error})" if o.error else ""))
             else:
-                stdout.print(f"{escape(o.name)}: [red]failed[/red] {escape(o.error or '')}")
+                device_line(o.name, "failed", "red", o.error)
     raise typer.Exit(0 if ok else 1)
 
 
@@ -142,19 +141,19 @@ def _print_check(result: FleetResult) -> None:
     """push --check: per device, what would travel and be rebuilt."""
     for o in result.outcomes:
         if not o.ok or o.plan is None:
-            stdout.print(f"[red]{escape(o.name)}[/red]: {escape(o.error or 'failed')}")
+            stdout.print(f"[red]{shown(o.name)}[/red]: {shown(o.error or 'failed')}")
             continue
         plan = o.plan
         if not plan.new_release:
-            stdout.print(f"{escape(o.name)}: up to date (release {escape(str(plan.current))}); nothing would change")
+            stdout.print(f"{shown(o.name)}: up to date (release {shown(str(plan.current))}); nothing would change")
             continue
-        stdout.print(f"{escape(o.name)}: a new release over {escape(str(plan.current or 'nothing deployed'))}")
+        stdout.print(f"{shown(o.name)}: a new release over {shown(str(plan.current or 'nothing deployed'))}")
         stdout.print(f"  would send {len(plan.upload)} file(s), link {len(plan.unchanged)} unchanged"
-                     + "".join(f"\n    {escape(p)}" for p in plan.upload))
+                     + "".join(f"\n    {shown(p)}" for p in plan.upload))
         if plan.removed:
-            stdout.print(f"  would drop {len(plan.removed)} file(s): {escape(', '.join(plan.removed))}")
+            stdout.print(f"  would drop {len(plan.removed)} file(s): {shown(', '.join(plan.removed))}")
         stdout.print(f"  would rebuild {len(plan.rebuild)} program(s), reuse {len(plan.reuse)}"
-                     + "".join(f"\n    {escape(k)}" for k in plan.rebuild))
+                     + "".join(f"\n    {shown(k)}" for k in plan.rebuild))
     total = len(result.outcomes)
     stdout.print(f"checked {total - len(result.failed)}/{total} device(s); nothing was changed")
 
@@ -204,15 +203,15 @@ def _print_summary(result: FleetResult) -> None:
         smoke = (f"{passed}/{len(o.kernels) - skipped - unchanged}" + (f" +{unchanged} unchanged" if unchanged else "")
                  + (f" +{skipped} skipped" if skipped else ""))
         status = "[green]passed[/green]" if o.ok else f"[red]failed[/red] ({o.failed_stage})"
-        table.add_row(escape(o.name), status, escape(f"{platform} / {driver}"), str(o.built), _changes(o), smoke,
+        table.add_row(shown(o.name), status, shown(f"{platform} / {driver}"), str(o.built), _changes(o), smoke,
                       human_bytes(o.bytes_sent),
                       f"{o.stages.get('compile', 0):.2f}", f"{sum(o.stages.values()):.2f}")
     stdout.print(table)
     for o in result.outcomes:
         for line in _device_lines(o):
-            stdout.print(escape(line))
+            stdout.print(shown(line))
     for o in result.failed:
-        stdout.print(f"[red]{escape(o.name)}[/red]: {escape(o.error or 'failed')}")
+        stdout.print(f"[red]{shown(o.name)}[/red]: {shown(o.error or 'failed')}")
     total = len(result.outcomes)
     stdout.print(f"{total - len(result.failed)}/{total} device(s) passed "
                  "(seconds per stage: --json)")

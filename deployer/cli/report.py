@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from deployer.cli.app import app, stdout
+from deployer.cli.render import shown
 from deployer.errors import InputError, LocalStateError
 
 if TYPE_CHECKING:
@@ -45,8 +45,8 @@ def report(
         made = run_report(info, db.device_results(info.id), db.verdicts(info.id), history=str(history),
                           interrupted=info.status == "incomplete", latency=db.latency(info.id))
         write_reports(made, db, info.id, out)
-    stdout.print(f"run #{info.id} ({escape(info.playbook)}, {info.status}): {', '.join(REPORT_FILES)} "
-                 f"written in {escape(str(out))}")
+    stdout.print(f"run #{info.id} ({shown(info.playbook)}, {info.status}): {', '.join(REPORT_FILES)} "
+                 f"written in {shown(str(out))}")
 
 
 def write_reports(report: dict[str, Any], db: History, run_id: int, out: Path) -> list[Path]:

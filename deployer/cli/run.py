@@ -9,14 +9,12 @@ marked incomplete).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from deployer.cli.app import (
@@ -31,6 +29,7 @@ from deployer.cli.app import (
     stdout,
 )
 from deployer.cli.push import CacheOption, make_fleet_progress
+from deployer.cli.render import emit_json, shown
 from deployer.errors import InputError, PlaybookError, Where
 
 if TYPE_CHECKING:
@@ -177,7 +176,7 @@ def _run(book: Playbook, devices: list[Device], options: RunOptions) -> None:
     report = run_report(info, result.devices, verdicts, history=str(history), interrupted=result.interrupted,
                         latency=latency)
     if options.as_json:
-        stdout.print_json(json.dumps(report))
+        emit_json(report)
     else:
         _print_summary(result, verdicts, run_id, latency)
     if options.report_dir is not None:
@@ -211,16 +210,16 @@ def _print_dry_run(book: Playbook, devices: list[Device], as_json: bool) -> None
     from deployer.config.playbooks import describe
 
     if as_json:
-        stdout.print_json(json.dumps({"schema_version": 1, "playbook": book.name, "devices": [
+        emit_json({"schema_version": 1, "playbook": book.name, "devices": [
             {"name": d.name, "steps": [{"name": s.name, "kind": s.kind, "describe": describe(s)}
-                                       for s in book.steps]} for d in devices]}))
+                                       for s in book.steps]} for d in devices]})
         return
-    stdout.print(f"playbook {escape(book.name)} ({escape(str(book.file))}): {len(book.steps)} steps on "
+    stdout.print(f"playbook {shown(book.name)} ({shown(str(book.file))}): {len(book.steps)} steps on "
                  f"{len(devices)} device(s); nothing was touched")
     for device in devices:
-        stdout.print(f"{escape(device.name)} ({escape(device.host)}):")
+        stdout.print(f"{shown(device.name)} ({shown(device.host)}):")
         for number, step in enumerate(book.steps, 1):
-            stdout.print(f"  {number}. {escape(step.name)}: {escape(describe(step))}")
+            stdout.print(f"  {number}. {shown(step.name)}: {shown(describe(step))}")
 
 
 def _print_summary(result: RunResult, verdicts: list[Verdict], run_id: int, latency: list[LatencyResult]) -> None:
@@ -236,7 +235,7 @@ def _print_summary(result: RunResult, verdicts: list[Verdict], run_id: int, late
         counts = [str(sum(1 for i in device.items if i.status == s)) for s in ("pass", "fail", "error", "miss",
                                                                                "skip")]
         status_style = {"pass": "green", "skip": "green", "fail": "red", "error": "yellow"}.get(device.status, "")
-        table.add_row(escape(device.device), device.state,
+        table.add_row(shown(device.device), device.state,
                       f"[{status_style}]{device.status}[/{status_style}]" if status_style else device.status,
                       f"{len(passed)}/{len(steps)}", *counts,
                       *(str(sum(1 for v in mine if v.kind == k)) for k in ("new_failure", "fixed", "flaky")),
@@ -245,20 +244,20 @@ def _print_summary(result: RunResult, verdicts: list[Verdict], run_id: int, late
     _print_notes(result.devices, verdicts)
     for trend in latency:
         if trend.kind in ("regression", "improvement"):
-            stdout.print(f"{escape(trend.device)}: {escape(trend.step)} {escape(trend.item)}: {trend.kind} "
-                         f"({escape(trend.note)})")
+            stdout.print(f"{shown(trend.device)}: {shown(trend.step)} {shown(trend.item)}: {trend.kind} "
+                         f"({shown(trend.note)})")
 
 
 def _print_notes(devices: tuple[DeviceResult, ...], verdicts: list[Verdict]) -> None:
     """Below the table: why each offline device is offline, each new failure, fix and change of driver."""
     for device in devices:
         if device.state != "ok":
-            stdout.print(f"{escape(device.device)}: {device.state}: {escape(device.reason)}")
+            stdout.print(f"{shown(device.device)}: {device.state}: {shown(device.reason)}")
     reasons = {(d.device, i.step, i.item): i.reason for d in devices for i in d.items}
     for verdict in verdicts:
         if verdict.kind in ("new_failure", "fixed", "flaky") or verdict.note:
             where = f"{verdict.step}{' ' + verdict.item if verdict.item else ''}"
             why = reasons.get((verdict.device, verdict.step, verdict.item), "")
             extra = "; ".join(x for x in (verdict.note, why) if x)
-            stdout.print(f"{escape(verdict.device)}: {escape(where)}: {verdict.label}"
-                         + (f" ({escape(extra)})" if extra else ""))
+            stdout.print(f"{shown(verdict.device)}: {shown(where)}: {verdict.label}"
+                         + (f" ({shown(extra)})" if extra else ""))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,6 +9,7 @@ import typer
 from rich.table import Table
 
 from deployer.cli.app import DEFAULT_SIM_DIR, JsonOption, SimDirOption, SimServer, sim_app, stdout
+from deployer.cli.render import emit_json
 from deployer.errors import InputError
 
 
@@ -102,7 +102,7 @@ def sim_status(folder: SimDirOption = DEFAULT_SIM_DIR, as_json: JsonOption = Fal
 
     rows = fleet_status(folder)
     if as_json:
-        stdout.print_json(json.dumps({"devices": rows}))
+        emit_json({"schema_version": 1, "devices": rows})
         return
     table = Table("device", "address", "pid", "running", "pocl device", "server", "rtt ms", "rate kbit")
     for row in rows:

@@ -640,8 +640,8 @@ def _rollback_device(device: Device, cache: Path, accept_new_host_keys: bool) ->
             parse_cache(data)
         except ValueError as exc:
             raise AgentError(f"the rolled-back cache file is not a MACE container: {exc}", kind="bad_cache") from exc
-        fingerprint = manifest.get("fingerprint")
-        store_device(cache, device.name, data, manifest, fingerprint if isinstance(fingerprint, dict) else {}, {})
+        fingerprint = parse_fingerprint(manifest["fingerprint"]) if "fingerprint" in manifest else {}
+        store_device(cache, device.name, data, manifest, fingerprint, {})
         return RollbackOutcome(device.name, True, current, previous)
     except DeviceError as exc:
         return RollbackOutcome(device.name, False, error=exc.reason)

@@ -1,0 +1,45 @@
+"""The one way commands show what they found: board and file text made visible, JSON documents whole.
+
+Every string a command prints that came from a board (file names, program keys, build logs, error messages,
+fingerprint strings, collected paths) or from a user's file goes through `shown`: control characters
+(escape sequences that clear the screen or retitle the window, bells, carriage returns) become visible
+`\\x1b`-style escapes, and Rich markup in it is escaped, so it prints as the text it is. `--json` documents
+go through `emit_json` (docs/json.md): JSON escapes control characters itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from rich.markup import escape
+
+from deployer.cli.app import stdout
+
+MAX_SHOWN = 8000  # characters of one value: a board's multi-megabyte log is cut, not scrolled
+
+
+def visible(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text` with every control character but newline and tab written as its escape, bounded."""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def shown(value: object, limit: int = MAX_SHOWN) -> str:
+    """A value for a Rich console: made visible, then its markup escaped."""
+    return escape(visible(str(value), limit))
+
+
+def emit_json(document: Mapping[str, Any]) -> None:
+    """One JSON document on stdout (`--json` in every command)."""
+    stdout.print_json(json.dumps(document))
+
+
+def device_line(name: str, verdict: str, color: str, detail: str | None = None) -> None:
+    """`name: verdict detail`, the plain per-device line of the commands without a table."""
+    stdout.print(f"{shown(name)}: [{color}]{verdict}[/{color}]" + (f" {shown(detail)}" if detail else ""))
