@@ -40,6 +40,7 @@ from deployer.history.records import (
     VerdictKind,
 )
 from deployer.history.verdicts import VerdictCounts, change_note, flips, judge, summarize
+from deployer.sim.fleet import Fleet
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = 86400.0
@@ -689,3 +690,15 @@ def test_summarize_counts_per_device() -> None:
         "pi-1": VerdictCounts(new_failure=2, flaky=1),
         "pi-2": VerdictCounts(fixed=1, still_failing=1, still_passing=1),
     }
+
+
+def test_files_that_hold_a_labs_details_are_their_owners_only(tmp_path: Path, fleet: Fleet) -> None:
+    """history.db names boards, drivers and commands; a cache holds binaries and build logs; a key is a key:
+    none is readable by other users of the controller (SQLite alone made the history 0644)."""
+    from deployer.cache.store import cache_lock
+
+    History.open(tmp_path / "history.db").close()
+    with cache_lock(tmp_path / "cache"):
+        pass
+    for path in (tmp_path / "history.db", tmp_path / "cache", fleet.folder / "client_key"):
+        assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))

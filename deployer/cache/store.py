@@ -153,7 +153,7 @@ def cache_lock(cache: Path, *, wait: float = 0.0) -> AbstractContextManager[None
 
     With `wait` > 0 a held lock is tried again every LOCK_POLL_S for up to `wait` seconds (`--wait`)."""
     try:
-        cache.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new cache is its owner's only (binaries, logs)
     except OSError as exc:
         raise LocalStateError(f"cannot use cache folder {cache}: {exc.strerror or exc}") from exc
     return hold_lock(cache / ".lock", f"cache {cache}", wait=wait)

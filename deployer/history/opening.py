@@ -11,6 +11,7 @@ one transaction; an older one is migrated in one.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def connect(path: Path, *, create: bool, wait_s: float, read_only: bool = False)
     schema); autocommit (the caller BEGINs), shared between threads (the caller locks), foreign keys on,
     synchronous FULL, rollback journal."""
     exists = _check_file(path, create=create)
+    if not exists and not read_only:
+        _create_private(path)
     uri = f"{path.absolute().as_uri()}?mode=ro" if read_only else _uri(path, create=not exists)
     try:
         db = sqlite3.connect(uri, uri=True, timeout=wait_s, isolation_level=None, check_same_thread=False)
@@ -41,6 +44,19 @@ def connect(path: Path, *, create: bool, wait_s: float, read_only: bool = False)
             _discard_empty(path)
         raise
     return db
+
+
+def _create_private(path: Path) -> None:
+    """An empty file readable by its owner only, for SQLite to make a database of (it would use 0644, and its
+    journal takes the database's mode): the history names boards, drivers and commands."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise HistoryError(f"cannot write {path}: its folder {path.absolute().parent} is not writable "
+                           f"({exc.strerror or exc}): make the folder writable or choose another history file"
+                           ) from exc
 
 
 def _check_file(path: Path, *, create: bool) -> bool:
