@@ -9,7 +9,6 @@ error, not a no-op.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from graphlib import CycleError, TopologicalSorter
@@ -20,28 +19,22 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from deployer.config import sshconfig
 from deployer.config.fields import (
+    ALL,
+    NAME,
     Parser,
     check_name,
     did_you_mean,
     optional,
-    parse_bool,
-    parse_choice,
     parse_fields,
-    parse_index_or_text,
-    parse_jump,
     parse_name,
     parse_path,
-    parse_port,
-    parse_remote_dir,
-    parse_retries,
-    parse_seconds,
-    parse_text,
-    parse_text_map,
     parse_vars,
-    parse_word,
-    section,
 )
 from deployer.config.files import MAX_INVENTORY, read_user_file
+from deployer.config.formats.ansible import load_ansible
+from deployer.config.formats.detect import FORMATS, detect
+from deployer.config.formats.model import FleetSpec
+from deployer.config.schema import DEVICE, LAYER
 from deployer.config.sshconfig import JumpHost
 from deployer.config.yamlnodes import (
     TAG,
@@ -58,11 +51,8 @@ from deployer.config.yamlnodes import (
 )
 from deployer.errors import InputError, InventoryError, Where
 
-DEVICE_TYPES = ("gpu", "cpu", "accelerator", "any")
 MAX_JUMPS = 8  # ProxyJump hops, the jump hosts' own ProxyJump included
-HOST_KEY_CHECKING = ("strict", "accept-new")
 LOCAL_HOST = "local"  # `host: local` runs on the controller itself
-_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +119,25 @@ class Inventory:
     path: str
     devices: tuple[Device, ...]
     groups: Mapping[str, Group]  # in vars order: by depth, then name
+    tree: tuple[Group, ...] = ()  # Ansible inventories: every group as declared, `all` first (for --limit)
+    format: str = "deploy"  # the format it was read from (formats.detect.FORMATS)
 
 
-def load_inventory(path: str | os.PathLike[str]) -> Inventory:
-    """Read and check the inventory at `path`; raises `InventoryError` and nothing else."""
+def load_inventory(path: str | os.PathLike[str], form: str | None = None) -> Inventory:
+    """Read and check the inventory at `path`, in any format `--fleet` takes (`form`: one of
+    `formats.detect.FORMATS`, None: told by content); raises `InventoryError` and nothing else."""
     file = os.fspath(path)
-    data = read_user_file(file, MAX_INVENTORY, "the inventory", InventoryError)
-    if data is None:
-        raise InventoryError(Where(file), None, "no such file")
-    return parse_inventory(data, file)
+    if form is not None and form not in FORMATS:
+        raise InventoryError(None, "fleet-format", f"unknown format {form!r} (known: {', '.join(FORMATS)})")
+    form = form or detect(file)
+    if form == "deploy":
+        data = read_user_file(file, MAX_INVENTORY, "the inventory", InventoryError)
+        if data is None:
+            raise InventoryError(Where(file), None, "no such file")
+        return parse_inventory(data, file)
+    if form.startswith("ansible"):
+        return from_spec(load_ansible(file, form.removeprefix("ansible").removeprefix("-") or None))
+    raise InventoryError(Where(file), "fleet-format", f"format {form!r} is not readable yet")
 
 
 def parse_inventory(source: str | bytes, path: str | os.PathLike[str] = "<inventory>") -> Inventory:
@@ -161,44 +161,56 @@ def parse_inventory(source: str | bytes, path: str | os.PathLike[str] = "<invent
     return Inventory(file, devices, MappingProxyType(groups))
 
 
+def from_spec(spec: FleetSpec, form: str = "ansible") -> Inventory:
+    """The inventory a format read into a `FleetSpec`: its hosts as devices (fields as our YAML's entries
+    hold them), its groups with their vars in the spec's order; names checked as ours are."""
+    entries = []
+    for host in spec.hosts:
+        _check_spec_name(host.name, host.where, "host")
+        entries.append(_Entry(host.name, host.where, dict(host.fields)))
+    rank = {host.name: index for index, host in enumerate(spec.hosts)}
+    raw = {g.name: g for g in spec.groups}
+    holds: dict[str, set[str]] = {}
+
+    def held(name: str, depth: int) -> set[str]:
+        if name not in holds:
+            if depth > len(raw):
+                raise InventoryError(raw[name].where, None, f"group cycle through {name!r}")
+            holds[name] = set(raw[name].hosts).union(*(held(c, depth + 1) for c in raw[name].children))
+        return holds[name]
+
+    tree = []
+    for group in spec.groups:
+        if group.name != "all":
+            _check_spec_name(group.name, group.where, "group")
+        members = tuple(sorted(held(group.name, 0), key=rank.__getitem__))
+        tree.append(Group(group.name, group.hosts, group.children, members, group.vars, group.where))
+    by_name = {g.name: g for g in tree}
+    groups = {name: by_name[name] for name in spec.vars_order}
+    config = None
+    if spec.ssh_config is not None and any(e.host != LOCAL_HOST for e in entries):
+        try:
+            config = sshconfig.load_ssh_config(spec.ssh_config)
+        except InputError as exc:
+            raise InventoryError(Where(spec.file), "ssh_config", str(exc)) from exc
+    devices = []
+    for entry, host in zip(entries, spec.hosts, strict=True):
+        device = _device(entry, {}, groups, config)
+        devices.append(replace(device, vars=host.vars))
+    return Inventory(spec.file, _with_jumps(tuple(devices), config), MappingProxyType(groups), tuple(tree), form)
+
+
+def _check_spec_name(name: str, where: Where, kind: str) -> None:
+    if name in ALL or not NAME.fullmatch(name):
+        rule = "up to 255 letters, digits, '.', '_', '-', starting with a letter or digit; 'all' is reserved"
+        raise InventoryError(where, None, f"{kind} name {name!r} cannot be a device name here: {rule}")
+
+
 def describe(device: Device) -> dict[str, object]:
     """A JSON-able view of a device, in record order; `env` values are masked (they may hold tokens)."""
     view = cast(dict[str, object], to_plain(device))
     view["env"] = {key: "***" for key in device.env}
     return view
-
-_OPENCL: dict[str, Parser] = {
-    "platform": parse_index_or_text,
-    "device": parse_index_or_text,
-    "device_type": parse_choice(*DEVICE_TYPES),
-}
-
-_SSH: dict[str, Parser] = {
-    "known_hosts": parse_path,
-    "host_key_checking": parse_choice(*HOST_KEY_CHECKING),
-    "options": parse_text_map(None, "an option name"),
-    "agent": parse_bool,
-}
-
-_TIMEOUTS: dict[str, Parser] = {"connect": parse_seconds, "command": parse_seconds, "device": optional(parse_seconds)}
-
-_LAYER: dict[str, Parser] = {  # what `defaults` and each device may set
-    "user": parse_word,
-    "port": parse_port,
-    "python": parse_text,
-    "remote_dir": parse_remote_dir,
-    "identity_file": optional(parse_path),
-    "proxy_jump": optional(parse_jump),
-    "connect_retries": parse_retries,
-    "opencl": section(_OPENCL),
-    "ssh": section(_SSH),
-    "timeouts": section(_TIMEOUTS),
-    "env": parse_text_map(_ENV_KEY, "a variable name ([A-Za-z_][A-Za-z0-9_]*)", secret=True),
-    "labels": parse_text_map(None, "a label name"),
-    "vars": parse_vars,
-}
-
-_DEVICE: dict[str, Parser] = {"host": parse_word, **_LAYER}
 
 _FROM_STRICT_HOST_KEY_CHECKING = {"yes": "strict", "accept-new": "accept-new"}  # no/off/ask: never weaker
 
@@ -246,7 +258,7 @@ def _devices(node: Node, ctx: Context) -> list[_Entry]:
         if name in entries:
             first = entries[name].where.line
             raise device.sub("name").error(at, f"duplicate device name (first at line {first})")
-        fields = parse_fields(value, device, _DEVICE, skip)
+        fields = parse_fields(value, device, DEVICE, skip)
         if "host" not in fields:
             raise device.sub("host").error(at, "missing: give an address, an ssh config alias or 'local'")
         entries[name] = _Entry(name, Where(ctx.doc.file, line_of(at)), fields)
@@ -504,7 +516,7 @@ def _group(raw: _RawGroup, devices: list[str], ctx: Context) -> Group:
 # --- top level and --limit --------------------------------------------------------------------------------
 
 _TOP: dict[str, Parser] = {
-    "defaults": lambda node, ctx: parse_fields(node, ctx, _LAYER),
+    "defaults": lambda node, ctx: parse_fields(node, ctx, LAYER),
     "devices": _devices,
     "groups": lambda node, ctx: node,  # checked after the devices, by `_groups`
     "ssh_config": optional(parse_path),
