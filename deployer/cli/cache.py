@@ -12,6 +12,7 @@ from rich.table import Table
 
 from deployer.cli.app import (
     AcceptNewOption,
+    FleetFormatOption,
     FleetOption,
     ForksOption,
     JsonOption,
@@ -123,6 +124,7 @@ def cache_install(
     fleet: FleetOption,
     to: Annotated[str, typer.Option("--to", help="Path on each device where the app reads its cache file.")],
     limit: LimitOption = None,
+    fleet_format: FleetFormatOption = None,
     cache: CacheOption = Path("cache"),
     forks: ForksOption = 16,
     accept_new_host_keys: AcceptNewOption = False,
@@ -130,7 +132,7 @@ def cache_install(
     """Copy each device's cache file to where its app reads it, on devices whose driver still matches."""
     from deployer.tasks.collect import install_fleet
 
-    outcomes = install_fleet(select_devices(fleet, limit), cache, to, forks=forks,
+    outcomes = install_fleet(select_devices(fleet, limit, form=fleet_format), cache, to, forks=forks,
                              accept_new_host_keys=accept_new_host_keys)
     for o in outcomes:
         color = {"installed": "green", "skipped": "yellow"}.get(o.status, "red")

@@ -6,13 +6,22 @@ import json
 
 from rich.table import Table
 
-from deployer.cli.app import FleetOption, JsonOption, LimitOption, inventory_app, select_devices, stdout
+from deployer.cli.app import (
+    FleetFormatOption,
+    FleetOption,
+    JsonOption,
+    LimitOption,
+    inventory_app,
+    select_devices,
+    stdout,
+)
 
 
 @inventory_app.command("check")
-def inventory_check(fleet: FleetOption, limit: LimitOption = None, as_json: JsonOption = False) -> None:
+def inventory_check(fleet: FleetOption, limit: LimitOption = None, fleet_format: FleetFormatOption = None,
+                    as_json: JsonOption = False) -> None:
     """Validate an inventory (and a --limit) without touching any device."""
-    devices = select_devices(fleet, limit)
+    devices = select_devices(fleet, limit, form=fleet_format)
     if as_json:
         stdout.print_json(json.dumps({"ok": True, "devices": [d.name for d in devices]}))
     else:
@@ -20,11 +29,12 @@ def inventory_check(fleet: FleetOption, limit: LimitOption = None, as_json: Json
 
 
 @inventory_app.command("list")
-def inventory_list(fleet: FleetOption, limit: LimitOption = None, as_json: JsonOption = False) -> None:
+def inventory_list(fleet: FleetOption, limit: LimitOption = None, fleet_format: FleetFormatOption = None,
+                   as_json: JsonOption = False) -> None:
     """List the selected devices with their resolved settings (secrets hidden)."""
     from deployer.config.inventory import describe
 
-    devices = select_devices(fleet, limit)
+    devices = select_devices(fleet, limit, form=fleet_format)
     if as_json:
         stdout.print_json(json.dumps({"devices": [describe(d) for d in devices]}))
         return

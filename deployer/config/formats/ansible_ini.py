@@ -34,9 +34,11 @@ def parse_ini(text: str, file: str, data: AnsibleData) -> None:
         line = raw.strip()
         if not line or line[0] in "#;":
             continue
-        if line.startswith("["):
+        if line.startswith("[") and (_SECTION.fullmatch(line) or line.endswith("]")):
             group, state = _section(line, where, data, pending)
             continue
+        if line.startswith("[") and "]" not in line:
+            raise InventoryError(where, None, f"section header {line[:60]!r} never closes: expected ']'")
         if state == "hosts":
             _host_line(line, where, group, data)
         elif state == "vars":
@@ -65,8 +67,6 @@ def _section(line: str, where: Where, data: AnsibleData, pending: dict[str, tupl
              ) -> tuple[str, str]:
     match = _SECTION.fullmatch(line)
     if match is None:
-        if "]" not in line:
-            raise InventoryError(where, None, f"section header {line[:60]!r} never closes: expected ']'")
         raise InventoryError(where, None, f"invalid section header {line[:60]!r}: expected [group], "
                                           "[group:children] or [group:vars], no spaces")
     name, state = match.group(1), match.group(2) or "hosts"

@@ -45,7 +45,7 @@ def detect(path: str) -> str:
     if isinstance(root, ScalarNode) and root.tag.endswith(":str"):
         return "ansible-ini"  # host names one per line read as YAML text
     if not isinstance(root, MappingNode):
-        return "ansible-ini" if looks_like_ini(text) else "deploy"
+        return "ansible-ini" if looks_like_ini(text) or text.lstrip().startswith("[") else "deploy"
     pairs = mapping_pairs(root, ctx)
     if "devices" in pairs:
         return "mace" if _is_mace(pairs["devices"][1], ctx) else "deploy"
