@@ -626,7 +626,7 @@ Host *.lab !secret.lab
     UserKnownHostsFile ~/.ssh/known_lab /etc/ssh/other
 Host pi-??
     HostName %h.lan
-Match exec "true"
+Match originalhost m.lab user bob
     User matcher
 Host *
     User everyone

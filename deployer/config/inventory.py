@@ -34,6 +34,7 @@ from deployer.config.files import MAX_INVENTORY, read_user_file
 from deployer.config.formats.ansible import load_ansible
 from deployer.config.formats.detect import FORMATS, detect
 from deployer.config.formats.model import FleetSpec
+from deployer.config.formats.ssh_aliases import load_aliases
 from deployer.config.schema import DEVICE, LAYER
 from deployer.config.sshconfig import JumpHost
 from deployer.config.yamlnodes import (
@@ -137,6 +138,8 @@ def load_inventory(path: str | os.PathLike[str], form: str | None = None) -> Inv
         return parse_inventory(data, file)
     if form.startswith("ansible"):
         return from_spec(load_ansible(file, form.removeprefix("ansible").removeprefix("-") or None))
+    if form == "ssh":
+        return from_spec(load_aliases(file), "ssh")
     raise InventoryError(Where(file), "fleet-format", f"format {form!r} is not readable yet")
 
 
