@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
     from deployer.config.inventory import Device
@@ -94,4 +95,6 @@ def select_devices(fleet: Path, limit: str | None, cache: Path | None = None,
     from deployer.config.selection import select
 
     inventory = load_inventory(fleet, form.value if form is not None else None)
+    for note in inventory.notes:  # read but not used (a devices.yml password): said, never silently dropped
+        stderr.print(f"deploy: note: {escape(note)}")
     return list(select(inventory, limit, named_sets=last_run_sets(cache) if cache else None))

@@ -33,6 +33,7 @@ from deployer.config.fields import (
 from deployer.config.files import MAX_INVENTORY, read_user_file
 from deployer.config.formats.ansible import load_ansible
 from deployer.config.formats.detect import FORMATS, detect
+from deployer.config.formats.mace_devices import parse_mace
 from deployer.config.formats.model import FleetSpec
 from deployer.config.formats.ssh_aliases import load_aliases
 from deployer.config.schema import DEVICE, LAYER
@@ -103,6 +104,7 @@ class Device:
     is_local: bool
     connect_retries: int = 2  # further connect attempts after a transient failure (refused, reset, timeout)
     jumps: tuple[JumpHost, ...] = ()  # the ProxyJump hops, first reached first
+    origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # field -> where it was set
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,8 @@ class Inventory:
     groups: Mapping[str, Group]  # in vars order: by depth, then name
     tree: tuple[Group, ...] = ()  # Ansible inventories: every group as declared, `all` first (for --limit)
     format: str = "deploy"  # the format it was read from (formats.detect.FORMATS)
+    notes: tuple[str, ...] = ()  # what was read but not used (a devices.yml password), for the CLI to show
+    ssh_config: str | None = sshconfig.DEFAULT_PATH  # the ssh config its aliases resolved through (None: none)
 
 
 def load_inventory(path: str | os.PathLike[str], form: str | None = None) -> Inventory:
@@ -140,7 +144,13 @@ def load_inventory(path: str | os.PathLike[str], form: str | None = None) -> Inv
         return from_spec(load_ansible(file, form.removeprefix("ansible").removeprefix("-") or None))
     if form == "ssh":
         return from_spec(load_aliases(file), "ssh")
-    raise InventoryError(Where(file), "fleet-format", f"format {form!r} is not readable yet")
+    if form == "mace":
+        data = read_user_file(file, MAX_INVENTORY, "the inventory", InventoryError)
+        if data is None:
+            raise InventoryError(Where(file), None, "no such file")
+        spec, notes = parse_mace(data, file)
+        return replace(from_spec(spec, "mace"), notes=notes)
+    raise InventoryError(Where(file), "fleet-format", f"unknown format {form!r}")  # FORMATS are all read above
 
 
 def parse_inventory(source: str | bytes, path: str | os.PathLike[str] = "<inventory>") -> Inventory:
@@ -160,8 +170,11 @@ def parse_inventory(source: str | bytes, path: str | os.PathLike[str] = "<invent
     entries: list[_Entry] = top["devices"]
     groups = _groups(top.get("groups"), ctx.sub("groups"), {e.name: e for e in entries})
     config = _ssh_config(root, top, ctx) if any(e.host != LOCAL_HOST for e in entries) else None
-    devices = _with_jumps(tuple(_device(e, defaults, groups, config) for e in entries), config)
-    return Inventory(file, devices, MappingProxyType(groups))
+    at = _node_of(root, "defaults", ctx)
+    below = {key: f"{file}:{line_of(k)}" for key, (k, _) in as_mapping(at, ctx).items()} if at is not None else {}
+    devices = _with_jumps(tuple(_device(e, defaults, groups, config, below) for e in entries), config)
+    ssh_path = cast(str | None, top.get("ssh_config", sshconfig.DEFAULT_PATH))
+    return Inventory(file, devices, MappingProxyType(groups), ssh_config=ssh_path)
 
 
 def from_spec(spec: FleetSpec, form: str = "ansible") -> Inventory:
@@ -170,7 +183,7 @@ def from_spec(spec: FleetSpec, form: str = "ansible") -> Inventory:
     entries = []
     for host in spec.hosts:
         _check_spec_name(host.name, host.where, "host")
-        entries.append(_Entry(host.name, host.where, dict(host.fields)))
+        entries.append(_Entry(host.name, host.where, dict(host.fields), host.origins))
     rank = {host.name: index for index, host in enumerate(spec.hosts)}
     raw = {g.name: g for g in spec.groups}
     holds: dict[str, set[str]] = {}
@@ -199,8 +212,10 @@ def from_spec(spec: FleetSpec, form: str = "ansible") -> Inventory:
     devices = []
     for entry, host in zip(entries, spec.hosts, strict=True):
         device = _device(entry, {}, groups, config)
-        devices.append(replace(device, vars=host.vars))
-    return Inventory(spec.file, _with_jumps(tuple(devices), config), MappingProxyType(groups), tuple(tree), form)
+        var_origins = {key: value for key, value in host.origins.items() if key.startswith("vars.")}
+        devices.append(replace(device, vars=host.vars, origins=MappingProxyType({**device.origins, **var_origins})))
+    jumped = _with_jumps(tuple(devices), config)
+    return Inventory(spec.file, jumped, MappingProxyType(groups), tuple(tree), form, ssh_config=spec.ssh_config)
 
 
 def _check_spec_name(name: str, where: Where, kind: str) -> None:
@@ -241,6 +256,7 @@ class _Entry:
     name: str
     where: Where
     fields: dict[str, Any]  # what the device sets itself, parsed
+    origins: Mapping[str, str] = field(default_factory=dict)  # field -> "file:line" it was set at
 
     @property
     def host(self) -> str:
@@ -264,7 +280,8 @@ def _devices(node: Node, ctx: Context) -> list[_Entry]:
         fields = parse_fields(value, device, DEVICE, skip)
         if "host" not in fields:
             raise device.sub("host").error(at, "missing: give an address, an ssh config alias or 'local'")
-        entries[name] = _Entry(name, Where(ctx.doc.file, line_of(at)), fields)
+        origins = {key: f"{ctx.doc.file}:{line_of(k)}" for key, (k, _) in as_mapping(value, device).items()}
+        entries[name] = _Entry(name, Where(ctx.doc.file, line_of(at)), fields, origins)
     if not entries:
         raise ctx.error(node, "no devices listed")
     return list(entries.values())
@@ -299,7 +316,8 @@ def _node_of(root: Node, key: str, ctx: Context) -> Node | None:
 
 
 def _device(
-    entry: _Entry, defaults: Mapping[str, Any], groups: Mapping[str, Group], config: sshconfig.SshConfig | None
+    entry: _Entry, defaults: Mapping[str, Any], groups: Mapping[str, Group], config: sshconfig.SshConfig | None,
+    below: Mapping[str, str] | None = None,
 ) -> Device:
     is_local = entry.host == LOCAL_HOST
     seen = _resolve(config, entry) if config is not None and not is_local else None
@@ -331,7 +349,30 @@ def _device(
         proxy_jump=merged["proxy_jump"],
         is_local=is_local,
         connect_retries=merged["connect_retries"],
+        origins=_origins(entry, below or {}, _ssh_layer(seen), config),
     )
+
+
+ORIGIN_FIELDS = ("host", "port", "user", "identity_file", "proxy_jump", "python", "remote_dir", "connect_retries",
+                 "opencl", "ssh", "timeouts", "env", "labels")
+
+
+def _origins(entry: _Entry, below: Mapping[str, str], ssh_layer: Mapping[str, object],
+             config: sshconfig.SshConfig | None) -> Mapping[str, str]:
+    """Where each field's value came from: the device's line, `defaults`' line, the ssh config's Host block
+    (`hostname` for `host`), or the built-in default."""
+    out = {}
+    for key in ORIGIN_FIELDS:
+        from_config = config is not None and ssh_layer.get("hostname" if key == "host" else key) not in (None, {})
+        if key in entry.origins and not (key == "host" and from_config):
+            out[key] = entry.origins[key]
+        elif key in below:
+            out[key] = f"{below[key]} (defaults)"
+        elif from_config and config is not None:
+            out[key] = f"{config.path} (Host {entry.host})"
+        else:
+            out[key] = "default"
+    return MappingProxyType(out)
 
 
 def _with_jumps(devices: tuple[Device, ...], config: sshconfig.SshConfig | None) -> tuple[Device, ...]:
@@ -414,6 +455,7 @@ def _ssh_layer(seen: sshconfig.SshHostConfig | None) -> dict[str, object]:
         "identity_file": seen.identity_file,
         "proxy_jump": seen.proxy_jump,
         "ssh": {key: value for key, value in ssh.items() if value is not None},
+        "hostname": seen.hostname,
     }
     return {key: value for key, value in layer.items() if value is not None}
 

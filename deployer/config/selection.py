@@ -80,7 +80,7 @@ class _Matcher:
     def __init__(self, inventory: Inventory, named_sets: Mapping[str, Sequence[str]]) -> None:
         self.inventory, self.named_sets = inventory, named_sets
         self.hosts = [d.name for d in inventory.devices]
-        self.tree = {g.name: g for g in (inventory.tree or _tree(inventory))}
+        self.tree = {g.name: g for g in group_tree(inventory)}
 
     def evaluate(self, patterns: list[str]) -> set[str]:
         plain = [p for p in patterns if p[0] not in "!&"]
@@ -177,8 +177,11 @@ def _split_subscript(pattern: str) -> tuple[str, tuple[int, int | None] | None]:
     return base, (int(start), int(end) if end else -1)
 
 
-def _tree(inventory: Inventory) -> list[Group]:
-    """Our YAML inventory's groups as Ansible would hold them: `all` over `ungrouped` and the top groups."""
+def group_tree(inventory: Inventory) -> list[Group]:
+    """Every group as Ansible holds them, `all` first: an Ansible inventory's as read; for our YAML, `all` over
+    `ungrouped` (the devices in no group) and the top groups."""
+    if inventory.tree:
+        return list(inventory.tree)
     held = {d for g in inventory.groups.values() for d in g.devices}
     children = {c for g in inventory.groups.values() for c in g.children}
     top = [name for name in inventory.groups if name not in children]

@@ -297,6 +297,7 @@ def _host_spec(host: RawHost, values: dict[str, Value]) -> HostSpec:
             origins[name] = str(value.where)
         elif not key.startswith("ansible_") or key not in _MAPPED:
             free[key] = _plain(value)
+            origins[f"vars.{key}"] = str(value.where)
     fields.setdefault("host", host.name)
     origins.setdefault("host", str(host.where))
     return HostSpec(host.name, host.where, fields, MappingProxyType(free), MappingProxyType(origins))
