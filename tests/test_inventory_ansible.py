@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deployer.config.formats.detect import detect
 from deployer.config.inventory import Device, Inventory, describe, load_inventory
@@ -272,6 +274,7 @@ BAD: list[tuple[str, str, str, int, str]] = [
     ("reversed range", "hosts", "[g]\npi[3:1]\n", 2, "host range 'pi[3:1]': the range [3:1] ends before it begins"),
     ("range without end", "hosts", "[g]\npi[3:]\n", 2, "has no end"),
     ("range of mixed width", "hosts", "[g]\npi[01:100]\n", 2, "equal width"),
+    ("huge range", "hosts", "[g]\nh[0:99999999]\n", 2, "expands to over 10000 hosts"),
     ("range of words", "hosts", "[g]\npi[ab:cd]\n", 2, "numbers or of single letters"),
     ("host var without =", "hosts", "[g]\nh1 ansible_user\n", 2, "host var 'ansible_user' needs key=value"),
     ("group var without =", "hosts", "[g]\nh1\n[g:vars]\nowner\n", 4, "[g:vars]: expected key=value"),
@@ -414,3 +417,43 @@ def test_limit_errors(tmp_path: Path, limit: str, words: str) -> None:
     with pytest.raises(InputError) as caught:
         select(load_inventory(tmp_path / "hosts"), limit)
     assert words in caught.value.problem and caught.value.field == "limit"
+
+
+# --- any input: an Inventory or an InventoryError with file:line ------------------------------------------------
+
+INI_LINES = [
+    "[g]", "[g:vars]", "[g:children]", "[p:children]", "[p]", "[all:vars]", "[g", "[g x]", "[g:foo]", "h1",
+    "h1 a=1", "h[1:3] ansible_port=2200", "h[3:1]", "h[a:c:0]", "h[0:99999999]", "h[0:9][0:9][0:9][0:9][0:9]",
+    "h1 ansible_password=x", "h1 ansible_connection=local", "h1 ansible_connection=docker", "g", "p", "k=v",
+    "ansible_group_priority=x", "ansible_group_priority=2", "h1:", "h1:99999", "[::1]:22", "h1 x", "h1 'unclosed",
+    "deploy_env={'A': 1}", "deploy_remote_dir=/x", "h1 ansible_ssh_common_args='-J a@b:22 -o Foo=1'", "# c", "; c",
+    "h1 v=[[[[[[[[[[1]]]]]]]]]]", "h1 v=1e400", "h1 v=b'x'", "h1 v=...", "h1 v=1j", "---", "all:", "  hosts:",
+    "    h2:", "      ansible_port: x", "  children:", "    g: [a]", "plugin: x", "#!/bin/sh", "$ANSIBLE_VAULT;1.1",
+]
+
+
+def check_any(tmp_path: Path, name: str, source: str | bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(source if isinstance(source, bytes) else source.encode("utf-8", "surrogatepass"))
+    try:
+        inventory = load_inventory(path)
+    except InventoryError as error:
+        assert error.where is not None and error.where.file.startswith(str(tmp_path)), str(error)
+        assert error.where.line >= 1 or error.problem.startswith(("no hosts", "the inventory", "not UTF-8")) \
+            or "no such file" in error.problem, str(error)
+    else:
+        assert inventory.devices
+        for device in inventory.devices:
+            describe(device)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(INI_LINES), max_size=10))
+def test_any_ini_or_yaml_lines(tmp_path: Path, lines: list[str]) -> None:
+    check_any(tmp_path, "hosts", "\n".join(lines) + "\n")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=200) | st.binary(max_size=200))
+def test_any_text_as_hosts(tmp_path: Path, source: str | bytes) -> None:
+    check_any(tmp_path, "hosts", source)

@@ -52,6 +52,9 @@ class RangeError(ValueError):
     """A host range that cannot be expanded (the message says why)."""
 
 
+MAX_RANGE_HOSTS = 10_000  # names one host line may expand to: a fleet, not a typo's billion
+
+
 _LABEL_RANGE = r"\[(?:[a-z]:[a-z]|[0-9]+:[0-9]+)(?::[0-9]+)?\]"
 _LABEL = rf"(?:\w|{_LABEL_RANGE})(?:[\w_-]|{_LABEL_RANGE})*(?<![_-])"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.I | re.UNICODE)
@@ -82,6 +85,13 @@ def _is_ip(text: str) -> bool:
 
 def expand_range(pattern: str) -> list[str]:
     """Host names of `pi[01:20].lab`, `node-[a:f]`, `x[0:9:3]` (several ranges multiply); raises RangeError."""
+    names = _expand(pattern)
+    if len(names) > MAX_RANGE_HOSTS:
+        raise RangeError(f"expands to {len(names)} hosts, over the limit of {MAX_RANGE_HOSTS}")
+    return names
+
+
+def _expand(pattern: str) -> list[str]:
     if "[" not in pattern:
         return [pattern]
     head, bracket, rest = pattern.partition("[")
@@ -109,7 +119,14 @@ def expand_range(pattern: str) -> list[str]:
             raise RangeError(f"the range [{inner}] needs begin and end of equal width ({begin!r}, {end!r})")
         if int(begin) > int(end):
             raise RangeError(f"the range [{inner}] ends before it begins")
+        if (int(end) - int(begin)) // step >= MAX_RANGE_HOSTS:
+            raise RangeError(f"the range [{inner}] expands to over {MAX_RANGE_HOSTS} hosts")
         items = [str(n).zfill(width) for n in range(int(begin), int(end) + 1, step)]
     else:
         raise RangeError(f"a host range is of numbers or of single letters (got [{inner}])")
-    return [name for item in items for name in expand_range(head + item + tail)]
+    names = []
+    for item in items:
+        names += _expand(head + item + tail)
+        if len(names) > MAX_RANGE_HOSTS:
+            raise RangeError(f"expands to over {MAX_RANGE_HOSTS} hosts")
+    return names
