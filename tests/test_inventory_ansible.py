@@ -317,6 +317,9 @@ BAD: list[tuple[str, str, str, int, str]] = [
      "only 'ssh -W %h:%p host'"),
     ("host named like a group", "hosts", "[web]\nweb\n", 2, "host 'web' is also the name of a group"),
     ("host name not a folder name", "hosts", "[g]\n[fe80::1]:22\n", 2, "cannot be a device name here"),
+    ("host name is a path", "hosts", "[g]\n/etc/hostname\n", 2,  # never read as host_vars//etc/hostname
+     "host name '/etc/hostname' cannot be a device name here"),
+    ("group name is a path", "hosts", "[../up]\nh1\n", 1, "group name '../up' cannot be a device name here"),
     ("group priority not a number", "hosts", "[g]\nh1\n[g:vars]\nansible_group_priority=high\n", 4,
      "group 'g': expected an integer"),
     ("no hosts", "hosts", "[g]\n[g:vars]\nk=v\n", 0, "no hosts in this Ansible inventory"),

@@ -19,8 +19,6 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from deployer.config import sshconfig
 from deployer.config.fields import (
-    ALL,
-    NAME,
     Parser,
     check_name,
     did_you_mean,
@@ -34,7 +32,7 @@ from deployer.config.files import MAX_INVENTORY, read_user_file
 from deployer.config.formats.ansible import load_ansible
 from deployer.config.formats.detect import FORMATS, detect
 from deployer.config.formats.mace_devices import parse_mace
-from deployer.config.formats.model import FleetSpec
+from deployer.config.formats.model import FleetSpec, check_spec_name
 from deployer.config.formats.ssh_aliases import load_aliases
 from deployer.config.schema import DEVICE, LAYER
 from deployer.config.sshconfig import JumpHost
@@ -182,7 +180,7 @@ def from_spec(spec: FleetSpec, form: str = "ansible") -> Inventory:
     hold them), its groups with their vars in the spec's order; names checked as ours are."""
     entries = []
     for host in spec.hosts:
-        _check_spec_name(host.name, host.where, "host")
+        check_spec_name(host.name, host.where, "host")
         entries.append(_Entry(host.name, host.where, dict(host.fields), host.origins))
     rank = {host.name: index for index, host in enumerate(spec.hosts)}
     raw = {g.name: g for g in spec.groups}
@@ -198,7 +196,7 @@ def from_spec(spec: FleetSpec, form: str = "ansible") -> Inventory:
     tree = []
     for group in spec.groups:
         if group.name != "all":
-            _check_spec_name(group.name, group.where, "group")
+            check_spec_name(group.name, group.where, "group")
         members = tuple(sorted(held(group.name, 0), key=rank.__getitem__))
         tree.append(Group(group.name, group.hosts, group.children, members, group.vars, group.where))
     by_name = {g.name: g for g in tree}
@@ -216,12 +214,6 @@ def from_spec(spec: FleetSpec, form: str = "ansible") -> Inventory:
         devices.append(replace(device, vars=host.vars, origins=MappingProxyType({**device.origins, **var_origins})))
     jumped = _with_jumps(tuple(devices), config)
     return Inventory(spec.file, jumped, MappingProxyType(groups), tuple(tree), form, ssh_config=spec.ssh_config)
-
-
-def _check_spec_name(name: str, where: Where, kind: str) -> None:
-    if name in ALL or not NAME.fullmatch(name):
-        rule = "up to 255 letters, digits, '.', '_', '-', starting with a letter or digit; 'all' is reserved"
-        raise InventoryError(where, None, f"{kind} name {name!r} cannot be a device name here: {rule}")
 
 
 def describe(device: Device) -> dict[str, object]:

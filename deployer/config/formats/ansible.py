@@ -9,19 +9,19 @@ is an error naming the host and the line, never skipped. docs/inventory.md has t
 from __future__ import annotations
 
 import os
-import shlex
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from deployer.config.fields import Parser, did_you_mean, parse_jump, parse_path, parse_text, parse_vars, parse_word
+from deployer.config.fields import Parser, did_you_mean, parse_path, parse_text, parse_vars, parse_word
 from deployer.config.files import MAX_INVENTORY, read_user_file
 from deployer.config.formats.ansible_data import ALL, AnsibleData, RawGroup, RawHost, Value, node_of
 from deployer.config.formats.ansible_ini import looks_like_ini, parse_ini
+from deployer.config.formats.ansible_ssh_args import ansible_port, ssh_args
 from deployer.config.formats.ansible_yaml import parse_yaml
-from deployer.config.formats.model import FleetSpec, GroupSpec, HostSpec
+from deployer.config.formats.model import FleetSpec, GroupSpec, HostSpec, check_spec_name
 from deployer.config.schema import LAYER
 from deployer.config.yamlnodes import TAG, Context, Document, compose, decode_text, line_of, mapping_pairs
 from deployer.errors import InventoryError, Where
@@ -56,16 +56,6 @@ _UNSUPPORTED_PREFIXES = {
     "ansible_sudo": "privilege escalation (sudo) is not supported: deployer runs as the login user",
     "ansible_su_": "privilege escalation (su) is not supported: deployer runs as the login user",
 }
-# ssh options with no effect on how deployer connects (connection sharing, keep-alives, logging)
-_INERT_OPTIONS = frozenset({
-    "controlmaster", "controlpersist", "controlpath", "serveraliveinterval", "serveralivecountmax", "compression",
-    "loglevel", "tcpkeepalive", "identitiesonly", "pubkeyauthentication", "passwordauthentication",
-    "kbdinteractiveauthentication", "preferredauthentications", "gssapiauthentication", "forwardagent",
-    "addkeystoagent", "hashknownhosts", "checkhostip",
-})
-_INERT_FLAGS = frozenset({"-C", "-q", "-v", "-vv", "-vvv", "-T", "-t", "-tt", "-A", "-a", "-x", "-X", "-4", "-6", "-n"})
-
-
 def is_ansible_yaml(root: Node, ctx: Context) -> bool:
     """A mapping of groups (each a mapping of hosts/children/vars, or nothing), or a plugin's configuration."""
     if not isinstance(root, MappingNode):
@@ -245,7 +235,11 @@ def _plain(value: Value) -> object:
 def _spec(path: str, base: str, data: AnsibleData) -> FleetSpec:
     files: dict[str, dict[str, Value]] = {}
     hosts = []
+    for group in data.groups.values():  # names become paths (group_vars/NAME) and cache folders: check first
+        if group.name != ALL:
+            check_spec_name(group.name, group.where, "group")
     for host in data.hosts.values():
+        check_spec_name(host.name, host.where, "host")
         if host.name in data.groups:
             raise InventoryError(host.where, None, f"host {host.name!r} is also the name of a group: rename one")
         hosts.append(_host_spec(host, _host_vars(data, host, base, files)))
@@ -272,9 +266,8 @@ def _host_spec(host: RawHost, values: dict[str, Value]) -> HostSpec:
 
     for key, value in values.items():
         _check_supported(key, value, host.name)
-    ssh_args = [(k, values[k]) for k in _SSH_ARGS if k in values]
-    for key, value in ssh_args:
-        for name, parsed in _ssh_args(value, ctx(value, key)).items():
+    for key, value in [(k, values[k]) for k in _SSH_ARGS if k in values]:
+        for name, parsed in ssh_args(value, ctx(value, key)).items():
             fields[name] = _merge(fields.get(name), parsed)
             origins[name] = str(value.where)
     for name, keys in _ANSIBLE_FIELDS.items():
@@ -340,14 +333,6 @@ def _walk(node: Node, depth: int = 0) -> Iterator[Node]:
             yield from _walk(item, depth + 1)
 
 
-def _parse_port(node: Node, ctx: Context) -> int:
-    """An Ansible port: an integer, or text of digits (Ansible casts it)."""
-    text = str(node.value) if isinstance(node, ScalarNode) and node.tag in (TAG + "int", TAG + "str") else ""
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ctx.error(node, f"expected a port 1-65535 (got {text or 'a value of another kind'!r})")
-    return int(text)
-
-
 def _parse_python(node: Node, ctx: Context) -> str | None:
     value = parse_text(node, ctx)
     return None if value.startswith("auto") else value  # interpreter discovery: our default, python3
@@ -358,7 +343,7 @@ def _parse_identity(node: Node, ctx: Context) -> str:
 
 
 _ANSIBLE_PARSERS: dict[str, Parser] = {
-    "host": parse_word, "port": _parse_port, "user": parse_word, "identity_file": _parse_identity,
+    "host": parse_word, "port": ansible_port, "user": parse_word, "identity_file": _parse_identity,
     "python": _parse_python,
 }
 _MAPPED = frozenset(k for keys in _ANSIBLE_FIELDS.values() for k in keys) | {"ansible_connection", *_SSH_ARGS}
@@ -372,106 +357,3 @@ def _connection(value: Value, ctx: Context) -> str:
         return "ssh"
     raise ctx.error(value.node, f"connection {kind!r} is not supported: deployer connects over ssh or runs "
                                 "locally (ansible_connection=local)")
-
-
-def _ssh_args(value: Value, ctx: Context) -> dict[str, Any]:
-    """What `-o Key=Value`, `-J`, `-p`, `-l`, `-i` in ssh arguments set among our fields."""
-    text = parse_text(value.node, ctx)
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise ctx.error(value.node, f"cannot split these ssh arguments: {exc}") from None
-    out: dict[str, Any] = {}
-    index = 0
-    while index < len(words):
-        word = words[index]
-        if word in _INERT_FLAGS:
-            index += 1
-            continue
-        flag, rest = word[:2], word[2:]
-        if flag in ("-o", "-J", "-p", "-l", "-i") and not rest:
-            if index + 1 >= len(words):
-                raise ctx.error(value.node, f"{word} needs a value")
-            index += 1
-            rest = words[index]
-        index += 1
-        if flag == "-o":
-            key, _, option = rest.replace("=", " ", 1).partition(" ")
-            _ssh_option(key.lower(), option.strip(), value, ctx, out)
-        elif flag in _FLAG_OPTIONS:
-            _ssh_option(_FLAG_OPTIONS[flag], rest, value, ctx, out)
-        else:
-            raise ctx.error(value.node, f"ssh argument {word!r} is not supported (supported: -o ProxyJump=, "
-                                        "ProxyCommand='ssh -W %h:%p host', Port, User, IdentityFile, "
-                                        "StrictHostKeyChecking, UserKnownHostsFile, ConnectTimeout, -J, -p, -l, -i)")
-    return out
-
-
-_FLAG_OPTIONS = {"-J": "proxyjump", "-p": "port", "-l": "user", "-i": "identityfile"}
-
-
-def _ssh_option(key: str, option: str, value: Value, ctx: Context, out: dict[str, Any]) -> None:
-    def node(text: str) -> Node:
-        return node_of(text, Where(value.where.file, line_of(value.node)))
-
-    setters: dict[str, Callable[[], None]] = {
-        "proxyjump": lambda: out.__setitem__("proxy_jump", LAYER["proxy_jump"](node(option), ctx)),
-        "proxycommand": lambda: out.__setitem__("proxy_jump", _proxy_command(option, value, ctx)),
-        "port": lambda: out.__setitem__("port", _parse_port(node(option), ctx)),
-        "user": lambda: out.__setitem__("user", parse_word(node(option), ctx)),
-        "identityfile": lambda: out.__setitem__("identity_file", parse_path(node(option), ctx)),
-        "connecttimeout": lambda: out.setdefault("timeouts", {}).__setitem__("connect", _seconds(option, value, ctx)),
-    }
-    if key in setters:
-        setters[key]()
-    elif key == "stricthostkeychecking":
-        if option.lower() in ("yes", "accept-new"):
-            mode = "strict" if option.lower() == "yes" else "accept-new"
-            out.setdefault("ssh", {})["host_key_checking"] = mode
-        # no, off, ask: never followed, deployer never turns host key checking off (as with the ssh config)
-    elif key == "userknownhostsfile":
-        first = option.split()[0] if option.split() else ""
-        if first and first != "/dev/null":  # /dev/null: goes with checking off, which is never followed
-            out.setdefault("ssh", {})["known_hosts"] = parse_path(node(first), ctx)
-    elif key not in _INERT_OPTIONS:
-        raise ctx.error(value.node, f"ssh option {key!r} is not supported here (supported: ProxyJump, ProxyCommand "
-                                    "as 'ssh -W %h:%p host', Port, User, IdentityFile, StrictHostKeyChecking, "
-                                    "UserKnownHostsFile, ConnectTimeout)")
-
-
-def _seconds(option: str, value: Value, ctx: Context) -> float:
-    if not option.isdigit() or int(option) <= 0:
-        raise ctx.error(value.node, f"ConnectTimeout: expected whole seconds > 0 (got {option!r})")
-    return float(option)
-
-
-def _proxy_command(command: str, value: Value, ctx: Context) -> str:
-    """`ssh [-p N] [-l U] -W %h:%p [user@]host` as a ProxyJump hop; any other command is refused."""
-    words = shlex.split(command)
-    if not words or os.path.basename(words[0]) != "ssh" or "-W" not in words:
-        raise ctx.error(value.node, f"ProxyCommand {command!r} is not supported: only 'ssh -W %h:%p host' "
-                                    "(write ProxyJump)")
-    port: str | None = None
-    user: str | None = None
-    target: str | None = None
-    index = 1
-    while index < len(words):
-        word = words[index]
-        if word in ("-W", "-p", "-l") and index + 1 < len(words):
-            if word == "-p":
-                port = words[index + 1]
-            elif word == "-l":
-                user = words[index + 1]
-            elif words[index + 1] != "%h:%p":
-                raise ctx.error(value.node, f"ProxyCommand: expected -W %h:%p (got {words[index + 1]!r})")
-            index += 2
-        elif word in _INERT_FLAGS:
-            index += 1
-        elif not word.startswith("-") and target is None:
-            target, index = word, index + 1
-        else:
-            raise ctx.error(value.node, f"ProxyCommand: {word!r} is not supported (write ProxyJump)")
-    if target is None:
-        raise ctx.error(value.node, "ProxyCommand: no jump host named")
-    spec = (f"{user}@" if user and "@" not in target else "") + target + (f":{port}" if port else "")
-    return parse_jump(node_of(spec, Where(value.where.file, line_of(value.node))), ctx)

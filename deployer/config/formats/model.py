@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.errors import Where
+from deployer.config.fields import ALL, NAME
+from deployer.errors import InventoryError, Where
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,13 @@ class FleetSpec:
     groups: tuple[GroupSpec, ...]
     vars_order: tuple[str, ...]
     ssh_config: str | None  # the ssh config to resolve aliases with; None: none
+
+
+def check_spec_name(name: str, where: Where, kind: str) -> None:
+    """A host or group name must be a device name (it becomes a cache folder and a group_vars/ path)."""
+    if name in ALL or not NAME.fullmatch(name):
+        rule = "up to 255 letters, digits, '.', '_', '-', starting with a letter or digit; 'all' is reserved"
+        raise InventoryError(where, None, f"{kind} name {name!r} cannot be a device name here: {rule}")
 
 
 class RangeError(ValueError):
