@@ -412,11 +412,12 @@ def test_limit_from_file_and_named_sets_win(tmp_path: Path) -> None:
         ("pis:!pi6", "'pi6' matches no device or group; did you mean 'pis'?"),
         ("pi4[9]", "'pi4[9]': 'pi4' picks 4 device(s), so there is no [9]"),
         ("~pi(", "'~pi(': not a regular expression"),
+        ("empty:&pi4", "'empty' matches only groups that hold no device (empty)"),
         ("pi4:!pis", "'pi4:!pis' leaves no device"),
     ],
 )
 def test_limit_errors(tmp_path: Path, limit: str, words: str) -> None:
-    (tmp_path / "hosts").write_text(LAB_INI)
+    (tmp_path / "hosts").write_text(LAB_INI + "[empty]\n")
     with pytest.raises(InputError) as caught:
         select(load_inventory(tmp_path / "hosts"), limit)
     assert words in caught.value.problem and caught.value.field == "limit"

@@ -114,7 +114,7 @@ class _Matcher:
                 problem = f"{expr!r}: {base!r} picks {len(hosts)} device(s), so there is no [{start}]"
                 raise InputError(None, "limit", problem)
         if not hosts:
-            raise self.nothing(expr)
+            raise self.nothing(expr, base)
         return hosts
 
     def enumerate(self, pattern: str) -> list[str]:
@@ -157,7 +157,12 @@ class _Matcher:
             raise InputError(None, "limit", f"{pattern!r} holds no device of this inventory")
         return picked
 
-    def nothing(self, pattern: str) -> InputError:
+    def nothing(self, pattern: str, base: str) -> InputError:
+        matches = self.matcher(base)
+        empty = [name for name in self.tree if matches(name)]
+        if empty:
+            problem = f"{pattern!r} matches only groups that hold no device ({_listing(empty)})"
+            return InputError(None, "limit", problem)
         groups = [name for name in self.inventory.groups]
         known = f"devices: {_listing(self.hosts)}; groups: {_listing(groups)}"
         hint = did_you_mean(pattern, [*self.hosts, *groups])
