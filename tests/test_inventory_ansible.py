@@ -433,6 +433,8 @@ INI_LINES = [
     "deploy_env={'A': 1}", "deploy_remote_dir=/x", "h1 ansible_ssh_common_args='-J a@b:22 -o Foo=1'", "# c", "; c",
     "h1 v=[[[[[[[[[[1]]]]]]]]]]", "h1 v=1e400", "h1 v=b'x'", "h1 v=...", "h1 v=1j", "---", "all:", "  hosts:",
     "    h2:", "      ansible_port: x", "  children:", "    g: [a]", "plugin: x", "#!/bin/sh", "$ANSIBLE_VAULT;1.1",
+    "devices:", "  nanopi:", "  nano/pi:", "    address: 10.0.0.2", "    address: [a]", "    username: pi",
+    "    password: x", "    target_socs: [a, {b: 1}]", "    models: M 4", "    system: android", "    host: x",
 ]
 
 

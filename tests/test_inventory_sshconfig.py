@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deployer.config import sshconfig
 from deployer.config.inventory import load_inventory
@@ -136,3 +138,36 @@ def test_ssh_alias_with_a_broken_config(home: Path, cli: Cli) -> None:
     (home / ".ssh" / "config").write_text("Host pi-01\n  Match exec true\n")
     run = cli("inventory", "list", "--fleet", "ssh:pi-01")
     assert run.code == 2 and f"{home}/.ssh/config:2: field 'Match'" in run.err and "Traceback" not in run.err
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("Host a\n  User b\nMatch nonsense\n", 3, "Missing parameter to Match 'nonsense' keyword"),
+        ("Match host\n", 1, "Missing parameter to Match 'host' keyword"),
+        ("Match all host x\n", 1, "Match does not allow 'all' mixed"),
+    ],
+)
+def test_bad_match_lines_name_their_line(text: str, line: int, words: str) -> None:
+    with pytest.raises(InputError) as caught:
+        sshconfig.parse_ssh_config(text, "cfg")
+    assert caught.value.where == Where("cfg", line) and words in caught.value.problem
+
+
+SSH_LINES = [
+    "Host a", "Host *", "Host !a b", "Match all", "Match host a", "Match originalhost a user b", "Match canonical",
+    "Match final", "Match nonsense", "Match exec x", "Match localuser tester", "  HostName %h.lab", "  HostName %",
+    "  User %r", "  Port 22", "  Port x", "  IdentityFile ~/%n %d", "  ProxyJump a,b", "  Include none/*",
+    "  UserKnownHostsFile %d/k", "  StrictHostKeyChecking no", "Host \"a", "= x", "  User", "  Foo bar", "",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(SSH_LINES), max_size=8), st.sampled_from(["a", "b", "x.lab", "A"]))
+def test_any_ssh_config_reads_or_names_its_line(lines: list[str], alias: str) -> None:
+    try:
+        seen = sshconfig.parse_ssh_config("\n".join(lines) + "\n", "cfg").resolve(alias)
+    except InputError as error:
+        assert error.where is not None and error.where.file == "cfg" and error.where.line >= 1, str(error)
+    else:
+        assert seen.alias == alias

@@ -135,7 +135,10 @@ def parse_ssh_config(text: str, path: str = "<ssh_config>") -> SshConfig:
     """Parse the text of an ssh config; raises `InputError` (path:line) for a line it cannot read, a
     `Match exec`, or an `Include` that cannot be read."""
     lines, ports = _expand(text, path, 0)
-    config = paramiko.config.SSHConfig.from_text("\n".join(lines))
+    try:
+        config = paramiko.config.SSHConfig.from_text("\n".join(lines))
+    except paramiko.config.ConfigParseError as exc:  # every line was checked above: kept as a net
+        raise InputError(Where(path), None, f"cannot read this ssh config: {exc}") from None
     hosts: dict[str, None] = {}
     for line in lines:
         parsed = _parse_line(line, Where(path))
@@ -170,6 +173,11 @@ def _expand(text: str, path: str, depth: int) -> tuple[list[str], list[tuple[str
                                              "without it)")
         if keyword == "host" and any(w in ("", "!") for w in words):
             raise InputError(where, "Host", f"empty pattern in {' '.join(words)!r}")
+        if keyword == "match":
+            try:  # Paramiko's checks of the criteria, on this line alone so that the error names it
+                paramiko.config.SSHConfig.from_text(raw.strip())
+            except paramiko.config.ConfigParseError as exc:
+                raise InputError(where, "Match", str(exc)) from None
         if keyword in ("host", "match"):
             header = raw.strip()
         if keyword == "include":
