@@ -145,10 +145,16 @@ FORMATS = {
 }
 
 
-@pytest.mark.parametrize("form", [*FORMATS, "ssh"])
+@pytest.mark.parametrize("form", [*FORMATS, "ansible folder", "ssh"])
 def test_convert_round_trip(tmp_path: Path, cli: Cli, form: str) -> None:
     if form == "ssh":
         source = "ssh:lab-pi,bastion"
+    elif form == "ansible folder":
+        (tmp_path / "inv" / "group_vars").mkdir(parents=True)
+        (tmp_path / "inv" / "1.ini").write_text(LAB_INI)
+        (tmp_path / "inv" / "2.yml").write_text("all:\n  children:\n    extra:\n      hosts:\n        lab-pi:\n")
+        (tmp_path / "inv" / "group_vars" / "pi5.yml").write_text("deploy_timeouts: {connect: 3}\nowner: five\n")
+        source = str(tmp_path / "inv")
     else:
         name, text = FORMATS[form]
         (tmp_path / name).write_text(text)
