@@ -59,7 +59,7 @@ LOCAL_HOST = "local"  # `host: local` runs on the controller itself
 class OpenCLSelection:
     platform: int | str | None = None  # index, or case-insensitive substring of the platform name
     device: int | str | None = None  # index, or substring of the device name
-    device_type: str = "any"  # one of DEVICE_TYPES
+    device_type: str = "any"  # one of schema.DEVICE_TYPES
 
     def as_request(self) -> dict[str, int | str | None]:
         """The `opencl` field of the agent's fingerprint, build and smoke requests."""
@@ -69,7 +69,7 @@ class OpenCLSelection:
 @dataclass(frozen=True, slots=True)
 class SshOptions:
     known_hosts: str
-    host_key_checking: str  # one of HOST_KEY_CHECKING
+    host_key_checking: str  # one of schema.HOST_KEY_CHECKING
     options: Mapping[str, str]
     agent: bool = True  # also offer the keys of the SSH agent at SSH_AUTH_SOCK, when one is running
 
