@@ -65,6 +65,7 @@ class GenInventory:
     form: str
     group_vars: dict[str, tuple[str, dict[str, Any]]]  # group -> (layout, vars)
     host_vars: dict[str, dict[str, Any]]
+    nest: bool = False  # YAML: child groups defined inside their parent
 
 
 def var_maps() -> st.SearchStrategy[dict[str, Any]]:
@@ -97,7 +98,7 @@ def inventories(draw: st.DrawFn) -> GenInventory:
     group_files = {g: (draw(st.sampled_from(["file", "yml", "folder"])), draw(var_maps())) for g in gv_names}
     host_files = draw(st.dictionaries(st.sampled_from(HOSTS), var_maps(), max_size=2))
     return GenInventory(groups, loose, draw(var_maps()), draw(st.sampled_from(["ini", "yaml"])), group_files,
-                        host_files)
+                        host_files, draw(st.booleans()))
 
 
 def ini_value(value: Any) -> str:
@@ -128,7 +129,7 @@ def render(inventory: GenInventory, folder: Path) -> Path:
                 out[name] = {**(out.get(name) or {}), **values} or None
             return out
 
-        tree: dict[str, Any] = {}
+        bodies: dict[str, dict[str, Any]] = {}
         for group in inventory.groups:
             body: dict[str, Any] = {}
             if group.hosts:
@@ -137,7 +138,15 @@ def render(inventory: GenInventory, folder: Path) -> Path:
                 body["vars"] = group.vars
             if group.children:
                 body["children"] = {child: None for child in group.children}
-            tree[group.name] = body or None
+            bodies[group.name] = body
+        nested: set[str] = set()
+        if inventory.nest:  # a child's definition inside its first parent's `children`, as labs often write it
+            for group in inventory.groups:
+                for child in group.children:
+                    if child not in nested:
+                        bodies[group.name]["children"][child] = bodies[child] or None
+                        nested.add(child)
+        tree = {name: body or None for name, body in bodies.items() if name not in nested}
         top: dict[str, Any] = {"hosts": hosts(inventory.loose)} if inventory.loose else {}
         if inventory.all_vars:
             top["vars"] = inventory.all_vars
