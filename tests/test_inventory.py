@@ -364,9 +364,10 @@ def test_missing_file(tmp_path: Path) -> None:
     assert str(caught.value) == f"{path}: no such file"
 
 
-def test_folder_is_not_a_file(tmp_path: Path) -> None:
-    with pytest.raises(InventoryError, match=r"not a regular file"):
+def test_a_folder_is_an_ansible_inventory_and_an_empty_one_says_so(tmp_path: Path) -> None:
+    with pytest.raises(InventoryError, match=r"no hosts in this Ansible inventory") as caught:
         load_inventory(tmp_path)
+    assert caught.value.where == Where(str(tmp_path))
 
 
 @pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
@@ -625,7 +626,7 @@ Host *.lab !secret.lab
     UserKnownHostsFile ~/.ssh/known_lab /etc/ssh/other
 Host pi-??
     HostName %h.lan
-Match exec "true"
+Match originalhost m.lab user bob
     User matcher
 Host *
     User everyone

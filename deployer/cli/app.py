@@ -52,7 +52,21 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 # Off a terminal (logs, CI, pipes) Rich would assume 80 columns and fold the summary table.
 stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
-FleetOption = Annotated[Path, typer.Option("--fleet", "-f", help="Inventory YAML file.")]
+FleetOption = Annotated[Path, typer.Option("--fleet", "-f", help="The inventory: our YAML, an Ansible inventory "
+                                           "(INI, YAML or a folder), MACE's devices.yml, or ssh:alias,alias.")]
+
+
+class FleetFormat(str, Enum):
+    deploy = "deploy"
+    ansible = "ansible"
+    ansible_ini = "ansible-ini"
+    ansible_yaml = "ansible-yaml"
+    mace = "mace"
+    ssh = "ssh"
+
+
+FleetFormatOption = Annotated[FleetFormat | None, typer.Option("--fleet-format", help="The --fleet's format; "
+                                                               "default: told by its content.")]
 
 LimitOption = Annotated[str | None, typer.Option("--limit", "-l", help="Devices: names, groups, globs, "
                                                  "a,b lists, !exclusions; @failed: those that failed the "
@@ -76,10 +90,15 @@ WaitOption = Annotated[float, typer.Option("--wait", min=0, help="If another run
                                            "this many seconds for it instead of refusing at once.")]
 
 
-def select_devices(fleet: Path, limit: str | None, cache: Path | None = None) -> list[Device]:
+def select_devices(fleet: Path, limit: str | None, cache: Path | None = None,
+                   form: FleetFormat | None = None) -> list[Device]:
     """The devices of `--limit`; with a cache, `@failed`/`@passed` name the devices of its last run."""
     from deployer.cache.store import last_run_sets
+    from deployer.cli.render import shown  # render imports this module's consoles
     from deployer.config.inventory import load_inventory
     from deployer.config.selection import select
 
-    return list(select(load_inventory(fleet), limit, named_sets=last_run_sets(cache) if cache else None))
+    inventory = load_inventory(fleet, form.value if form is not None else None)
+    for note in inventory.notes:  # read but not used (a devices.yml password): said, never silently dropped
+        stderr.print(f"deploy: note: {shown(note)}")
+    return list(select(inventory, limit, named_sets=last_run_sets(cache) if cache else None))

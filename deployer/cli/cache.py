@@ -10,6 +10,7 @@ from rich.table import Table
 
 from deployer.cli.app import (
     AcceptNewOption,
+    FleetFormatOption,
     FleetOption,
     ForksOption,
     JsonOption,
@@ -122,6 +123,7 @@ def cache_install(
     fleet: FleetOption,
     to: Annotated[str, typer.Option("--to", help="Path on each device where the app reads its cache file.")],
     limit: LimitOption = None,
+    fleet_format: FleetFormatOption = None,
     cache: CacheOption = Path("cache"),
     forks: ForksOption = 16,
     accept_new_host_keys: AcceptNewOption = False,
@@ -132,7 +134,7 @@ def cache_install(
     from deployer.cache.store import cache_lock
     from deployer.tasks.collect import install_fleet
 
-    devices = select_devices(fleet, limit, cache)
+    devices = select_devices(fleet, limit, cache, form=fleet_format)
     with cache_lock(cache, wait=wait):  # a push or prune beside it never changes the files it sends
         outcomes = install_fleet(devices, cache, to, forks=forks, accept_new_host_keys=accept_new_host_keys)
     ok = not any(o.status == "failed" for o in outcomes)

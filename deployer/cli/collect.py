@@ -10,6 +10,7 @@ from rich.table import Table
 
 from deployer.cli.app import (
     AcceptNewOption,
+    FleetFormatOption,
     FleetOption,
     ForksOption,
     JsonOption,
@@ -29,6 +30,7 @@ from deployer.errors import InputError
 def collect(
     fleet: FleetOption,
     limit: LimitOption = None,
+    fleet_format: FleetFormatOption = None,
     path: Annotated[list[str] | None, typer.Option("--path", "-p", help="Glob of cache files on the devices "
                     "(repeatable; `~` and `**` allowed); default: vars.collect_paths, else MACE's usual "
                     "places.")] = None,
@@ -51,7 +53,7 @@ def collect(
         if not (pattern == "~" or pattern.startswith(("/", "~/"))):
             raise InputError(None, "path", f"{pattern!r} is relative: give an absolute glob, or one under ~/ "
                                            "(it is looked for on the devices, where no folder is current)")
-    devices = select_devices(fleet, limit)
+    devices = select_devices(fleet, limit, form=fleet_format)
     job = CollectJob(cache=cache, patterns=tuple(path or ()), max_size=max_size, max_files=max_files,
                      accept_new_host_keys=accept_new_host_keys)
     with cache_lock(cache, wait=wait):

@@ -16,10 +16,10 @@ import traceback
 from typing import Any
 
 import typer
-from rich.markup import escape
 
 from deployer.cli import cache, collect, history, inventory, push, report, run, sim  # noqa: F401  (each adds its commands)
 from deployer.cli.app import app, stderr
+from deployer.cli.render import shown
 from deployer.errors import DeployError, Interrupted
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         stderr.print("deploy: interrupted")
         return 130
     except DeployError as exc:
-        stderr.print(f"deploy: {escape(str(exc))}")
+        stderr.print(f"deploy: {shown(str(exc))}")
         return exc.exit_code
     except Exception:
         return _report_bug()

@@ -11,6 +11,7 @@ from rich.table import Table
 from deployer import DEFAULT_MACE_VERSION
 from deployer.cli.app import (
     AcceptNewOption,
+    FleetFormatOption,
     FleetOption,
     ForksOption,
     JsonOption,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 def push(
     fleet: FleetOption,
     limit: LimitOption = None,
+    fleet_format: FleetFormatOption = None,
     model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="A model file to push (repeatable); a "
                      "model of the deployer's format (docs/models.md) is also run on each device.")] = None,
     kernels: Annotated[Path, typer.Option("--kernels", help="Kernel library folder (with kernels.yml).")] = Path(
@@ -69,7 +71,8 @@ def push(
     from deployer.config.inventory import override
     from deployer.tasks.push import prepare_push, run_fleet
 
-    devices = [override(d, connect_retries=retries, deadline=deadline) for d in select_devices(fleet, limit, cache)]
+    selected = select_devices(fleet, limit, cache, fleet_format)
+    devices = [override(d, connect_retries=retries, deadline=deadline) for d in selected]
     job = prepare_push(kernels, model or [], cache, check=check, mace_version=mace_version or "", keep=keep,
                        accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
                        smoke_mode=smoke.value, max_fail_percentage=max_fail_percentage)
@@ -96,6 +99,7 @@ def push(
 def rollback(
     fleet: FleetOption,
     limit: LimitOption = None,
+    fleet_format: FleetFormatOption = None,
     cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
     forks: ForksOption = 16,
     accept_new_host_keys: AcceptNewOption = False,
@@ -106,7 +110,7 @@ def rollback(
     from deployer.cache.store import cache_lock, record_run
     from deployer.tasks.push import rollback_fleet
 
-    devices = select_devices(fleet, limit, cache)
+    devices = select_devices(fleet, limit, cache, fleet_format)
     with cache_lock(cache, wait=wait):
         outcomes = rollback_fleet(devices, cache, forks=forks, accept_new_host_keys=accept_new_host_keys)
         record_run(cache, "rollback", str(fleet), {o.name: None if o.ok else o.error for o in outcomes})

@@ -19,6 +19,8 @@ from rich.table import Table
 
 from deployer.cli.app import (
     AcceptNewOption,
+    FleetFormat,
+    FleetFormatOption,
     FleetOption,
     ForksOption,
     JsonOption,
@@ -52,6 +54,7 @@ def run(
     playbook: Annotated[Path, typer.Argument(help="The playbook (YAML, docs/playbooks.md).")],
     fleet: FleetOption,
     limit: LimitOption = None,
+    fleet_format: FleetFormatOption = None,
     history: HistoryOption = DEFAULT_HISTORY,
     cache: CacheOption = Path("cache"),
     forks: ForksOption = 16,
@@ -81,7 +84,7 @@ def run(
     options = RunOptions(fleet, history, cache, forks, fail_on, (flaky_window, flaky_flips), wait,
                          accept_new_host_keys, quiet, as_json, report_dir, *_shard_options(shard, run_key))
     book = load_playbook(playbook)
-    devices = _select(fleet, book, limit)
+    devices = _select(fleet, book, limit, fleet_format)
     if options.shard is not None:
         from deployer.history.shards import shard_of
 
@@ -130,12 +133,12 @@ def _shard_options(shard: str | None, run_key: str | None) -> tuple[tuple[int, i
             parse_run_key(run_key) if run_key is not None else None)
 
 
-def _select(fleet: Path, book: Playbook, limit: str | None) -> list[Device]:
+def _select(fleet: Path, book: Playbook, limit: str | None, form: FleetFormat | None) -> list[Device]:
     """The playbook's `limit`, narrowed by `--limit`."""
     from deployer.config.inventory import load_inventory
     from deployer.config.selection import select
 
-    inventory = load_inventory(fleet)
+    inventory = load_inventory(fleet, form.value if form is not None else None)
     try:
         chosen = list(select(inventory, book.limit))
     except InputError as exc:  # the playbook's own limit: say which file it is in

@@ -31,7 +31,7 @@ from deployer.config.yamlnodes import (
 
 MAX_CONNECT_RETRIES = 10
 ALL = ("all", "*")  # --limit patterns meaning every device; `all` is no device or group name
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # a device name becomes a folder name
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # a device name becomes a folder name
 
 # --- fields -----------------------------------------------------------------------------------------------
 
@@ -103,7 +103,7 @@ def check_name(name: str, node: Node, ctx: Context, kind: str) -> None:
 
 def check_word(name: str, node: Node, ctx: Context, kind: str) -> None:
     """The device name rule, for any name that may become a folder or a key: a playbook, a step."""
-    if not _NAME.fullmatch(name):
+    if not NAME.fullmatch(name):
         rule = "up to 255 letters, digits, '.', '_', '-', starting with a letter or digit"
         raise ctx.error(node, f"invalid {kind} name {name!r}: {rule}")
 

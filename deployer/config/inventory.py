@@ -9,7 +9,6 @@ error, not a no-op.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from graphlib import CycleError, TopologicalSorter
@@ -24,24 +23,18 @@ from deployer.config.fields import (
     check_name,
     did_you_mean,
     optional,
-    parse_bool,
-    parse_choice,
     parse_fields,
-    parse_index_or_text,
-    parse_jump,
     parse_name,
     parse_path,
-    parse_port,
-    parse_remote_dir,
-    parse_retries,
-    parse_seconds,
-    parse_text,
-    parse_text_map,
     parse_vars,
-    parse_word,
-    section,
 )
 from deployer.config.files import MAX_INVENTORY, read_user_file
+from deployer.config.formats.ansible import load_ansible
+from deployer.config.formats.detect import FORMATS, detect
+from deployer.config.formats.mace_devices import parse_mace
+from deployer.config.formats.model import FleetSpec, check_spec_name
+from deployer.config.formats.ssh_aliases import load_aliases
+from deployer.config.schema import DEVICE, LAYER
 from deployer.config.sshconfig import JumpHost
 from deployer.config.yamlnodes import (
     TAG,
@@ -58,18 +51,15 @@ from deployer.config.yamlnodes import (
 )
 from deployer.errors import InputError, InventoryError, Where
 
-DEVICE_TYPES = ("gpu", "cpu", "accelerator", "any")
 MAX_JUMPS = 8  # ProxyJump hops, the jump hosts' own ProxyJump included
-HOST_KEY_CHECKING = ("strict", "accept-new")
 LOCAL_HOST = "local"  # `host: local` runs on the controller itself
-_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True)
 class OpenCLSelection:
     platform: int | str | None = None  # index, or case-insensitive substring of the platform name
     device: int | str | None = None  # index, or substring of the device name
-    device_type: str = "any"  # one of DEVICE_TYPES
+    device_type: str = "any"  # one of schema.DEVICE_TYPES
 
     def as_request(self) -> dict[str, int | str | None]:
         """The `opencl` field of the agent's fingerprint, build and smoke requests."""
@@ -79,7 +69,7 @@ class OpenCLSelection:
 @dataclass(frozen=True, slots=True)
 class SshOptions:
     known_hosts: str
-    host_key_checking: str  # one of HOST_KEY_CHECKING
+    host_key_checking: str  # one of schema.HOST_KEY_CHECKING
     options: Mapping[str, str]
     agent: bool = True  # also offer the keys of the SSH agent at SSH_AUTH_SOCK, when one is running
 
@@ -112,6 +102,7 @@ class Device:
     is_local: bool
     connect_retries: int = 2  # further connect attempts after a transient failure (refused, reset, timeout)
     jumps: tuple[JumpHost, ...] = ()  # the ProxyJump hops, first reached first
+    origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # field -> where it was set
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +120,35 @@ class Inventory:
     path: str
     devices: tuple[Device, ...]
     groups: Mapping[str, Group]  # in vars order: by depth, then name
+    tree: tuple[Group, ...] = ()  # Ansible inventories: every group as declared, `all` first (for --limit)
+    format: str = "deploy"  # the format it was read from (formats.detect.FORMATS)
+    notes: tuple[str, ...] = ()  # what was read but not used (a devices.yml password), for the CLI to show
+    ssh_config: str | None = sshconfig.DEFAULT_PATH  # the ssh config its aliases resolved through (None: none)
 
 
-def load_inventory(path: str | os.PathLike[str]) -> Inventory:
-    """Read and check the inventory at `path`; raises `InventoryError` and nothing else."""
+def load_inventory(path: str | os.PathLike[str], form: str | None = None) -> Inventory:
+    """Read and check the inventory at `path`, in any format `--fleet` takes (`form`: one of
+    `formats.detect.FORMATS`, None: told by content); raises `InventoryError` and nothing else."""
     file = os.fspath(path)
-    data = read_user_file(file, MAX_INVENTORY, "the inventory", InventoryError)
-    if data is None:
-        raise InventoryError(Where(file), None, "no such file")
-    return parse_inventory(data, file)
+    if form is not None and form not in FORMATS:
+        raise InventoryError(None, "fleet-format", f"unknown format {form!r} (known: {', '.join(FORMATS)})")
+    form = form or detect(file)
+    if form == "deploy":
+        data = read_user_file(file, MAX_INVENTORY, "the inventory", InventoryError)
+        if data is None:
+            raise InventoryError(Where(file), None, "no such file")
+        return parse_inventory(data, file)
+    if form.startswith("ansible"):
+        return from_spec(load_ansible(file, form.removeprefix("ansible").removeprefix("-") or None))
+    if form == "ssh":
+        return from_spec(load_aliases(file), "ssh")
+    if form == "mace":
+        data = read_user_file(file, MAX_INVENTORY, "the inventory", InventoryError)
+        if data is None:
+            raise InventoryError(Where(file), None, "no such file")
+        spec, notes = parse_mace(data, file)
+        return replace(from_spec(spec, "mace"), notes=notes)
+    raise InventoryError(Where(file), "fleet-format", f"unknown format {form!r}")  # FORMATS are all read above
 
 
 def parse_inventory(source: str | bytes, path: str | os.PathLike[str] = "<inventory>") -> Inventory:
@@ -157,8 +168,52 @@ def parse_inventory(source: str | bytes, path: str | os.PathLike[str] = "<invent
     entries: list[_Entry] = top["devices"]
     groups = _groups(top.get("groups"), ctx.sub("groups"), {e.name: e for e in entries})
     config = _ssh_config(root, top, ctx) if any(e.host != LOCAL_HOST for e in entries) else None
-    devices = _with_jumps(tuple(_device(e, defaults, groups, config) for e in entries), config)
-    return Inventory(file, devices, MappingProxyType(groups))
+    at = _node_of(root, "defaults", ctx)
+    below = {key: f"{file}:{line_of(k)}" for key, (k, _) in as_mapping(at, ctx).items()} if at is not None else {}
+    devices = _with_jumps(tuple(_device(e, defaults, groups, config, below) for e in entries), config)
+    ssh_path = cast(str | None, top.get("ssh_config", sshconfig.DEFAULT_PATH))
+    return Inventory(file, devices, MappingProxyType(groups), ssh_config=ssh_path)
+
+
+def from_spec(spec: FleetSpec, form: str = "ansible") -> Inventory:
+    """The inventory a format read into a `FleetSpec`: its hosts as devices (fields as our YAML's entries
+    hold them), its groups with their vars in the spec's order; names checked as ours are."""
+    entries = []
+    for host in spec.hosts:
+        check_spec_name(host.name, host.where, "host")
+        entries.append(_Entry(host.name, host.where, dict(host.fields), host.origins))
+    rank = {host.name: index for index, host in enumerate(spec.hosts)}
+    raw = {g.name: g for g in spec.groups}
+    holds: dict[str, set[str]] = {}
+
+    def held(name: str, depth: int) -> set[str]:
+        if name not in holds:
+            if depth > len(raw):
+                raise InventoryError(raw[name].where, None, f"group cycle through {name!r}")
+            holds[name] = set(raw[name].hosts).union(*(held(c, depth + 1) for c in raw[name].children))
+        return holds[name]
+
+    tree = []
+    for group in spec.groups:
+        if group.name != "all":
+            check_spec_name(group.name, group.where, "group")
+        members = tuple(sorted(held(group.name, 0), key=rank.__getitem__))
+        tree.append(Group(group.name, group.hosts, group.children, members, group.vars, group.where))
+    by_name = {g.name: g for g in tree}
+    groups = {name: by_name[name] for name in spec.vars_order}
+    config = None
+    if spec.ssh_config is not None and any(e.host != LOCAL_HOST for e in entries):
+        try:
+            config = sshconfig.load_ssh_config(spec.ssh_config)
+        except InputError as exc:
+            raise InventoryError(Where(spec.file), "ssh_config", str(exc)) from exc
+    devices = []
+    for entry, host in zip(entries, spec.hosts, strict=True):
+        device = _device(entry, {}, groups, config)
+        var_origins = {key: value for key, value in host.origins.items() if key.startswith("vars.")}
+        devices.append(replace(device, vars=host.vars, origins=MappingProxyType({**device.origins, **var_origins})))
+    jumped = _with_jumps(tuple(devices), config)
+    return Inventory(spec.file, jumped, MappingProxyType(groups), tuple(tree), form, ssh_config=spec.ssh_config)
 
 
 def describe(device: Device) -> dict[str, object]:
@@ -166,39 +221,6 @@ def describe(device: Device) -> dict[str, object]:
     view = cast(dict[str, object], to_plain(device))
     view["env"] = {key: "***" for key in device.env}
     return view
-
-_OPENCL: dict[str, Parser] = {
-    "platform": parse_index_or_text,
-    "device": parse_index_or_text,
-    "device_type": parse_choice(*DEVICE_TYPES),
-}
-
-_SSH: dict[str, Parser] = {
-    "known_hosts": parse_path,
-    "host_key_checking": parse_choice(*HOST_KEY_CHECKING),
-    "options": parse_text_map(None, "an option name"),
-    "agent": parse_bool,
-}
-
-_TIMEOUTS: dict[str, Parser] = {"connect": parse_seconds, "command": parse_seconds, "device": optional(parse_seconds)}
-
-_LAYER: dict[str, Parser] = {  # what `defaults` and each device may set
-    "user": parse_word,
-    "port": parse_port,
-    "python": parse_text,
-    "remote_dir": parse_remote_dir,
-    "identity_file": optional(parse_path),
-    "proxy_jump": optional(parse_jump),
-    "connect_retries": parse_retries,
-    "opencl": section(_OPENCL),
-    "ssh": section(_SSH),
-    "timeouts": section(_TIMEOUTS),
-    "env": parse_text_map(_ENV_KEY, "a variable name ([A-Za-z_][A-Za-z0-9_]*)", secret=True),
-    "labels": parse_text_map(None, "a label name"),
-    "vars": parse_vars,
-}
-
-_DEVICE: dict[str, Parser] = {"host": parse_word, **_LAYER}
 
 _FROM_STRICT_HOST_KEY_CHECKING = {"yes": "strict", "accept-new": "accept-new"}  # no/off/ask: never weaker
 
@@ -226,6 +248,7 @@ class _Entry:
     name: str
     where: Where
     fields: dict[str, Any]  # what the device sets itself, parsed
+    origins: Mapping[str, str] = field(default_factory=dict)  # field -> "file:line" it was set at
 
     @property
     def host(self) -> str:
@@ -246,10 +269,11 @@ def _devices(node: Node, ctx: Context) -> list[_Entry]:
         if name in entries:
             first = entries[name].where.line
             raise device.sub("name").error(at, f"duplicate device name (first at line {first})")
-        fields = parse_fields(value, device, _DEVICE, skip)
+        fields = parse_fields(value, device, DEVICE, skip)
         if "host" not in fields:
             raise device.sub("host").error(at, "missing: give an address, an ssh config alias or 'local'")
-        entries[name] = _Entry(name, Where(ctx.doc.file, line_of(at)), fields)
+        origins = {key: f"{ctx.doc.file}:{line_of(k)}" for key, (k, _) in as_mapping(value, device).items()}
+        entries[name] = _Entry(name, Where(ctx.doc.file, line_of(at)), fields, origins)
     if not entries:
         raise ctx.error(node, "no devices listed")
     return list(entries.values())
@@ -284,7 +308,8 @@ def _node_of(root: Node, key: str, ctx: Context) -> Node | None:
 
 
 def _device(
-    entry: _Entry, defaults: Mapping[str, Any], groups: Mapping[str, Group], config: sshconfig.SshConfig | None
+    entry: _Entry, defaults: Mapping[str, Any], groups: Mapping[str, Group], config: sshconfig.SshConfig | None,
+    below: Mapping[str, str] | None = None,
 ) -> Device:
     is_local = entry.host == LOCAL_HOST
     seen = _resolve(config, entry) if config is not None and not is_local else None
@@ -316,7 +341,30 @@ def _device(
         proxy_jump=merged["proxy_jump"],
         is_local=is_local,
         connect_retries=merged["connect_retries"],
+        origins=_origins(entry, below or {}, _ssh_layer(seen), config),
     )
+
+
+ORIGIN_FIELDS = ("host", "port", "user", "identity_file", "proxy_jump", "python", "remote_dir", "connect_retries",
+                 "opencl", "ssh", "timeouts", "env", "labels")
+
+
+def _origins(entry: _Entry, below: Mapping[str, str], ssh_layer: Mapping[str, object],
+             config: sshconfig.SshConfig | None) -> Mapping[str, str]:
+    """Where each field's value came from: the device's line, `defaults`' line, the ssh config's Host block
+    (`hostname` for `host`), or the built-in default."""
+    out = {}
+    for key in ORIGIN_FIELDS:
+        from_config = config is not None and ssh_layer.get("hostname" if key == "host" else key) not in (None, {})
+        if key in entry.origins and not (key == "host" and from_config):
+            out[key] = entry.origins[key]
+        elif key in below:
+            out[key] = f"{below[key]} (defaults)"
+        elif from_config and config is not None:
+            out[key] = f"{config.path} (Host {entry.host})"
+        else:
+            out[key] = "default"
+    return MappingProxyType(out)
 
 
 def _with_jumps(devices: tuple[Device, ...], config: sshconfig.SshConfig | None) -> tuple[Device, ...]:
@@ -399,6 +447,7 @@ def _ssh_layer(seen: sshconfig.SshHostConfig | None) -> dict[str, object]:
         "identity_file": seen.identity_file,
         "proxy_jump": seen.proxy_jump,
         "ssh": {key: value for key, value in ssh.items() if value is not None},
+        "hostname": seen.hostname,
     }
     return {key: value for key, value in layer.items() if value is not None}
 
@@ -504,7 +553,7 @@ def _group(raw: _RawGroup, devices: list[str], ctx: Context) -> Group:
 # --- top level and --limit --------------------------------------------------------------------------------
 
 _TOP: dict[str, Parser] = {
-    "defaults": lambda node, ctx: parse_fields(node, ctx, _LAYER),
+    "defaults": lambda node, ctx: parse_fields(node, ctx, LAYER),
     "devices": _devices,
     "groups": lambda node, ctx: node,  # checked after the devices, by `_groups`
     "ssh_config": optional(parse_path),

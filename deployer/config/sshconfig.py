@@ -1,33 +1,40 @@
-"""Read an OpenSSH client config (`~/.ssh/config`) for the few things deployer takes from it.
+"""Read an OpenSSH client config (`~/.ssh/config`) for the few things deployer takes from it, through
+Paramiko's `SSHConfig`: `Host` and `Match` blocks (host, originalhost, user, localuser, all, canonical,
+final), negated patterns, first value wins, its %-tokens.
 
-A small parser of our own, so that reading it never imports Paramiko (`deploy --help` must stay light).
-It follows ssh_config(5) where it matters here:
-
-- keywords are case-insensitive; `Keyword value` or `Keyword=value`; double or single quotes group words;
-  a word that starts with `#` starts a comment;
-- options before the first `Host` line apply to every host;
-- `Host` lists patterns (`*` any run of characters, `?` one character, `!pattern` negated), matched
-  case-insensitively against the name given to `resolve` (the alias, not the HostName); a block is skipped
-  when one of its negated patterns matches, and applies when one of its other patterns matches;
-- for each keyword the first value obtained wins, so specific blocks go first and `Host *` last.
-
-Not supported, on purpose: `Match` blocks are skipped (except `Match all`), since their criteria (`exec`,
-`localnetwork`, ...) need a live system; `Include` is ignored: deployer does not follow includes, so put the
-hosts it needs in the main file or point the inventory's `ssh_config:` at a file of their own. Of the
-%-tokens, `%%`, `%h`, `%n`, `%p`, `%r`, `%u` and `%d` are expanded; any other is left as written.
+Around it, what Paramiko does not do:
+- every line is checked first (quotes, missing values), so a broken line is a `path:line` error, not a guess;
+- `Match exec` is refused with its line: it would run a command while merely reading an inventory;
+- `Include` is followed (globs, relative to ~/.ssh, at most 16 deep, each file a regular file of at most
+  1 MiB): the included lines take the place of the `Include` line, and the block it sat in goes on after;
+- names are matched lower-cased, as OpenSSH lower-cases the host it is given;
+- `%n` in IdentityFile and the tokens of UserKnownHostsFile are expanded (`%%`, `%h`, `%n`, `%p`, `%r`,
+  `%u`, `%d`); a Port that is not 1-65535 is an error naming its line when a host uses it.
 """
 
 from __future__ import annotations
 
-import functools
 import getpass
+import glob
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from deployer.config.files import MAX_SSH_CONFIG, read_user_file
 from deployer.errors import InputError, Where
+
+# paramiko.config imports invoke (~35 ms) only to run `Match exec`, which deployer refuses before Paramiko sees
+# the config: invoke is kept out of that import (connect/ssh.py does the same for the rest of Paramiko).
+_INVOKE_KEPT_OUT = "invoke" not in sys.modules
+if _INVOKE_KEPT_OUT:
+    sys.modules["invoke"] = None  # type: ignore[assignment]
+import paramiko.config  # noqa: E402  (after the line above, on purpose)
+
+if _INVOKE_KEPT_OUT:
+    del sys.modules["invoke"]  # anyone importing invoke later gets the real one
+
 
 DEFAULT_PATH = "~/.ssh/config"
 
@@ -95,32 +102,8 @@ def parse_jump(spec: str) -> list[tuple[str | None, str, int | None]]:
     return hops
 
 
-@dataclass(frozen=True, slots=True)
-class _Option:
-    keyword: str  # lower-case
-    value: str  # the first word after the keyword
-    line: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Block:
-    """Options under one `Host` line; patterns None for a `Match` block, which never applies here."""
-
-    patterns: tuple[str, ...] | None
-    options: tuple[_Option, ...]
-
-    def applies_to(self, host: str) -> bool:
-        if self.patterns is None:
-            return False
-        host = host.lower()
-        positive = False
-        for pattern in self.patterns:
-            negated = pattern.startswith("!")
-            if _pattern_re(pattern.removeprefix("!")).fullmatch(host):
-                if negated:
-                    return False
-                positive = True
-        return positive
+MAX_INCLUDE_DEPTH = 16
+_DEFAULT_DIR = "~/.ssh"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,36 +111,40 @@ class SshConfig:
     """A parsed ssh config; `path` names it in messages (an empty config when the file does not exist)."""
 
     path: str
-    blocks: tuple[_Block, ...] = ()
+    config: paramiko.config.SSHConfig | None = None
+    ports: tuple[tuple[str, int, str], ...] = ()  # (value, line, file) of each Port, for messages
+    hosts: tuple[str, ...] = ()  # every pattern of every Host line, in file order
+
+    def literal_hosts(self) -> list[str]:
+        """The names `Host` lines list without wildcards or negation, in file order."""
+        return [n for n in self.hosts if not any(c in n for c in "*?!")]
 
     def resolve(self, alias: str) -> SshHostConfig:
         """What applies to `alias`, first value winning for each keyword, as OpenSSH does."""
-        found: dict[str, _Option] = {}
-        for block in self.blocks:
-            if block.applies_to(alias):
-                for option in block.options:
-                    found.setdefault(option.keyword, option)
-        return _host_config(alias, found, self.path)
+        if self.config is None:
+            return SshHostConfig(alias)
+        name = alias.lower()
+        try:
+            found = self.config.lookup(name)
+        except paramiko.config.ConfigParseError as exc:  # kept as a net: the lines were checked already
+            raise InputError(Where(self.path), None, str(exc)) from None
+        return _host_config(alias, name, found, self)
 
 
 def parse_ssh_config(text: str, path: str = "<ssh_config>") -> SshConfig:
-    """Parse the text of an ssh config; raises `InputError` (path:line) for a line it cannot read."""
-    blocks: list[_Block] = []
-    patterns: tuple[str, ...] | None = ("*",)  # what comes before the first Host applies to all
-    options: list[_Option] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        parsed = _parse_line(raw, Where(path, number))
-        if parsed is None:
-            continue
-        keyword, words = parsed
-        if keyword in ("host", "match"):
-            blocks.append(_Block(patterns, tuple(options)))
-            patterns, options = _block_patterns(keyword, words, Where(path, number)), []
-        elif keyword in _WANTED:
-            options.append(_Option(keyword, words[0], number))
-        # else: a keyword deployer does not use, `Include` among them (not followed: see the docstring)
-    blocks.append(_Block(patterns, tuple(options)))
-    return SshConfig(path, tuple(blocks))
+    """Parse the text of an ssh config; raises `InputError` (path:line) for a line it cannot read, a
+    `Match exec`, or an `Include` that cannot be read."""
+    lines, ports = _expand(text, path, 0)
+    try:
+        config = paramiko.config.SSHConfig.from_text("\n".join(lines))
+    except paramiko.config.ConfigParseError as exc:  # every line was checked above: kept as a net
+        raise InputError(Where(path), None, f"cannot read this ssh config: {exc}") from None
+    hosts: dict[str, None] = {}
+    for line in lines:
+        parsed = _parse_line(line, Where(path))
+        if parsed is not None and parsed[0] == "host":
+            hosts.update(dict.fromkeys(parsed[1]))
+    return SshConfig(path, config, tuple(ports), tuple(hosts))
 
 
 def load_ssh_config(path: str | os.PathLike[str] | None = None) -> SshConfig:
@@ -167,6 +154,66 @@ def load_ssh_config(path: str | os.PathLike[str] | None = None) -> SshConfig:
     if data is None:
         return SshConfig(file)
     return parse_ssh_config(data.decode("utf-8", errors="replace"), file)
+
+
+def _expand(text: str, path: str, depth: int) -> tuple[list[str], list[tuple[str, int, str]]]:
+    """The config's lines, checked, with each `Include` replaced by the lines it names."""
+    lines: list[str] = []
+    ports: list[tuple[str, int, str]] = []
+    header: str | None = None  # the Host/Match line of the block being read
+    for number, raw in enumerate(text.splitlines(), start=1):
+        where = Where(path, number)
+        parsed = _parse_line(raw, where)
+        if parsed is None:
+            continue
+        keyword, words = parsed
+        if keyword == "match" and any(w.lower() == "exec" for w in words):
+            raise InputError(where, "Match", "'Match exec' would run a command just to read the config: "
+                                             "deployer refuses it (use Host blocks, or point ssh_config at a file "
+                                             "without it)")
+        if keyword == "host" and any(w in ("", "!") for w in words):
+            raise InputError(where, "Host", f"empty pattern in {' '.join(words)!r}")
+        if keyword == "match":
+            try:  # Paramiko's checks of the criteria, on this line alone so that the error names it
+                paramiko.config.SSHConfig.from_text(raw.strip())
+            except paramiko.config.ConfigParseError as exc:
+                raise InputError(where, "Match", str(exc)) from None
+        if keyword in ("host", "match"):
+            header = raw.strip()
+        if keyword == "include":
+            for file in _included(words, where):
+                more, more_ports = _read_included(file, where, depth)
+                lines += more
+                ports += more_ports
+            if header is not None:
+                lines.append(header)  # the block the Include sat in goes on
+            continue
+        if keyword == "port":
+            ports.append((words[0], number, path))
+        lines.append(raw)
+    return lines, ports
+
+
+def _included(words: list[str], where: Where) -> list[str]:
+    files: list[str] = []
+    for word in words:
+        pattern = os.path.expanduser(word)
+        if not os.path.isabs(pattern):
+            pattern = os.path.join(os.path.expanduser(_DEFAULT_DIR), pattern)
+        files += sorted(glob.glob(pattern))  # no match: nothing, as OpenSSH
+    return files
+
+
+def _read_included(file: str, where: Where, depth: int) -> tuple[list[str], list[tuple[str, int, str]]]:
+    if depth >= MAX_INCLUDE_DEPTH:
+        raise InputError(where, "Include", f"includes nested over {MAX_INCLUDE_DEPTH} deep (a loop?)")
+    try:
+        data = read_user_file(file, MAX_SSH_CONFIG, "included ssh config")
+    except InputError as exc:
+        raise InputError(where, "Include", exc.problem + f" ({file})") from None
+    if data is None:
+        return [], []
+    return _expand(data.decode("utf-8", errors="replace"), file, depth + 1)
 
 
 def resolve(alias: str, path: str | os.PathLike[str] | None = None) -> SshHostConfig:
@@ -196,17 +243,9 @@ def _parse_line(raw: str, where: Where) -> tuple[str, list[str]] | None:
         words = _split_words(match.group(2))
     except ValueError as exc:
         raise InputError(where, match.group(1), str(exc)) from None
-    if (not words or not words[0]) and (keyword in _WANTED or keyword in ("host", "match")):
+    if (not words or not words[0]) and (keyword in _WANTED or keyword in ("host", "match", "include")):
         raise InputError(where, match.group(1), "missing value")
     return keyword, words
-
-
-def _block_patterns(keyword: str, words: list[str], where: Where) -> tuple[str, ...] | None:
-    if keyword == "match":
-        return ("*",) if [w.lower() for w in words] == ["all"] else None
-    if any(w in ("", "!") for w in words):
-        raise InputError(where, "Host", f"empty pattern in {' '.join(words)!r}")
-    return tuple(words)
 
 
 def _split_words(text: str) -> list[str]:
@@ -241,61 +280,61 @@ def _split_words(text: str) -> list[str]:
     return words
 
 
-@functools.lru_cache(maxsize=512)
-def _pattern_re(pattern: str) -> re.Pattern[str]:
-    """OpenSSH's wildcard pattern: `*` and `?` only, case-insensitive."""
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
-    return re.compile("".join(parts), re.DOTALL)
-
-
-def _host_config(alias: str, found: Mapping[str, _Option], path: str) -> SshHostConfig:
+def _host_config(alias: str, name: str, found: paramiko.config.SSHConfigDict, config: SshConfig) -> SshHostConfig:
     def value(keyword: str) -> str | None:
-        option = found.get(keyword)
-        return None if option is None or option.value.lower() == "none" else option.value
+        got = found.get(keyword)
+        text = got[0] if isinstance(got, list) else got
+        return None if text is None or str(text).lower() == "none" else str(text)
 
     hostname = value("hostname")
-    if hostname is not None:
-        hostname = _expand(hostname, {"h": lambda: alias})
-    user, port = value("user"), _port(found.get("port"), path)
+    if hostname == name:
+        hostname = None  # Paramiko fills in the name looked up; OpenSSH would connect to it all the same
+    user, port = value("user"), _port(value("port"), config)
     tokens: dict[str, Callable[[], str]] = {
         "h": lambda: hostname or alias,
-        "n": lambda: alias,
+        "n": lambda: name,
         "p": lambda: str(port or 22),
         "r": lambda: user or local_user(),
         "u": local_user,
         "d": lambda: os.path.expanduser("~"),
     }
 
-    def local_path(keyword: str) -> str | None:
+    def local_path(keyword: str, only: str | None = None) -> str | None:
         written = value(keyword)
-        return None if written is None else os.path.expanduser(_expand(written, tokens))
+        if written is None or not written.split():
+            return None
+        first = written.split()[0] if keyword == "userknownhostsfile" else written
+        return os.path.expanduser(_expand_tokens(first, tokens, only))
 
-    checking = found.get("stricthostkeychecking")
+    checking = value("stricthostkeychecking")
     return SshHostConfig(
         alias=alias,
         hostname=hostname,
         user=user,
         port=port,
-        identity_file=local_path("identityfile"),
+        identity_file=local_path("identityfile", only="n"),  # Paramiko expanded the others
         proxy_jump=value("proxyjump"),
         user_known_hosts_file=local_path("userknownhostsfile"),
-        strict_host_key_checking=None if checking is None else checking.value.lower(),
+        strict_host_key_checking=None if checking is None else checking.lower(),
     )
 
 
-def _port(option: _Option | None, path: str) -> int | None:
-    if option is None:
+def _port(text: str | None, config: SshConfig) -> int | None:
+    if text is None:
         return None
-    if not re.fullmatch(r"[0-9]{1,5}", option.value) or not 1 <= int(option.value) <= 65535:
-        raise InputError(Where(path, option.line), "Port", f"expected 1-65535 (got {option.value!r})")
-    return int(option.value)
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        line, file = next(((n, f) for v, n, f in config.ports if v == text), (0, config.path))
+        raise InputError(Where(file, line), "Port", f"expected 1-65535 (got {text!r})")
+    return int(text)
 
 
-def _expand(value: str, tokens: Mapping[str, Callable[[], str]]) -> str:
-    """Replace %-tokens (`%%` is a percent sign); an unknown token stays as written."""
+def _expand_tokens(value: str, tokens: Mapping[str, Callable[[], str]], only: str | None = None) -> str:
+    """Replace %-tokens (`%%` is a percent sign); an unknown token stays as written. `only`: just that one."""
 
     def one(match: re.Match[str]) -> str:
         key = match.group(1)
+        if only is not None and key != only:
+            return match.group(0)
         if key == "%":
             return "%"
         return tokens[key]() if key in tokens else match.group(0)

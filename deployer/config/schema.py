@@ -1,0 +1,64 @@
+"""The fields a device may set, with their parsers: shared by our YAML inventory and the formats that map
+their own variables onto these fields (`deploy_*` in Ansible inventories)."""
+
+from __future__ import annotations
+
+import re
+
+from deployer.config.fields import (
+    Parser,
+    optional,
+    parse_bool,
+    parse_choice,
+    parse_index_or_text,
+    parse_jump,
+    parse_path,
+    parse_port,
+    parse_remote_dir,
+    parse_retries,
+    parse_seconds,
+    parse_text,
+    parse_text_map,
+    parse_vars,
+    parse_word,
+    section,
+)
+
+DEVICE_TYPES = ("gpu", "cpu", "accelerator", "any")
+HOST_KEY_CHECKING = ("strict", "accept-new")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+OPENCL: dict[str, Parser] = {
+    "platform": parse_index_or_text,
+    "device": parse_index_or_text,
+    "device_type": parse_choice(*DEVICE_TYPES),
+}
+
+SSH: dict[str, Parser] = {
+    "known_hosts": parse_path,
+    "host_key_checking": parse_choice(*HOST_KEY_CHECKING),
+    "options": parse_text_map(None, "an option name"),
+    "agent": parse_bool,
+}
+
+TIMEOUTS: dict[str, Parser] = {"connect": parse_seconds, "command": parse_seconds, "device": optional(parse_seconds)}
+
+LAYER: dict[str, Parser] = {  # what `defaults` and each device may set
+    "user": parse_word,
+    "port": parse_port,
+    "python": parse_text,
+    "remote_dir": parse_remote_dir,
+    "identity_file": optional(parse_path),
+    "proxy_jump": optional(parse_jump),
+    "connect_retries": parse_retries,
+    "opencl": section(OPENCL),
+    "ssh": section(SSH),
+    "timeouts": section(TIMEOUTS),
+    "env": parse_text_map(_ENV_KEY, "a variable name ([A-Za-z_][A-Za-z0-9_]*)", secret=True),
+    "labels": parse_text_map(None, "a label name"),
+    "vars": parse_vars,
+}
+
+DEVICE: dict[str, Parser] = {"host": parse_word, **LAYER}
+
