@@ -70,10 +70,16 @@ class OpenCLSelection:
     platform: int | str | None = None  # index, or case-insensitive substring of the platform name
     device: int | str | None = None  # index, or substring of the device name
     device_type: str = "any"  # one of DEVICE_TYPES
+    library: str | None = None  # the OpenCL library the agent loads (absolute path or file name); None: the loader
 
     def as_request(self) -> dict[str, int | str | None]:
-        """The `opencl` field of the agent's fingerprint, build and smoke requests."""
-        return {"platform": self.platform, "device": self.device, "device_type": self.device_type}
+        """The `opencl` field of the agent's fingerprint, build and smoke requests (`library` only when set,
+        so a board without it keeps its driver stamp)."""
+        request: dict[str, int | str | None] = {
+            "platform": self.platform, "device": self.device, "device_type": self.device_type}
+        if self.library is not None:
+            request["library"] = self.library
+        return request
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +173,20 @@ def describe(device: Device) -> dict[str, object]:
     view["env"] = {key: "***" for key in device.env}
     return view
 
+def _parse_library(node: Node, ctx: Context) -> str:
+    """`opencl.library`: a path on the board, absolute, or a bare file name the board's dynamic loader finds."""
+    value = parse_text(node, ctx)
+    if not (value.startswith("/") or "/" not in value) or value.endswith("/"):
+        raise ctx.error(node, f"expected an absolute path on the device or a library file name such as "
+                              f"libOpenCL.so.1 (got {show_node(node)})")
+    return value
+
+
 _OPENCL: dict[str, Parser] = {
     "platform": parse_index_or_text,
     "device": parse_index_or_text,
     "device_type": parse_choice(*DEVICE_TYPES),
+    "library": optional(_parse_library),
 }
 
 _SSH: dict[str, Parser] = {
@@ -212,7 +228,7 @@ def _builtin() -> dict[str, object]:
         "identity_file": None,
         "proxy_jump": None,
         "connect_retries": 2,
-        "opencl": {"platform": None, "device": None, "device_type": "any"},
+        "opencl": {"platform": None, "device": None, "device_type": "any", "library": None},
         "ssh": {"known_hosts": os.path.expanduser("~/.ssh/known_hosts"), "host_key_checking": "strict",
                 "agent": True},
         "timeouts": {"connect": 10.0, "command": 600.0, "device": None},
@@ -303,7 +319,7 @@ def _device(
         identity_file=merged["identity_file"],
         python=merged["python"],
         remote_dir=merged["remote_dir"],
-        opencl=OpenCLSelection(opencl["platform"], opencl["device"], opencl["device_type"]),
+        opencl=OpenCLSelection(opencl["platform"], opencl["device"], opencl["device_type"], opencl["library"]),
         ssh=SshOptions(
             ssh["known_hosts"], ssh["host_key_checking"], MappingProxyType(ssh.get("options", {})), ssh["agent"]
         ),
