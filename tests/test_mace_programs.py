@@ -17,11 +17,11 @@ from deployer.cache.mace import (
     PLATFORM_INFO_KEY,
     encode_legacy,
     encode_mace_pb,
-    mace_device_name,
     parse_cache,
 )
 from deployer.config.mace_programs import MACE_BUILD_FLAGS, load_mace_programs
 from deployer.errors import InputError
+from deployer.remote.mace import mace_device_name
 from deployer.sim.fleet import fleet_specs
 from tests.conftest import Cli
 from tests.test_faults import MakeFleet
