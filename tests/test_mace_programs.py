@@ -172,3 +172,24 @@ def test_app_programs_on_a_fleet(make_fleet: MakeFleet, cli: Cli, tmp_path: Path
         assert written.platform_info == f"{platform['name']}, {platform['profile']}, {platform['version']}, v7.7.7-app"
         assert written.device_name == mace_device_name(dev["name"], dev["version"])
         assert written.format == "pb"
+    # PoCL's CPU device, seen as it is (no shim): push says, per board, why MACE will not use the file
+    for device in devices:
+        warnings = device["warnings"]
+        assert len(warnings) == 3 and all(w.startswith("MACE will not use this cache") for w in warnings)
+        assert "runs only on GPU devices" in warnings[0] and "the name is empty" in warnings[1]
+        assert "if the app's MaceVersion() is not 'v7.7.7-app'" in warnings[2]
+    run = cli("push", "--fleet", fleet.inventory, "--cache", cache, "--mace-version", "v7.7.7-app",
+              "--mace-programs", keys_file(tmp_path, *GOOD), "--mace-kernels", mace_kernels)
+    assert run.code == 0 and "sim-02: warning: MACE will not use this cache: MACE runs only on GPU" in run.out
+    run = cli("push", "--fleet", fleet.inventory, "--cache", cache, "--json", "--mace-format", "legacy",
+              "--mace-programs", keys_file(tmp_path, *GOOD), "--mace-kernels", mace_kernels)
+    assert run.code == 0, run.err
+    for device in run.json()["devices"]:  # PoCL 3.1 says OpenCL 3.0, which MACE v1.0.x refuses
+        assert any("MACE v1.0.x refuses OpenCL 3.0 devices" in w for w in device["warnings"]), device["warnings"]
+    # collect says it too, per board, for the file an app left there
+    run = cli("cache", "install", "--fleet", fleet.inventory, "--cache", cache, "--to", "~/app/cache.bin")
+    assert run.code == 0, run.out
+    run = cli("collect", "--fleet", fleet.inventory, "--cache", cache, "--path", "~/app/*.bin")
+    assert run.code == 0, run.err
+    assert "sim-01: warning: MACE will not use this cache: MACE v1.0.x refuses OpenCL 3.0 devices" in \
+        " ".join(run.out.split())

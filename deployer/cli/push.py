@@ -224,6 +224,8 @@ def _print_summary(result: FleetResult) -> None:
     for o in result.outcomes:
         for line in _device_lines(o):
             stdout.print(escape(line))
+        for warning in o.warnings:
+            stdout.print(f"[yellow]{escape(o.name)}: warning:[/yellow] {escape(warning)}")
     for o in result.failed:
         stdout.print(f"[red]{escape(o.name)}[/red]: {escape(o.error or 'failed')}")
     total = len(result.outcomes)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deployer.cache.mace import binary_kind, mace_verdict, parse_cache
+from deployer.cache.mace import DEFAULT_MACE_VERSION, binary_kind, mace_verdict, mace_warnings, parse_cache
 from deployer.cache.store import (
     CACHE_FILE,
     COLLECTED,
@@ -154,6 +154,8 @@ def describe_file(data: bytes, remote_path: str, fingerprint: Mapping[str, Any] 
     }
     if kind == "compiled_programs" and fingerprint:
         record["verdict"] = mace_verdict(cache, fingerprint).to_json()
+        app_version = cache.platform_info.rsplit(", ", 1)[-1] if cache.platform_info else DEFAULT_MACE_VERSION
+        record["warnings"] = mace_warnings(fingerprint, mace_format=cache.format, mace_version=app_version)
     return record
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer import phases
-from deployer.cache.mace import DEFAULT_MACE_VERSION, parse_cache
+from deployer.cache.mace import DEFAULT_MACE_VERSION, mace_warnings, parse_cache
 from deployer.cache.store import CACHE_FILE, device_dir, store_device, store_failure
 from deployer.config.inventory import Device
 from deployer.config.kernels import Library
@@ -131,6 +131,7 @@ class DeviceOutcome:
     pulled: bool = False  # the cache file was pulled (it differed from the local copy)
     bench: list[BenchItem] = field(default_factory=list)  # a bench step's timings
     create_ms: dict[str, float] = field(default_factory=dict)  # a bench step's program creation, by key
+    warnings: list[str] = field(default_factory=list)  # why MACE will not use this device's cache file
 
     @property
     def built(self) -> int:
@@ -145,6 +146,7 @@ class DeviceOutcome:
             "startup": self.startup.to_json() if self.startup else None, "release": self.release,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
             "plan": self.plan.to_json() if self.plan else None, "changed": self.changed, "pulled": self.pulled,
+            "warnings": self.warnings,
         }
 
 
@@ -288,6 +290,8 @@ class _DeviceRun:
 
     def _plan(self, state: RemoteState, fingerprint: Mapping[str, Any]) -> DevicePlan:
         self.outcome.fingerprint = _fingerprint(fingerprint)
+        self.outcome.warnings = mace_warnings(self.outcome.fingerprint, mace_format=self.job.mace_format,
+                                              mace_version=self._mace_version())
         self.skipped = self.job.library.skipped(self.outcome.fingerprint)
         fingerprint_id = str(self.outcome.fingerprint.get("id", ""))
         shas, mace_version = self.job.shas, self._mace_version()
