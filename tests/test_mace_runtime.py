@@ -1,0 +1,130 @@
+"""The proof: the cache files deployer writes are what a real MACE app loads.
+
+A real libmace (built from ../shared/third_party by scripts/build_mace.sh, tests/mace_runtime.py) runs the
+project's probe: a small net of MACE ops on MACE's OpenCL runtime, its cache at a path, under a simulated
+board's driver configuration (PoCL's pthread or basic device, seen through the OpenCL shim as a PowerVR
+GPU). The agent on those boards loads the same shim (inventory `opencl.library`), so both see one device.
+What MACE did is read from its own log lines ("Program from Cache: <key>", "... from source: ...").
+Skipped with the reason where the MACE sources are absent; DEPLOYER_REQUIRE_MACE=1 (CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployer.cache.mace import mace_verdict, parse_cache
+from deployer.sim.fleet import Fleet, fleet_specs, set_device
+from deployer.tasks.collect import local_folder
+from tests.conftest import Cli
+from tests.mace_runtime import Mace, ProbeRun, built_mace, run_probe
+
+APP_CACHE = "app/mace_cl_compiled_program.bin"
+MakeFleet = Callable[..., Fleet]  # conftest's make_fleet, with start_fleet's keywords
+
+
+@pytest.fixture(scope="module")
+def mace() -> Mace:
+    return built_mace()
+
+
+def home(fleet: Fleet, name: str) -> Path:
+    return Path(fleet.device(name).folder) / "home"
+
+
+def app_cache(fleet: Fleet, name: str) -> Path:
+    """Where the app keeps its cache on the board (the board's home is this folder on the controller)."""
+    path = home(fleet, name) / APP_CACHE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.chown(path.parent, *_owner(home(fleet, name)))
+    return path
+
+
+def _owner(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_uid, stat.st_gid
+
+
+def copy(src: Path, dst: Path) -> Path:
+    """The probe's own copy: MACE rewrites its cache file whenever it compiled anything."""
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def assert_all_from(run: ProbeRun, origin: str, keys: list[str]) -> None:
+    assert run.ok, run.log[-3000:]
+    others = {o: run.programs(o) for o in ("cache", "precompiled", "source", "cache_failed") if o != origin}
+    assert sorted(run.programs(origin)) == sorted(keys), run.log[-3000:]
+    assert not any(others.values()), others
+
+
+def pocl(fleet: Fleet, name: str) -> str:
+    return fleet.device(name).spec.pocl_device
+
+
+def test_the_probe_runs_on_the_real_runtime(mace: Mace, tmp_path: Path) -> None:
+    """Cold: every program from source, output right, the file written; then every program from that file.
+    Several kinds of op, so programs of one name with different options are among them."""
+    cold = run_probe(mace, tmp_path / "cache.bin")
+    assert cold.ok and not cold.programs("cache"), cold.log[-3000:]
+    keys = cold.programs("source")
+    names = [k.split(" ", 1)[0] for k in keys]
+    assert {"activation", "eltwise", "buffer_to_image"} <= set(names) and names.count("activation") == 2, keys
+    written = parse_cache((tmp_path / "cache.bin").read_bytes())
+    assert sorted(written.programs) == sorted(keys) and written.device_name.startswith("PowerVR ")  # type: ignore[union-attr]
+    assert_all_from(run_probe(mace, tmp_path / "cache.bin"), "cache", keys)
+
+
+def collect_app_cache(cli: Cli, fleet: Fleet, cache: Path) -> dict[str, Any]:
+    run = cli("collect", "--fleet", fleet.inventory, "--cache", cache, "--json", "--path", f"~/{APP_CACHE}")
+    assert run.code == 0, run.out + run.err
+    return {d["name"]: d for d in run.json()["devices"]}
+
+
+def test_collected_and_pushed_caches_are_what_mace_loads(mace: Mace, make_fleet: MakeFleet, cli: Cli,
+                                                         tmp_path: Path) -> None:
+    """Proof 1 and 2 of issue 17, on a fleet of two fingerprints."""
+    fleet = make_fleet(fleet_specs(2, mix=True), opencl_library=str(mace.shim))
+    cache = tmp_path / "cache"
+    # 1. the app runs cold on sim-01 and writes its cache there; deploy collect pulls it
+    cold = run_probe(mace, app_cache(fleet, "sim-01"), pocl_device=pocl(fleet, "sim-01"))
+    assert_all_from(cold, "source", cold.programs("source"))
+    keys = cold.programs("source")
+    collected = collect_app_cache(cli, fleet, cache)
+    (found,) = collected["sim-01"]["files"]
+    assert found["record"]["verdict"]["mace"] == "warm", found  # the agent sees the device MACE sees
+    assert sorted(p["key"] for p in found["record"]["programs"]) == sorted(keys)
+    pulled = cache / "sim-01" / "collected" / local_folder(found["remote_path"]) / "content.bin"
+    assert pulled.read_bytes() == app_cache(fleet, "sim-01").read_bytes()
+    assert_all_from(run_probe(mace, copy(pulled, tmp_path / "pulled.bin"), pocl_device=pocl(fleet, "sim-01")),
+                    "cache", keys)
+    # 2. deploy builds exactly those programs on both fingerprints; each board's pulled cache loads whole
+    run = cli("push", "--fleet", fleet.inventory, "--cache", cache, "--json", "--mace-programs", pulled,
+              "--mace-kernels", mace.kernels)
+    assert run.code == 0, run.out + run.err
+    devices = {d["name"]: d for d in run.json()["devices"]}
+    assert len({d["fingerprint"]["id"] for d in devices.values()}) == 2
+    for name, device in devices.items():
+        assert device["fingerprint"]["device"]["name"].startswith("PowerVR ")
+        assert sorted(k["program_key"] for k in device["kernels"]) == sorted(keys)
+        assert not any("the name is empty" in w or "GPU devices" in w for w in device["warnings"])
+        ours = copy(cache / name / "mace_cl_compiled_program.bin", tmp_path / f"{name}.bin")
+        assert_all_from(run_probe(mace, ours, pocl_device=pocl(fleet, name)), "cache", keys)
+    # 3. a cache built for the other fingerprint: MACE throws it away, every program from source ...
+    other = run_probe(mace, copy(cache / "sim-01" / "mace_cl_compiled_program.bin", tmp_path / "other.bin"),
+                      pocl_device=pocl(fleet, "sim-02"))
+    assert_all_from(other, "source", keys)
+    verdict = mace_verdict(parse_cache((cache / "sim-01" / "mace_cl_compiled_program.bin").read_bytes()),
+                           devices["sim-02"]["fingerprint"])
+    assert not verdict.warm and "device-name entry" in verdict.reason
+    # ... and once sim-01's driver is the other one, deploy cache install had already refused the file
+    set_device(fleet, "sim-01", driver=pocl(fleet, "sim-02"))
+    before = app_cache(fleet, "sim-01").read_bytes()
+    run = cli("cache", "install", "--fleet", fleet.inventory, "--cache", cache, "--limit", "sim-01",
+              "--to", f"~/{APP_CACHE}")
+    assert "skipped" in run.out and "fingerprint changed" in run.out, run.out
+    assert app_cache(fleet, "sim-01").read_bytes() == before  # the app's own file stays as it was
