@@ -88,7 +88,7 @@ class ProbeRun:
 
 def probe_env(mace: Mace, pocl_device: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of an app on a simulated board of that PoCL device, seeing it through the shim."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POCL_", "DEPLOYER_SHIM_", "MACE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POCL_", "OPENCL_SHIM_", "MACE_"))}
     env.update(MACE_DRIVER_ENV)
     env["POCL_DEVICES"] = pocl_device
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(mace.shim.parent), os.environ.get("LD_LIBRARY_PATH")]))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from deployer.cache.mace import mace_verdict, parse_cache
 from deployer.sim.fleet import Fleet, fleet_specs, set_device
@@ -128,3 +129,48 @@ def test_collected_and_pushed_caches_are_what_mace_loads(mace: Mace, make_fleet:
               "--to", f"~/{APP_CACHE}")
     assert "skipped" in run.out and "fingerprint changed" in run.out, run.out
     assert app_cache(fleet, "sim-01").read_bytes() == before  # the app's own file stays as it was
+
+
+def set_env(fleet: Fleet, **env: str) -> None:
+    """Add to the inventory's `env:` for every device (the agent, so its fingerprint, sees it)."""
+    inventory = yaml.safe_load(fleet.inventory.read_text())
+    inventory["defaults"].setdefault("env", {}).update(env)
+    fleet.inventory.write_text(yaml.safe_dump(inventory, sort_keys=False))
+
+
+def test_another_mace_version_verdict_agrees_with_mace(mace: Mace, make_fleet: MakeFleet, cli: Cli,
+                                                       tmp_path: Path) -> None:
+    """Proof 4: a cache written for another MaceVersion() than the app's. MACE keeps it under REUSE_SAME_GPU
+    only when field 2 of the platform entry split on ',' is the platform version, i.e. only when that
+    version has no comma (PoCL's has; the shim rewrites it); never under REUSE_NONE. deploy's verdict, asked
+    for the app's version and policy, agrees with what MACE did in each of the four cases."""
+    fleet = make_fleet(fleet_specs(1), opencl_library=str(mace.shim))
+    source = tmp_path / "app.bin"
+    cold = run_probe(mace, source)  # the app's programs and its MaceVersion()
+    keys, app_version = cold.programs("source"), cold.report["mace_version"]
+    seen = {}
+    for version in ("", "OpenCL 3.0 PoCL 3.1 (no commas)"):
+        shim_env = {"OPENCL_SHIM_PLATFORM_VERSION": version} if version else {}
+        set_env(fleet, **shim_env)
+        cache = tmp_path / f"cache-{bool(version)}"
+        run = cli("push", "--fleet", fleet.inventory, "--cache", cache, "--json", "--mace-programs", source,
+                  "--mace-kernels", mace.kernels, "--mace-version", "v1.1.1-0-gdeadbee")
+        assert run.code == 0, run.out + run.err
+        (device,) = run.json()["devices"]
+        platform_version = device["fingerprint"]["platform"]["version"]
+        assert ("," in platform_version) == (not version), platform_version
+        comma_warning = any("splits the platform entry on ','" in w for w in device["warnings"])
+        assert comma_warning == (not version), device["warnings"]
+        written = cache / "sim-01" / "mace_cl_compiled_program.bin"
+        for policy in ("same", "none"):
+            probe = run_probe(mace, copy(written, tmp_path / "probe.bin"), policy=policy, env=shim_env)
+            assert probe.ok and not probe.programs("cache_failed"), probe.log[-3000:]
+            mace_warm = sorted(probe.programs("cache")) == sorted(keys) and not probe.programs("source")
+            mace_cold = sorted(probe.programs("source")) == sorted(keys) and not probe.programs("cache")
+            assert mace_warm or mace_cold, probe.report  # MACE keeps or discards the whole file
+            verdict = mace_verdict(parse_cache(written.read_bytes()), device["fingerprint"],
+                                   mace_version=app_version, policy=policy)
+            assert verdict.warm == mace_warm, (version, policy, verdict)
+            seen[(bool(version), policy)] = mace_warm
+    # what MACE did: only a comma-free platform version under the default policy keeps the file
+    assert seen == {(False, "same"): False, (False, "none"): False, (True, "same"): True, (True, "none"): False}

@@ -7,9 +7,10 @@
  * changes only what it says about the device:
  *   - CL_DEVICE_TYPE answers GPU, and clGetDeviceIDs for GPU devices lists every device;
  *   - CL_DEVICE_NAME gets the prefix "PowerVR " (a name MACE keeps; it changes nothing else in MACE);
- *   - with DEPLOYER_SHIM_PLATFORM_VERSION set, CL_PLATFORM_VERSION answers that text instead (a driver
+ *   - with OPENCL_SHIM_PLATFORM_VERSION set, CL_PLATFORM_VERSION answers that text instead (a driver
  *     without commas in its version, or a driver upgrade, without another driver);
- *   - with DEPLOYER_SHIM_DEVICE_VERSION set, CL_DEVICE_VERSION answers that text.
+ *   - with OPENCL_SHIM_DEVICE_VERSION set, CL_DEVICE_VERSION answers that text.
+ * (Named OPENCL_*: the agent's driver stamp covers such variables, so a change re-fingerprints the board.)
  * Both the probe and the agent see the same device through it. Never shipped: tests only.
  */
 #define CL_TARGET_OPENCL_VERSION 120
@@ -59,8 +60,8 @@ cl_int clGetDeviceInfo(cl_device_id device, cl_device_info param, size_t size, v
     }
     return CL_SUCCESS;
   }
-  if (param == CL_DEVICE_VERSION && getenv("DEPLOYER_SHIM_DEVICE_VERSION")) {
-    return answer(getenv("DEPLOYER_SHIM_DEVICE_VERSION"), size, value, size_ret);
+  if (param == CL_DEVICE_VERSION && getenv("OPENCL_SHIM_DEVICE_VERSION")) {
+    return answer(getenv("OPENCL_SHIM_DEVICE_VERSION"), size, value, size_ret);
   }
   if (param == CL_DEVICE_NAME) {
     char name[512] = NAME_PREFIX;
@@ -76,8 +77,8 @@ cl_int clGetPlatformInfo(cl_platform_id platform, cl_platform_info param, size_t
                          size_t *size_ret) {
   get_info_fn fn = (get_info_fn)real("clGetPlatformInfo");
   if (!fn) return CL_INVALID_PLATFORM;
-  if (param == CL_PLATFORM_VERSION && getenv("DEPLOYER_SHIM_PLATFORM_VERSION")) {
-    return answer(getenv("DEPLOYER_SHIM_PLATFORM_VERSION"), size, value, size_ret);
+  if (param == CL_PLATFORM_VERSION && getenv("OPENCL_SHIM_PLATFORM_VERSION")) {
+    return answer(getenv("OPENCL_SHIM_PLATFORM_VERSION"), size, value, size_ret);
   }
   return fn(platform, param, size, value, size_ret);
 }
