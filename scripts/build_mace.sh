@@ -5,6 +5,10 @@
 #   test-only OpenCL shim (tests/mace/shim.c: PoCL's CPU device answered as a PowerVR GPU, see docs/mace.md).
 #
 #   bash scripts/build_mace.sh [OUT]     OUT defaults to .build/mace (git-ignored)
+#   bash scripts/build_mace.sh --app-kernels DIR DEST [OUT]
+#       the probe as an app whose libmace embeds the OpenCL kernels of DIR (a changed copy of MACE's
+#       mace/ops/opencl/cl): MACE's code generator runs on DIR, and its one object file is linked ahead of
+#       OUT's libmace_static.a (seconds, not a rebuild of libmace)
 #
 # Builds only what is absent or out of date (a stamp of the inputs' names, sizes and mtimes), so CI runs it
 # once per run and every later call returns at once. Exit 0: OUT/probe, OUT/shim/libOpenCL.so are ready;
@@ -14,6 +18,11 @@
 # libgflags-dev ocl-icd-opencl-dev python3-jinja2.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+app_kernels=""
+if [[ "${1:-}" == "--app-kernels" ]]; then
+  app_kernels="$(realpath "$2")" app_dest="$(realpath -m "$3")"
+  shift 3
+fi
 out="$(realpath -m "${1:-$repo/.build/mace}")"
 third="${DEPLOYER_MACE_SOURCES:-$repo/../shared/third_party}"
 if [[ ! -f "$third/mace/CMakeLists.txt" ]]; then
@@ -94,5 +103,21 @@ if [[ ! -x "$out/probe" || ! -f "$out/shim/libOpenCL.so" || "$(cat "$out/tools.s
     "$lib" -ldl -pthread \
     || { echo "build_mace: the probe did not build" >&2; exit 1; }
   echo "$tool_stamp" > "$out/tools.stamp"
+fi
+
+# 3. --app-kernels: the same probe against other kernel sources
+if [[ -n "$app_kernels" ]]; then
+  gen="$(mktemp -d)"
+  trap 'rm -rf "$gen"' EXIT
+  /usr/bin/python3 "$out/src/mace/mace/python/tools/encrypt_opencl_codegen.py" --cl_kernel_dir="$app_kernels/" \
+    --output_path="$gen/mace/codegen/opencl/encrypt_opencl_kernel.cc" >/dev/null \
+    || { echo "build_mace: MACE's kernel code generator failed on $app_kernels" >&2; exit 1; }
+  g++ -O0 -std=c++11 -w -I"$gen" -I"$out/src/mace" -c -o "$gen/kernels.o" \
+    "$gen/mace/codegen/opencl/encrypt_opencl_kernel.cc"
+  g++ -O0 -std=c++11 -Wall -Werror -Wno-deprecated-declarations -I"$out/src/mace/include" -I"$out/build" \
+    -I"$out/src/mace" -o "$app_dest" "$repo/tests/mace/probe.cc" "$gen/kernels.o" "$lib" -ldl -pthread \
+    || { echo "build_mace: the probe with the kernels of $app_kernels did not link" >&2; exit 1; }
+  echo "$app_dest"
+  exit 0
 fi
 echo "$out"

@@ -69,6 +69,24 @@ def built_mace() -> Mace:
     return mace
 
 
+def app_with_kernels(mace: Mace, kernels: Path, dest: Path) -> Mace:
+    """The probe as an app whose libmace embeds the kernel sources of `kernels` (a changed copy of
+    `mace.kernels`): `Mace` whose `probe` is `dest`, all else shared."""
+    result = subprocess.run(["bash", str(BUILD_SCRIPT), "--app-kernels", str(kernels), str(dest), str(mace.folder)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return AppMace(mace.folder, dest)
+
+
+@dataclass(frozen=True)
+class AppMace(Mace):
+    app_probe: Path
+
+    @property
+    def probe(self) -> Path:
+        return self.app_probe
+
+
 @dataclass(frozen=True)
 class ProbeRun:
     """The probe's JSON line and MACE's log (stderr)."""

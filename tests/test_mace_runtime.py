@@ -22,7 +22,7 @@ from deployer.cache.mace import mace_verdict, parse_cache
 from deployer.sim.fleet import Fleet, fleet_specs, set_device
 from deployer.tasks.collect import local_folder
 from tests.conftest import Cli
-from tests.mace_runtime import Mace, ProbeRun, built_mace, run_probe
+from tests.mace_runtime import Mace, ProbeRun, app_with_kernels, built_mace, run_probe
 
 APP_CACHE = "app/mace_cl_compiled_program.bin"
 MakeFleet = Callable[..., Fleet]  # conftest's make_fleet, with start_fleet's keywords
@@ -174,3 +174,39 @@ def test_another_mace_version_verdict_agrees_with_mace(mace: Mace, make_fleet: M
             seen[(bool(version), policy)] = mace_warm
     # what MACE did: only a comma-free platform version under the default policy keeps the file
     assert seen == {(False, "same"): False, (False, "none"): False, (True, "same"): True, (True, "none"): False}
+
+
+def test_a_changed_kernel_source_rebuilds_that_program_only(mace: Mace, make_fleet: MakeFleet, cli: Cli,
+                                                            tmp_path: Path) -> None:
+    """Proof 3: the app's libmace is rebuilt with one MACE kernel source changed (eltwise.cl). With the old
+    cache MACE rebuilds that program only; deploy refuses the old program list against the new folder
+    (hash mismatch), and from the new app's list it rebuilds that one program too; then MACE loads all."""
+    fleet = make_fleet(fleet_specs(1), opencl_library=str(mace.shim))
+    old_src = tmp_path / "old-app.bin"
+    keys = run_probe(mace, old_src).programs("source")
+    cache = tmp_path / "cache"
+    run = cli("push", "--fleet", fleet.inventory, "--cache", cache, "--json", "--mace-programs", old_src,
+              "--mace-kernels", mace.kernels)
+    assert run.code == 0, run.out + run.err
+    pushed = cache / "sim-01" / "mace_cl_compiled_program.bin"
+    changed = tmp_path / "cl"
+    shutil.copytree(mace.kernels, changed)
+    with open(changed / "eltwise.cl", "a") as source:
+        source.write("// a change that only the hash sees\n")
+    (eltwise,) = [k for k in keys if k.startswith("eltwise ")]
+    new_app = app_with_kernels(mace, changed, tmp_path / "new-probe")
+    # MACE: that program from source, the others from the cache deploy wrote
+    new_src = copy(pushed, tmp_path / "new-app.bin")
+    first = run_probe(new_app, new_src)
+    assert first.ok and first.programs("source") == [eltwise], first.report
+    assert sorted(first.programs("cache")) == sorted(k for k in keys if k != eltwise)
+    # deploy: the old list does not fit the new folder; the new app's list (its rewritten cache) does
+    run = cli("push", "--fleet", fleet.inventory, "--cache", cache, "--mace-programs", old_src, "--mace-kernels",
+              changed)
+    assert run.code == 2 and f"program {eltwise!r}" in " ".join(run.err.split()), run.err
+    run = cli("push", "--fleet", fleet.inventory, "--cache", cache, "--json", "--mace-programs", new_src,
+              "--mace-kernels", changed)
+    assert run.code == 0, run.out + run.err
+    (device,) = run.json()["devices"]
+    assert device["plan"]["rebuild"] == [eltwise], device["plan"]
+    assert_all_from(run_probe(new_app, copy(pushed, tmp_path / "probe.bin")), "cache", keys)
