@@ -1,7 +1,7 @@
 """MACE's OpenCL cache file on the controller side: reading what devices and apps wrote.
 
 The encoder and the key/hash rules live in `agent_main` (the agent writes the file on the device) and are
-re-used here, so both sides follow one definition. Format: ../shared/docs/mace-cache-format.md, docs/mace.md.
+re-used here, so both sides follow one definition. Format and MACE's rules: docs/mace.md.
 """
 
 from __future__ import annotations
