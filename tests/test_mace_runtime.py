@@ -10,7 +10,10 @@ Skipped with the reason where the MACE sources are absent; DEPLOYER_REQUIRE_MACE
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -210,3 +213,23 @@ def test_a_changed_kernel_source_rebuilds_that_program_only(mace: Mace, make_fle
     (device,) = run.json()["devices"]
     assert device["plan"]["rebuild"] == [eltwise], device["plan"]
     assert_all_from(run_probe(new_app, copy(pushed, tmp_path / "probe.bin")), "cache", keys)
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_absent_sources_skip_or_fail_under_ci(required: bool, tmp_path: Path) -> None:
+    """A clone without ../shared/third_party skips these tests, saying why; DEPLOYER_REQUIRE_MACE=1 (.ci/run)
+    turns that into a failure. Run as pytest would in such a clone (its own process, no build folder)."""
+    env = {k: v for k, v in os.environ.items() if k != "DEPLOYER_REQUIRE_MACE"}
+    env.update(DEPLOYER_MACE_SOURCES=str(tmp_path / "no-third-party"), DEPLOYER_MACE_BUILD=str(tmp_path / "build"))
+    if required:
+        env["DEPLOYER_REQUIRE_MACE"] = "1"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                             f"{__file__}::test_the_probe_runs_on_the_real_runtime"], capture_output=True, text=True,
+                            env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    text = result.stdout + result.stderr
+    assert "no MACE sources" in text and "no-third-party" in text, text[-2000:]
+    if required:
+        assert result.returncode == 1 and "1 error" in text and "DEPLOYER_REQUIRE_MACE=1" in text, text[-2000:]
+    else:
+        assert result.returncode == 0 and "1 skipped" in text, text[-2000:]
+    assert not (tmp_path / "build" / "probe").exists()
