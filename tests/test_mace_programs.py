@@ -12,6 +12,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deployer.cache.mace import (
     PLATFORM_INFO_KEY,
@@ -133,6 +135,28 @@ def test_one_flag_without_the_other(given: str, tmp_path: Path, mace_kernels: Pa
     run = cli("push", "--fleet", offline_inventory, "--cache", tmp_path / "cache", given, value)
     other = "--mace-kernels" if given == "--mace-programs" else "--mace-programs"
     assert run.code == 2 and f"{given} needs {other}" in " ".join(run.err.split()), run.err
+
+
+KEY_LINES = st.lists(st.one_of(
+    st.sampled_from(GOOD + ["# comment", "", "plain", "scale  -DFACTOR=1.0f", "nothere -DX",
+                            "scale -DKERNEL_NAME=s x"]),
+    st.text(max_size=40)), max_size=6)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=300), KEY_LINES.map(lambda lines: "\n".join(lines).encode("utf-8", "replace")),
+                      st.dictionaries(st.sampled_from(GOOD + ["program_hash_ " + GOOD[2], "x y"]),
+                                      st.binary(max_size=20), max_size=4).map(lambda d: encode_mace_pb(d.items()))))
+def test_any_source_file_is_programs_or_an_input_error(data: bytes, tmp_path: Path, mace_kernels: Path) -> None:
+    """Whatever SRC holds, the loader returns programs whose files exist, or an InputError naming SRC."""
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    try:
+        loaded = load_mace_programs(src, mace_kernels)
+    except InputError as exc:
+        assert exc.where is not None and exc.where.file == str(src) and exc.field == "--mace-programs"
+        return
+    assert loaded.keys and all((mace_kernels / program.source).is_file() for program in loaded.library.programs)
 
 
 def test_load_refuses_what_push_refuses(tmp_path: Path, mace_kernels: Path) -> None:
