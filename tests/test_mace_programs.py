@@ -21,6 +21,7 @@ from deployer.cache.mace import (
     encode_mace_pb,
     parse_cache,
 )
+from deployer.config.inventory import load_inventory
 from deployer.config.mace_programs import MACE_BUILD_FLAGS, load_mace_programs
 from deployer.errors import InputError
 from deployer.remote.mace import mace_device_name
@@ -217,3 +218,24 @@ def test_app_programs_on_a_fleet(make_fleet: MakeFleet, cli: Cli, tmp_path: Path
     assert run.code == 0, run.err
     assert "sim-01: warning: MACE will not use this cache: MACE v1.0.x refuses OpenCL 3.0 devices" in \
         " ".join(run.out.split())
+
+
+def test_sim_up_with_an_opencl_library(cli: Cli, tmp_path: Path) -> None:
+    """`deploy sim up --opencl-library` writes the library (absolute) and MACE's PoCL flag into the
+    inventory; a library that does not load fails each board's fingerprint, naming it (the agent loads it)."""
+    folder, library = tmp_path / "sim", tmp_path / "libOpenCL-absent.so"
+    run = cli("sim", "up", "--devices", "1", "--dir", folder, "--opencl-library", library)
+    try:
+        assert run.code == 0, run.err
+        (device,) = load_inventory(folder / "inventory.yml").devices
+        assert device.opencl.library == str(library) and dict(device.env) == {"POCL_EXTRA_BUILD_FLAGS": "-w"}
+        push = cli("push", "--fleet", folder / "inventory.yml", "--cache", tmp_path / "cache", "--json",
+                   "--mace-programs", keys_file(tmp_path, GOOD[2]), "--mace-kernels", tmp_path)
+        assert push.code == 2  # plain.cl is not in tmp_path: refused before the board
+        (tmp_path / "plain.cl").write_bytes(PLAIN)
+        push = cli("push", "--fleet", folder / "inventory.yml", "--cache", tmp_path / "cache", "--json",
+                   "--mace-programs", keys_file(tmp_path, GOOD[2]), "--mace-kernels", tmp_path)
+        (result,) = push.json()["devices"]
+        assert push.code == 1 and "[no_loader]" in result["error"] and str(library) in result["error"], result
+    finally:
+        assert cli("sim", "down", "--dir", folder).code == 0
