@@ -118,6 +118,10 @@ def test_collected_and_pushed_caches_are_what_mace_loads(mace: Mace, make_fleet:
         assert not any("the name is empty" in w or "GPU devices" in w for w in device["warnings"])
         ours = copy(cache / name / "mace_cl_compiled_program.bin", tmp_path / f"{name}.bin")
         assert_all_from(run_probe(mace, ours, pocl_device=pocl(fleet, name)), "cache", keys)
+        # the same file as MACE's read-only precompiled binary (SetOpenCLBinaryPaths), with no cache file
+        precompiled = run_probe(mace, tmp_path / f"{name}-empty.bin", pocl_device=pocl(fleet, name),
+                                binary=cache / name / "mace_cl_compiled_program.bin")
+        assert_all_from(precompiled, "precompiled", keys)
     # 3. a cache built for the other fingerprint: MACE throws it away, every program from source ...
     other = run_probe(mace, copy(cache / "sim-01" / "mace_cl_compiled_program.bin", tmp_path / "other.bin"),
                       pocl_device=pocl(fleet, "sim-02"))
