@@ -237,3 +237,25 @@ def test_absent_sources_skip_or_fail_under_ci(required: bool, tmp_path: Path) ->
     else:
         assert result.returncode == 0 and "1 skipped" in text, text[-2000:]
     assert not (tmp_path / "build" / "probe").exists()
+
+
+def test_a_gpu_mace_cannot_name(mace: Mace, make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    """The warning "MACE clears the cache at every start" on a GPU that is not Adreno, Mali or PowerVR (the
+    shim without its name prefix): MACE builds from source at every start, even from its own file, and
+    loads deploy's file only as the precompiled binary, as the warning says."""
+    unnamed = {"OPENCL_SHIM_NAME_PREFIX": ""}
+    fleet = make_fleet(fleet_specs(1), opencl_library=str(mace.shim))
+    set_env(fleet, **unnamed)
+    own = tmp_path / "own.bin"
+    keys = run_probe(mace, own, env=unnamed).programs("source")
+    assert_all_from(run_probe(mace, own, env=unnamed), "source", keys)  # its own file, discarded again
+    run = cli("push", "--fleet", fleet.inventory, "--cache", tmp_path / "cache", "--json", "--mace-programs", own,
+              "--mace-kernels", mace.kernels)
+    assert run.code == 0, run.out + run.err
+    (device,) = run.json()["devices"]
+    gpu = device["fingerprint"]["device"]
+    assert gpu["type"] == ["GPU"] and not gpu["name"].startswith("PowerVR")
+    assert any("the name is empty, so MACE clears the cache at every start" in w for w in device["warnings"])
+    pushed = tmp_path / "cache" / "sim-01" / "mace_cl_compiled_program.bin"
+    assert_all_from(run_probe(mace, copy(pushed, tmp_path / "as-cache.bin"), env=unnamed), "source", keys)
+    assert_all_from(run_probe(mace, tmp_path / "none.bin", binary=pushed, env=unnamed), "precompiled", keys)

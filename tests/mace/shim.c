@@ -6,7 +6,8 @@
  * libOpenCL.so.1 (it is linked against it, so dlsym on this library finds every other symbol there) and
  * changes only what it says about the device:
  *   - CL_DEVICE_TYPE answers GPU, and clGetDeviceIDs for GPU devices lists every device;
- *   - CL_DEVICE_NAME gets the prefix "PowerVR " (a name MACE keeps; it changes nothing else in MACE);
+ *   - CL_DEVICE_NAME gets the prefix "PowerVR " (a name MACE keeps; it changes nothing else in MACE), or
+ *     OPENCL_SHIM_NAME_PREFIX when set ("" : a GPU MACE cannot name);
  *   - with OPENCL_SHIM_PLATFORM_VERSION set, CL_PLATFORM_VERSION answers that text instead (a driver
  *     without commas in its version, or a driver upgrade, without another driver);
  *   - with OPENCL_SHIM_DEVICE_VERSION set, CL_DEVICE_VERSION answers that text.
@@ -64,9 +65,11 @@ cl_int clGetDeviceInfo(cl_device_id device, cl_device_info param, size_t size, v
     return answer(getenv("OPENCL_SHIM_DEVICE_VERSION"), size, value, size_ret);
   }
   if (param == CL_DEVICE_NAME) {
-    char name[512] = NAME_PREFIX;
-    size_t have = 0;
-    cl_int err = fn(device, param, sizeof(name) - strlen(NAME_PREFIX), name + strlen(NAME_PREFIX), &have);
+    const char *prefix = getenv("OPENCL_SHIM_NAME_PREFIX") ? getenv("OPENCL_SHIM_NAME_PREFIX") : NAME_PREFIX;
+    char name[512];
+    size_t have = 0, skip = strlen(prefix) < 256 ? strlen(prefix) : 256;
+    memcpy(name, prefix, skip);
+    cl_int err = fn(device, param, sizeof(name) - skip, name + skip, &have);
     if (err != CL_SUCCESS) return err;
     return answer(name, size, value, size_ret);
   }
