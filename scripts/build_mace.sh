@@ -42,7 +42,7 @@ inputs_stamp() {  # names, sizes and mtimes of everything a step depends on: che
   find "$@" -type f -printf '%p %s %T@\n' | LC_ALL=C sort | sha256sum | cut -c1-64
 }
 
-# 1. libmace, from a copy with the two build-file changes documented in docs/mace.md. RECIPE names this
+# 1. libmace, from a copy with two build-file changes, (a) and (b) below (docs/mace.md, section 7). RECIPE names this
 #    step's commands: change it with them (not with the rest of this script, which would rebuild for nothing).
 RECIPE=1
 lib_stamp="recipe $RECIPE $(inputs_stamp "$third")"
