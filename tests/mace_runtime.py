@@ -51,7 +51,11 @@ class Mace:
 
 @cache
 def _build() -> tuple[Mace | None, str]:
-    result = subprocess.run(["bash", str(BUILD_SCRIPT), str(BUILD_DIR)], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["bash", str(BUILD_SCRIPT), str(BUILD_DIR)], capture_output=True, text=True,
+                                timeout=1700)
+    except subprocess.TimeoutExpired:
+        return None, "scripts/build_mace.sh did not finish within 1700 s"
     if result.returncode == 0:
         return Mace(BUILD_DIR), ""
     tail = "\n".join(result.stderr.strip().splitlines()[-15:])

@@ -27,6 +27,10 @@ from deployer.tasks.collect import local_folder
 from tests.conftest import Cli
 from tests.mace_runtime import Mace, ProbeRun, app_with_kernels, built_mace, run_probe
 
+# The first test may build libmace (scripts/check.sh builds it before the suite; a bare pytest run on a fresh
+# clone does it here: 13 min on a loaded 2-core machine), past the suite's 300 s per test.
+pytestmark = pytest.mark.timeout(1800)
+
 APP_CACHE = "app/mace_cl_compiled_program.bin"
 MakeFleet = Callable[..., Fleet]  # conftest's make_fleet, with start_fleet's keywords
 
