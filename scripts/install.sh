@@ -17,6 +17,8 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(protobuf-compiler)          # protoc decodes every written cache file in the tests
   packages+=(systemd)                    # systemd-analyze verify checks contrib/systemd's units (no running systemd)
   packages+=(chromium chromium-driver)   # report.html is opened in a real headless browser (selenium)
+  packages+=(cmake g++ make libprotobuf-dev libgflags-dev ocl-icd-opencl-dev python3-jinja2)
+                                         # a real libmace for the cache proof (scripts/build_mace.sh)
   extra=(".[test]")
 else
   extra=(".")

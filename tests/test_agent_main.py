@@ -646,6 +646,7 @@ def test_child_past_its_timeout_is_killed(tmp_path: Path, agent_env: dict[str, s
     ("broken_icd", "icd_missing_library", ["broken.icd", "libdeployer-missing.so"]),
     ("empty_icd_dir", "no_platform", ["no .icd file in"]),
     ("no_loader", "no_loader", ["libOpenCL-absent.so.1"]),
+    ("library_absent", "no_loader", ["/opt/vendor/libOpenCL-absent.so"]),
     ("gpu_only", "no_device", ["only a CPU device (pthread", "set opencl.device_type: any"]),
     ("no_match", "no_match", ["no platform matches", "Portable Computing Language"]),
     ("no_device_index", "no_match", ["no device matches", "pthread"]),
@@ -662,6 +663,9 @@ def test_opencl_setup_errors(setup: str, kind: str, words: list[str], tmp_path: 
         env["OCL_ICD_VENDORS"] = str(vendors)
     elif setup == "no_loader":
         env["DEPLOYER_OPENCL_LIBRARY"] = "libOpenCL-absent.so.1"
+    elif setup == "library_absent":  # the inventory's opencl.library wins over the environment
+        env["DEPLOYER_OPENCL_LIBRARY"] = "libOpenCL.so.1"
+        opencl = {"library": "/opt/vendor/libOpenCL-absent.so"}
     elif setup == "gpu_only":
         opencl = {"device_type": "gpu"}
     elif setup == "no_match":
@@ -674,6 +678,20 @@ def test_opencl_setup_errors(setup: str, kind: str, words: list[str], tmp_path: 
     for word in words:
         assert word in message, message
     assert agent.fail("fingerprint", "bad_request", opencl={"device_type": "fpga"})
+    assert "opencl.library" in agent.fail("fingerprint", "bad_request", opencl={"library": "lib/libOpenCL.so"})
+    assert agent.bye() == 0
+
+
+def test_opencl_library_is_the_one_loaded(tmp_path: Path, agent_env: dict[str, str], agents: list[Agent]) -> None:
+    """`opencl.library` names the library the child loads: the ICD loader by its absolute path gives the same
+    fingerprint as the default (an absent one fails: test_opencl_setup_errors)."""
+    agent = Agent.serve(tmp_path / "rd", agent_env)
+    agents.append(agent)
+    default, _ = agent.ok("fingerprint", opencl={})
+    path = next(p for p in ("/usr/lib/x86_64-linux-gnu/libOpenCL.so.1", "/usr/lib/aarch64-linux-gnu/libOpenCL.so.1")
+                if os.path.exists(p))
+    named, _ = agent.ok("fingerprint", opencl={"library": path})
+    assert named["fingerprint"]["id"] == default["fingerprint"]["id"]
     assert agent.bye() == 0
 
 

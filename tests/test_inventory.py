@@ -188,6 +188,9 @@ ERRORS: list[tuple[str, str, int, str | None, str | None, str]] = [
         "expected one of gpu, cpu, accelerator, any (got 'GPU'); did you mean 'gpu'?",
     ),
     ("platform negative", TWO + "    opencl: {platform: -1}\n", 6, "b", "opencl.platform", "index >= 0"),
+    ("library relative", TWO + "    opencl: {library: lib/libOpenCL.so}\n", 6, "b", "opencl.library",
+     "expected an absolute path on the device or a library file name such as libOpenCL.so.1 (got 'lib/"),
+    ("library empty", TWO + "    opencl: {library: ''}\n", 6, "b", "opencl.library", "non-empty text"),
     ("platform bool", TWO + "    opencl: {device: false}\n", 6, "b", "opencl.device", "(got false)"),
     ("remote_dir space", TWO + "    remote_dir: ~/my deployer\n", 6, "b", "remote_dir", "no spaces, quotes"),
     ("remote_dir quote", TWO + "    remote_dir: \"~/it's\"\n", 6, "b", "remote_dir", "no spaces, quotes"),
@@ -604,7 +607,7 @@ def test_describe_is_json_and_hides_env() -> None:
     assert (
         view["where"] == f"{FILE}:4"
         and view["name"] == "b"
-        and view["opencl"] == {"platform": None, "device": None, "device_type": "any"}
+        and view["opencl"] == {"platform": None, "device": None, "device_type": "any", "library": None}
     )
 
 

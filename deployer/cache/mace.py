@@ -1,7 +1,7 @@
 """MACE's OpenCL cache file on the controller side: reading what devices and apps wrote.
 
 The encoder and the key/hash rules live in `agent_main` (the agent writes the file on the device) and are
-re-used here, so both sides follow one definition. Format: ../shared/docs/mace-cache-format.md, docs/mace.md.
+re-used here, so both sides follow one definition. Format and MACE's rules: docs/mace.md.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from deployer.remote.mace import (
     encode_mace_legacy,
     encode_mace_pb,
     mace_device_name,
+    mace_platform_info,
     mace_program_hash,
     mace_program_key,
 )
@@ -32,7 +33,8 @@ PROGRAM_HASH_PREFIX = "program_hash_ "
 __all__ = [
     "DEFAULT_MACE_VERSION", "DEVICE_NAME_KEY", "PLATFORM_INFO_KEY", "MaceCache", "decode_mace_pb",
     "encode_mace_pb", "mace_program_hash", "mace_program_key", "parse_cache", "decode_any", "encode_legacy",
-    "decode_legacy", "binary_kind", "mace_verdict", "Verdict",
+    "decode_legacy", "binary_kind", "mace_verdict", "Verdict", "mace_warnings", "mace_split_version", "POLICIES",
+    "WILL_NOT_USE", "mace_device_name",
 ]
 
 
@@ -121,8 +123,21 @@ def _adreno_compatible(cached: str, current: str) -> bool:
     return cached_date is not None and current_date is not None and current_date >= cached_date
 
 
-def mace_verdict(cache: MaceCache, fingerprint: Mapping[str, Any]) -> Verdict:
-    """MACE's own rules (v1.1+ for pb files, v1.0 for legacy ones), with the default REUSE_SAME_GPU."""
+def mace_split_version(platform_info: str) -> str | None:
+    """What MACE's REUSE_SAME_GPU rule reads as the platform version of a platform entry (`IsCacheCompatible`):
+    field 2 of the entry split on ',', stripped; None without 3 fields. A version with commas in it (PoCL's)
+    is cut at its first comma, so it never equals the device's CL_PLATFORM_VERSION."""
+    parts = platform_info.split(",")
+    return parts[2].strip() if len(parts) >= 3 else None
+
+
+POLICIES = ("same", "none")  # MACE's OpenCLCacheReusePolicy: REUSE_SAME_GPU (the default), REUSE_NONE
+
+
+def mace_verdict(cache: MaceCache, fingerprint: Mapping[str, Any], *, mace_version: str | None = None,
+                 policy: str = "same") -> Verdict:
+    """MACE's own rules (v1.1+ for pb files, v1.0 for legacy ones) for an app whose MaceVersion() is
+    `mace_version` (None: the one the file names, i.e. the app that wrote it) under reuse `policy`."""
     platform, device = fingerprint.get("platform", {}), fingerprint.get("device", {})
     name, profile, version = (str(platform.get(k, "")) for k in ("name", "profile", "version"))
     parts = _split_platform_info(cache.platform_info, name, profile) if cache.platform_info else None
@@ -135,32 +150,72 @@ def mace_verdict(cache: MaceCache, fingerprint: Mapping[str, Any]) -> Verdict:
         return Verdict(False, "no compiled programs in the file", drift, drift_reason)
     if cache.platform_info is None:
         return Verdict(True, "no platform entry: MACE keeps the file without any check", drift, drift_reason)
-    if parts is None:
-        return Verdict(False, "platform entry names another platform: MACE discards the cache", drift, drift_reason)
+    app_version = mace_version if mace_version is not None else cache.platform_info.rsplit(", ", 1)[-1]
+    current = mace_platform_info(name, profile, version, app_version)
     if cache.format == "legacy":
-        warm = not drift
+        warm = cache.platform_info == current
         why = "same platform string (v1.0 keeps the file only then)" if warm else \
             "platform string differs: MACE v1.0 discards the whole cache"
         return Verdict(warm, why, drift, drift_reason)
-    return _v11_verdict(cache, str(device.get("name", "")), str(device.get("version", "")), parts[0], version,
-                        drift, drift_reason)
+    return _v11_verdict(cache, device, version, current, policy, drift, drift_reason)
 
 
-def _v11_verdict(cache: MaceCache, device_name: str, device_version: str, cached_version: str, version: str,
+def _v11_verdict(cache: MaceCache, device: Mapping[str, Any], version: str, current: str, policy: str,
                  drift: bool, drift_reason: str) -> Verdict:
-    current_name = mace_device_name(device_name, device_version)
+    device_name = str(device.get("name", ""))
+    current_name = mace_device_name(device_name, str(device.get("version", "")))
     cached_name = cache.device_name or ""
     if not cached_name or not current_name or cached_name != current_name:
         why = (f"device-name entry {cached_name!r} vs this GPU's {current_name!r}: MACE discards the whole "
                "cache (it needs both, equal; they are empty on GPUs other than Adreno, Mali, PowerVR)")
         return Verdict(False, why, drift, drift_reason)
-    adreno = device_name == "QUALCOMM Adreno(TM)"
-    compatible = _adreno_compatible(cached_version, version) if adreno else cached_version == version
-    if not compatible:
-        return Verdict(False, "platform version changed: REUSE_SAME_GPU discards the cache", drift, drift_reason)
+    assert cache.platform_info is not None
+    if cache.platform_info != current:
+        if policy == "none":
+            return Verdict(False, f"platform entry {cache.platform_info!r} is not this device's {current!r}: "
+                                  "REUSE_NONE discards the cache", drift, drift_reason)
+        cached_version = mace_split_version(cache.platform_info) or ""
+        adreno = device_name == "QUALCOMM Adreno(TM)"
+        compatible = _adreno_compatible(cached_version, version) if adreno else \
+            bool(version) and cached_version == version
+        if not compatible:
+            return Verdict(False, f"platform entry differs and REUSE_SAME_GPU finds it incompatible: it compares "
+                                  f"field 2 of the entry split on ',' ({cached_version!r}) with the platform "
+                                  f"version {version!r}: MACE discards the cache", drift, drift_reason)
     missing = sorted(k for k in cache.programs if k not in cache.hashes)
     if missing:
         return Verdict(False, f"no program_hash_ entry for {len(missing)} program(s), e.g. {missing[0]!r}: "
                               "MACE rebuilds them", drift, drift_reason)
     return Verdict(True, "device name and platform compatible; programs are used if their program_hash_ "
                          "entries match the app's libmace", drift, drift_reason)
+
+
+WILL_NOT_USE = "MACE will not use this cache"
+
+
+def mace_warnings(fingerprint: Mapping[str, Any], *, mace_format: str, mace_version: str) -> list[str]:
+    """Why MACE will not use a cache file written for this device (by us, or by an app of `mace_version`),
+    whatever the file holds: each a line starting "MACE will not use this cache"."""
+    platform, device = fingerprint.get("platform", {}), fingerprint.get("device", {})
+    name, profile, version = (str(platform.get(k, "")) for k in ("name", "profile", "version"))
+    device_name, device_version = str(device.get("name", "")), str(device.get("version", ""))
+    warnings = []
+    if "GPU" not in device.get("type", ["GPU"]):
+        warnings.append(f"{WILL_NOT_USE}: MACE runs only on GPU devices, and {device_name!r} is a "
+                        f"{'/'.join(device.get('type', []))} device (MACE finds no GPU there)")
+    if mace_format == "legacy":
+        words = device_version.split(" ")
+        if len(words) > 1 and words[1] == "3.0":
+            warnings.append(f"{WILL_NOT_USE}: MACE v1.0.x refuses OpenCL 3.0 devices, and this one says "
+                            f"{device_version!r}")
+        return warnings
+    if not mace_device_name(device_name, device_version):
+        warnings.append(f"{WILL_NOT_USE}: MACE v1.1+ records a device name only for Adreno, Mali and PowerVR "
+                        f"GPUs; on {device_name!r} the name is empty, so MACE clears the cache at every start "
+                        "(the file still serves as MACE's precompiled binary: SetOpenCLBinaryPaths)")
+    field = mace_split_version(mace_platform_info(name, profile, version, mace_version))
+    if field != version:
+        warnings.append(f"{WILL_NOT_USE} if the app's MaceVersion() is not {mace_version!r} or the driver "
+                        f"changes: MACE's REUSE_SAME_GPU rule splits the platform entry on ',' and compares "
+                        f"field 2 ({field!r}) with the platform version {version!r}, which never matches")
+    return warnings

@@ -83,3 +83,7 @@ def _print_collect(outcomes: list[Any]) -> None:
         if o.truncated:
             table.add_row(shown(o.name), "...", "[yellow]listing truncated[/yellow] (--max-files)", "", "", "", "")
     stdout.print(table)
+    for o in outcomes:  # each warning once per device, whichever of its files it came with
+        warnings = dict.fromkeys(w for f in o.files for w in (f.record or {}).get("warnings", []))
+        for warning in warnings:
+            stdout.print(f"[yellow]{shown(o.name)}: warning:[/yellow] {shown(warning)}")

@@ -47,6 +47,11 @@ def push(
     cache: Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")] = Path("cache"),
     mace_version: Annotated[str | None, typer.Option("--mace-version", help="MaceVersion() of the app's libmace; "
                             f"default: the device's vars.mace_version, else {DEFAULT_MACE_VERSION}.")] = None,
+    mace_programs: Annotated[Path | None, typer.Option("--mace-programs", help="A MACE app's programs to build "
+                             "instead of --kernels: a MACE cache file (e.g. one `deploy collect` pulled) or a "
+                             "file of program keys, one per line; needs --mace-kernels.")] = None,
+    mace_kernels: Annotated[Path | None, typer.Option("--mace-kernels", help="MACE's OpenCL kernel folder "
+                            "(mace/ops/opencl/cl) of the app's MACE tree, for --mace-programs.")] = None,
     forks: ForksOption = 16,
     keep: Annotated[int, typer.Option("--keep", min=1, help="Releases kept on each device.")] = 3,
     mace_format: Annotated[MaceFormat, typer.Option("--mace-format", help="Cache container: pb (MACE v1.1+) "
@@ -69,11 +74,19 @@ def push(
     """Push kernels and models, compile on each device, pull the MACE cache, smoke-test it (incrementally)."""
     from deployer.cache.store import cache_lock, record_run
     from deployer.config.inventory import override
+    from deployer.errors import InputError
     from deployer.tasks.push import prepare_push, run_fleet
 
+    if (mace_programs is None) != (mace_kernels is None):
+        given, missing = ("--mace-programs", "--mace-kernels") if mace_kernels is None else \
+            ("--mace-kernels", "--mace-programs")
+        raise InputError(None, missing, f"{given} needs {missing} (the app's programs and "
+                                                          "MACE's kernel folder go together)")
     selected = select_devices(fleet, limit, cache, fleet_format)
     devices = [override(d, connect_retries=retries, deadline=deadline) for d in selected]
-    job = prepare_push(kernels, model or [], cache, check=check, mace_version=mace_version or "", keep=keep,
+    app = (mace_programs, mace_kernels) if mace_programs is not None and mace_kernels is not None else None
+    job = prepare_push(kernels, model or [], cache, check=check, mace_programs=app,
+                       mace_version=mace_version or "", keep=keep,
                        accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
                        smoke_mode=smoke.value, max_fail_percentage=max_fail_percentage)
     if check:
@@ -214,6 +227,8 @@ def _print_summary(result: FleetResult) -> None:
     for o in result.outcomes:
         for line in _device_lines(o):
             stdout.print(shown(line))
+        for warning in o.warnings:
+            stdout.print(f"[yellow]{shown(o.name)}: warning:[/yellow] {shown(warning)}")
     for o in result.failed:
         stdout.print(f"[red]{shown(o.name)}[/red]: {shown(o.error or 'failed')}")
     total = len(result.outcomes)

@@ -33,6 +33,9 @@ def sim_up(
                       "each device (0: none).")] = 0,
     rate_kbit: Annotated[int, typer.Option("--rate-kbit", help="Bandwidth of each device's link, each way, "
                          "in kbit/s (tbf on a veth into its own network namespace; 0: unlimited).")] = 0,
+    opencl_library: Annotated[Path | None, typer.Option("--opencl-library", help="The OpenCL library every "
+                              "device's agent loads (inventory opencl.library), e.g. the MACE test shim; also "
+                              "sets POCL_EXTRA_BUILD_FLAGS=-w, which MACE's programs need on PoCL.")] = None,
 ) -> None:
     """Start N devices, each a real SSH server with its own account home, host key and PoCL (docs/sim.md)."""
     from dataclasses import replace
@@ -45,7 +48,8 @@ def sim_up(
     specs = {s.name: replace(s, server=server.value) for s in fleet_specs(devices, mix=mix)}
     faults = _sim_faults(specs, without_python or [], without_opencl or [], disk_kib or [])
     fleet = start_fleet(folder, [replace(s, **faults.get(n, {})) for n, s in specs.items()], pocl_cache=pocl_cache,
-                        rtt_ms=rtt_ms, rate_kbit=rate_kbit)
+                        rtt_ms=rtt_ms, rate_kbit=rate_kbit,
+                        opencl_library=str(opencl_library.resolve()) if opencl_library else None)
     stdout.print(f"{len(fleet.devices)} device(s) up; inventory: {fleet.inventory}")
 
 

@@ -60,10 +60,16 @@ class OpenCLSelection:
     platform: int | str | None = None  # index, or case-insensitive substring of the platform name
     device: int | str | None = None  # index, or substring of the device name
     device_type: str = "any"  # one of schema.DEVICE_TYPES
+    library: str | None = None  # the OpenCL library the agent loads (absolute path or file name); None: the loader
 
     def as_request(self) -> dict[str, int | str | None]:
-        """The `opencl` field of the agent's fingerprint, build and smoke requests."""
-        return {"platform": self.platform, "device": self.device, "device_type": self.device_type}
+        """The `opencl` field of the agent's fingerprint, build and smoke requests (`library` only when set,
+        so a board without it keeps its driver stamp)."""
+        request: dict[str, int | str | None] = {
+            "platform": self.platform, "device": self.device, "device_type": self.device_type}
+        if self.library is not None:
+            request["library"] = self.library
+        return request
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +240,7 @@ def _builtin() -> dict[str, object]:
         "identity_file": None,
         "proxy_jump": None,
         "connect_retries": 2,
-        "opencl": {"platform": None, "device": None, "device_type": "any"},
+        "opencl": {"platform": None, "device": None, "device_type": "any", "library": None},
         "ssh": {"known_hosts": os.path.expanduser("~/.ssh/known_hosts"), "host_key_checking": "strict",
                 "agent": True},
         "timeouts": {"connect": 10.0, "command": 600.0, "device": None},
@@ -328,7 +334,7 @@ def _device(
         identity_file=merged["identity_file"],
         python=merged["python"],
         remote_dir=merged["remote_dir"],
-        opencl=OpenCLSelection(opencl["platform"], opencl["device"], opencl["device_type"]),
+        opencl=OpenCLSelection(opencl["platform"], opencl["device"], opencl["device_type"], opencl["library"]),
         ssh=SshOptions(
             ssh["known_hosts"], ssh["host_key_checking"], MappingProxyType(ssh.get("options", {})), ssh["agent"]
         ),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from yaml.nodes import Node
+
 from deployer.config.fields import (
     Parser,
     optional,
@@ -23,16 +25,27 @@ from deployer.config.fields import (
     parse_word,
     section,
 )
+from deployer.config.yamlnodes import Context, show_node
 
 DEVICE_TYPES = ("gpu", "cpu", "accelerator", "any")
 HOST_KEY_CHECKING = ("strict", "accept-new")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _parse_library(node: Node, ctx: Context) -> str:
+    """`opencl.library`: a path on the board, absolute, or a bare file name the board's dynamic loader finds."""
+    value = parse_text(node, ctx)
+    if not (value.startswith("/") or "/" not in value) or value.endswith("/"):
+        raise ctx.error(node, f"expected an absolute path on the device or a library file name such as "
+                              f"libOpenCL.so.1 (got {show_node(node)})")
+    return value
+
+
 OPENCL: dict[str, Parser] = {
     "platform": parse_index_or_text,
     "device": parse_index_or_text,
     "device_type": parse_choice(*DEVICE_TYPES),
+    "library": optional(_parse_library),
 }
 
 SSH: dict[str, Parser] = {

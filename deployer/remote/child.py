@@ -37,7 +37,7 @@ def run_child_request(req, payload):
         raise bad_request("field 'root': %r is not an absolute directory" % root)
     root = os.path.realpath(root)
     selection = parse_selection(req.get("opencl"))
-    cl = OpenCL()
+    cl = OpenCL(selection.library)
     sel = select_device(cl, selection)
     if op == "fingerprint":
         return {"fingerprint": fingerprint_of(sel)}, b""

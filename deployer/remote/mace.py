@@ -1,7 +1,7 @@
 """MACE's compiled-program cache file: the key and hash rules, and the container codec (both generations).
 
 The agent writes the file on the board; the controller imports the same encoder and decoder from here
-(docs/mace.md and shared/docs/mace-cache-format.md say which MACE versions read which form).
+(docs/mace.md says which MACE versions read which form).
 """
 
 import hashlib

@@ -119,7 +119,8 @@ class OpenCL:
     """The ICD loader, opened with ctypes, and thin checked wrappers around its calls."""
 
     def __init__(self, library=None):
-        # DEPLOYER_OPENCL_LIBRARY lets an inventory's env: point at a board's non-standard loader.
+        # The inventory's opencl.library (the request's `opencl.library`) wins; DEPLOYER_OPENCL_LIBRARY in
+        # an inventory's env: is the older way to point at a board's non-standard loader.
         library = library or os.environ.get("DEPLOYER_OPENCL_LIBRARY") or "libOpenCL.so.1"
         try:
             self.lib = ctypes.CDLL(library)

@@ -66,7 +66,7 @@ def diagnose_no_platform():
 
 # ----- selecting a device -------------------------------------------------------------------------
 
-Selection = namedtuple("Selection", "platform device device_type")
+Selection = namedtuple("Selection", "platform device device_type library")
 
 Found = namedtuple("Found", "platform_index device_index handle desc")
 
@@ -80,7 +80,7 @@ def parse_selection(value):
     value = {} if value is None else value
     if not isinstance(value, dict):
         raise bad_request("field 'opencl': expected an object (got %s)" % show(value))
-    unknown = sorted(set(value) - {"platform", "device", "device_type"})
+    unknown = sorted(set(value) - {"platform", "device", "device_type", "library"})
     if unknown:
         raise bad_request("field 'opencl': unknown keys %s" % ", ".join(unknown))
     for name in ("platform", "device"):
@@ -93,7 +93,12 @@ def parse_selection(value):
     if device_type not in DEVICE_TYPES:
         raise bad_request("field 'opencl.device_type': expected one of %s (got %s)"
                           % (", ".join(DEVICE_TYPES), show(device_type)))
-    return Selection(value.get("platform"), value.get("device"), device_type)
+    library = value.get("library")
+    if library is not None and (not isinstance(library, str) or not library or "\0" in library
+                                or ("/" in library and not library.startswith("/"))):
+        raise bad_request("field 'opencl.library': expected an absolute path or a library file name (got %s)"
+                          % show(library))
+    return Selection(value.get("platform"), value.get("device"), device_type, library)
 
 
 def _matches(spec, index, name):

@@ -37,6 +37,12 @@ def _find_library(name):
     return name
 
 
+def _library(selection):
+    """The OpenCL library the selection names (inventory `opencl.library`), else the agent's default."""
+    library = selection.get("library") if isinstance(selection, dict) else None
+    return library or os.environ.get("DEPLOYER_OPENCL_LIBRARY") or "libOpenCL.so.1"
+
+
 def driver_stamp(selection):
     """A hash of everything that decides the fingerprint without loading a driver: the kernel release,
     the driver-related environment, the ICD files and the files of the libraries they name, the loader,
@@ -52,7 +58,7 @@ def driver_stamp(selection):
             library = ""
         icds.append([_stat_record(path), library, _stat_record(_find_library(library)) if library else None])
     parts = {"uname": os.uname().release, "where": where, "icds": icds,
-             "loader": _stat_record(_find_library("libOpenCL.so.1")),
+             "loader": _stat_record(_find_library(_library(selection))),
              "env": sorted((k, v) for k, v in os.environ.items() if DRIVER_ENV_RE.match(k)),
              "selection": selection, "agent": AGENT_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()

@@ -462,15 +462,25 @@ def _write_known_hosts(fleet: Fleet) -> None:
     fleet.known_hosts.write_text("".join(lines))
 
 
-def _write_inventory(fleet: Fleet) -> None:
+# MACE's programs enable cl_khr_fp16 (common.h), which PoCL lacks, and MACE builds them with -Werror: PoCL must
+# drop warnings for them to build at all (it refuses -Wno-*). A fleet seen through an OpenCL library (the MACE
+# shim) is one that builds MACE's programs.
+MACE_POCL_ENV = {"POCL_EXTRA_BUILD_FLAGS": "-w"}
+
+
+def _write_inventory(fleet: Fleet, opencl_library: str | None = None) -> None:
+    defaults: dict[str, Any] = {
+        "user": SIM_USER,
+        "identity_file": str(fleet.folder / "client_key"),
+        "remote_dir": "~/.deployer",
+        "ssh": {"known_hosts": str(fleet.known_hosts)},
+        "timeouts": {"connect": 10, "command": 300},
+    }
+    if opencl_library is not None:
+        defaults["opencl"] = {"library": opencl_library}
+        defaults["env"] = dict(MACE_POCL_ENV)
     inventory = {
-        "defaults": {
-            "user": SIM_USER,
-            "identity_file": str(fleet.folder / "client_key"),
-            "remote_dir": "~/.deployer",
-            "ssh": {"known_hosts": str(fleet.known_hosts)},
-            "timeouts": {"connect": 10, "command": 300},
-        },
+        "defaults": defaults,
         "devices": [
             {"name": d.spec.name, "host": d.host, "port": d.port,
              "labels": {"pocl_device": d.spec.pocl_device, "server": d.spec.server}}
@@ -499,12 +509,13 @@ def load_fleet(folder: Path) -> Fleet:
 
 
 def start_fleet(folder: Path, specs: Sequence[DeviceSpec], *, pocl_cache: Path | None = None, rtt_ms: int = 0,
-                rate_kbit: int = 0, proxy: bool = False) -> Fleet:
+                rate_kbit: int = 0, proxy: bool = False, opencl_library: str | None = None) -> Fleet:
     """Start one server per spec; return when every device answers SSH (or raise, stopping them).
 
     `rtt_ms` > 0 puts a delay proxy in front of each device (half of it each way); `proxy` puts one there
     even at 0 ms, to count bytes (the benchmarks); `rate_kbit` > 0 gives each device a network namespace
-    whose veth pair is limited to that rate in each direction."""
+    whose veth pair is limited to that rate in each direction. `opencl_library`: the inventory's
+    `opencl.library` for every device (an absolute path they can read), with MACE_POCL_ENV."""
     if rtt_ms < 0 or rate_kbit < 0:
         raise InputError(None, "rtt_ms", f"sim: rtt_ms and rate_kbit must not be negative (got {rtt_ms}, {rate_kbit})")
     folder = folder.resolve()
@@ -534,7 +545,7 @@ def start_fleet(folder: Path, specs: Sequence[DeviceSpec], *, pocl_cache: Path |
         stop_fleet(folder)
         raise
     _write_known_hosts(fleet)
-    _write_inventory(fleet)
+    _write_inventory(fleet, opencl_library)
     return fleet
 
 

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deployer.cache.mace import binary_kind, mace_verdict, parse_cache
+from deployer.cache.mace import (
+    DEFAULT_MACE_VERSION,
+    MaceCache,
+    binary_kind,
+    mace_verdict,
+    mace_warnings,
+    parse_cache,
+)
 from deployer.cache.store import (
     CACHE_FILE,
     COLLECTED,
@@ -157,8 +164,15 @@ def describe_file(data: bytes, remote_path: str, fingerprint: Mapping[str, Any] 
                      for key, binary in sorted(cache.programs.items())],
     }
     if kind == "compiled_programs" and fingerprint:
-        record["verdict"] = mace_verdict(cache, fingerprint).to_json()
+        record.update(_judged(cache, fingerprint))
     return record
+
+
+def _judged(cache: MaceCache, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """MACE's verdict on a file an app wrote, and why MACE will not use any such file on this device."""
+    app_version = cache.platform_info.rsplit(", ", 1)[-1] if cache.platform_info else DEFAULT_MACE_VERSION
+    return {"verdict": mace_verdict(cache, fingerprint).to_json(),
+            "warnings": mace_warnings(fingerprint, mace_format=cache.format, mace_version=app_version)}
 
 
 def _fingerprint(session: AgentSession, device: Device) -> dict[str, Any]:
@@ -237,7 +251,7 @@ class _Collector:
         updated = dict(record, fingerprint=self.outcome.fingerprint)
         if not stored and self.outcome.fingerprint and updated.get("kind") == "compiled_programs":
             content = (folder / CONTENT_FILE).read_bytes()
-            updated["verdict"] = mace_verdict(parse_cache(content), self.outcome.fingerprint).to_json()
+            updated.update(_judged(parse_cache(content), self.outcome.fingerprint))
         write_json(inside(folder, RECORD_FILE), updated)
         return updated
 

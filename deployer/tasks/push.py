@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer import phases
-from deployer.cache.mace import DEFAULT_MACE_VERSION, parse_cache
+from deployer.cache.mace import DEFAULT_MACE_VERSION, mace_warnings, parse_cache
 from deployer.cache.store import CACHE_FILE, device_dir, store_device, store_failure
 from deployer.config.inventory import Device
 from deployer.config.kernels import Library
@@ -73,6 +73,7 @@ class PushJob:
     check: bool = False  # plan only: say what would travel and be rebuilt, touch nothing
     smoke_only: bool = False  # a nightly smoke step: the board's current binaries, every case; no upload, no build
     bench: BenchJob | None = None  # with smoke_only: time the current binaries instead of smoking them
+    mace_app: bool = False  # the library is a MACE app's programs (--mace-programs): smoke = a load from the binary
     contents: FileContents = field(default_factory=FileContents, compare=False)
 
     @property
@@ -81,17 +82,26 @@ class PushJob:
 
 
 def prepare_push(kernels: Path, models: Sequence[Path], cache: Path, *, check: bool = False,
-                 **settings: Any) -> PushJob:
+                 mace_programs: tuple[Path, Path] | None = None, **settings: Any) -> PushJob:
     """Everything a push needs from local files, read and checked once (an InputError before any device):
     the kernel library, its smoke cases (the user's numpy references run here), the models, the hashes.
+    `mace_programs` (SRC, DIR): a MACE app's programs instead of the library in `kernels` (no smoke cases:
+    each is smoked by a load from its binary); SRC's MACE version unless `mace_version` is set.
     `settings`: the rest of PushJob's fields."""
     from deployer.config.kernels import load_library
+    from deployer.config.mace_programs import load_mace_programs
     from deployer.config.models import load_models
     from deployer.tasks.models import plan_model
     from deployer.tasks.plan import HASH_INDEX, HashIndex, local_files
     from deployer.tasks.smoke import load_references, plan_smoke
 
-    library = load_library(kernels)
+    if mace_programs is not None:
+        app = load_mace_programs(*mace_programs)
+        library = app.library
+        settings["mace_version"] = settings.get("mace_version") or app.mace_version or ""
+        settings["mace_app"] = True
+    else:
+        library = load_library(kernels)
     model_files, loaded = load_models(list(models))  # a model of our format: its graph and weights travel
     smoke_plan = plan_smoke(library, load_references(library))  # runs the user's references: input errors first
     files = local_files(release_paths(library, model_files), HashIndex(None if check else cache / HASH_INDEX))
@@ -125,6 +135,7 @@ class DeviceOutcome:
     pulled: bool = False  # the cache file was pulled (it differed from the local copy)
     bench: list[BenchItem] = field(default_factory=list)  # a bench step's timings
     create_ms: dict[str, float] = field(default_factory=dict)  # a bench step's program creation, by key
+    warnings: list[str] = field(default_factory=list)  # why MACE will not use this device's cache file
 
     @property
     def built(self) -> int:
@@ -139,6 +150,7 @@ class DeviceOutcome:
             "startup": self.startup.to_json() if self.startup else None, "release": self.release,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
             "plan": self.plan.to_json() if self.plan else None, "changed": self.changed, "pulled": self.pulled,
+            "warnings": self.warnings,
         }
 
 
@@ -282,6 +294,8 @@ class _DeviceRun:
 
     def _plan(self, state: RemoteState, fingerprint: Mapping[str, Any]) -> DevicePlan:
         self.outcome.fingerprint = parse_fingerprint(fingerprint)
+        self.outcome.warnings = mace_warnings(self.outcome.fingerprint, mace_format=self.job.mace_format,
+                                              mace_version=self._mace_version())
         self.skipped = self.job.library.skipped(self.outcome.fingerprint)
         fingerprint_id = str(self.outcome.fingerprint.get("id", ""))
         shas, mace_version = self.job.shas, self._mace_version()
@@ -416,10 +430,31 @@ class _DeviceRun:
         self.outcome.kernels = [replace(k, built=True, smoke=status) if k.program_key in not_smoked and not k.built
                                 else k for k in kernels]
         self._startup(session, keys, plan)
+        if self.job.mace_app:
+            self.outcome.kernels = self._loaded(keys, status)
         failed = [f"{k.name}: {k.detail}" for k in self.outcome.kernels if k.smoke == "failed"]
         failed += [f"model {m.name}: {m.detail}" for m in self.outcome.models if m.ok is False]
         if failed:
             raise SmokeMismatch("; ".join(failed))
+
+    def _loaded(self, keys: set[str], status: str) -> list[KernelResult]:
+        """A MACE app's programs have no reference to compare with: each smoked one passes when the device
+        created it from its pulled binary (the `startup` op), as MACE does at start."""
+        figures = {p.key: p for p in self.outcome.startup.programs} if self.outcome.startup else {}
+        results = []
+        for key in sorted(self.build_keys):
+            name = key.split(" ", 1)[0]
+            if key in self.skipped:
+                results.append(KernelResult(name, key, False, "skipped", detail=self.skipped[key]))
+            elif key not in keys:
+                results.append(KernelResult(name, key, True, status, detail=self._why_not_smoked()))
+            elif (figure := figures.get(key)) is None or figure.error or figure.load_from_binary_ms is None:
+                why = figure.error if figure is not None and figure.error else "not loaded"
+                results.append(KernelResult(name, key, True, "failed", detail=f"load from its binary: {why}"))
+            else:
+                results.append(KernelResult(name, key, True, "passed",
+                                            detail=f"loaded from its binary in {figure.load_from_binary_ms:.1f} ms"))
+        return results
 
     def _expected(self, keys: set[str]) -> dict[str, str]:
         """sha256 of the pulled binaries the device may load: it checks each before any driver sees it."""
