@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,16 @@ KERNELS = REPO / "kernels"
 
 settings.register_profile("ci", max_examples=200, deadline=None)
 settings.load_profile("ci")
+
+
+@contextmanager
+def private_home(folder: Path, **extra: str) -> Iterator[Path]:
+    """HOME (and USER, LOGNAME) of a test's own for the block: no developer's ~/.ssh/config leaks in, and `~`
+    expands predictably; `extra`: more variables to set."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"HOME": str(folder), "USER": "tester", "LOGNAME": "tester", **extra}.items():
+            patch.setenv(name, value)
+        yield folder
 
 
 class StageHook(Progress):

@@ -24,6 +24,7 @@ from deployer.config import sshconfig
 from deployer.config.inventory import Device, Inventory, describe, load_inventory, parse_inventory
 from deployer.config.selection import select
 from deployer.errors import InputError, InventoryError, Where
+from tests.conftest import private_home
 
 REPO = Path(__file__).resolve().parents[1]
 FILE = "lab.yml"
@@ -40,10 +41,7 @@ devices:
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A HOME of the tests' own: no developer's ~/.ssh/config leaks in, and `~` expands predictably."""
     folder = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HOME", str(folder))
-        patch.setenv("USER", "tester")
-        patch.setenv("LOGNAME", "tester")
+    with private_home(folder):
         yield folder
 
 
@@ -679,6 +677,9 @@ def test_ssh_config_missing_file_is_empty(tmp_path: Path) -> None:
         ("Host\n", 1, "missing value"),
         ("Host a\n  User\n", 2, "missing value"),
         ("= x\n", 1, "cannot read this line"),
+        ("Host a\n  User b\nMatch nonsense\n", 3, "Missing parameter to Match 'nonsense' keyword"),
+        ("Match host\n", 1, "Missing parameter to Match 'host' keyword"),
+        ("Match all host x\n", 1, "Match does not allow 'all' mixed"),
     ],
 )
 def test_ssh_config_syntax_errors(text: str, line: int, words: str) -> None:

@@ -18,17 +18,14 @@ from deployer.config.formats.detect import detect
 from deployer.config.inventory import Device, Inventory, describe, load_inventory
 from deployer.config.selection import select
 from deployer.errors import InputError, InventoryError, Where
-from tests.conftest import Cli
+from tests.conftest import Cli, private_home
 
 
 @pytest.fixture(autouse=True)
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A HOME of the tests' own: no developer's ~/.ssh/config leaks in."""
     folder = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HOME", str(folder))
-        patch.setenv("USER", "tester")
-        patch.setenv("LOGNAME", "tester")
+    with private_home(folder):
         yield folder
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from deployer.config.inventory import Inventory, describe, load_inventory
 from deployer.errors import InventoryError, Where
-from tests.conftest import REPO, Cli
+from tests.conftest import REPO, Cli, private_home
 from tests.test_inventory_ansible import LAB_INI, LAB_YAML
 
 
@@ -22,10 +22,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (folder / ".ssh" / "config").write_text(
         "Host lab-pi\n  HostName 10.8.0.23\n  Port 2200\nHost bastion\n  HostName 10.9.9.9\n  User ops\n"
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HOME", str(folder))
-        patch.setenv("USER", "tester")
-        patch.setenv("LOGNAME", "tester")
+    with private_home(folder):
         yield folder
 
 

@@ -29,6 +29,7 @@ from deployer.config.formats.ansible import resolved_vars
 from deployer.config.inventory import Inventory, load_inventory
 from deployer.config.selection import select, split_patterns
 from deployer.errors import InputError
+from tests.conftest import private_home
 
 ansible_manager = pytest.importorskip("ansible.inventory.manager", reason="ansible-core is a test dependency")
 from ansible.errors import AnsibleError  # noqa: E402
@@ -186,12 +187,8 @@ def limits(draw: st.DrawFn, generated: GenInventory) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def quiet_ansible(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Ansible writes under HOME (~/.ansible/tmp) and warns about unmatched patterns: keep both here."""
-    home = tmp_path_factory.mktemp("ansible-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HOME", str(home))
-        patch.setenv("USER", "tester")
-        patch.setenv("ANSIBLE_HOST_PATTERN_MISMATCH", "ignore")
-        patch.setenv("ANSIBLE_LOCALHOST_WARNING", "false")
+    with private_home(tmp_path_factory.mktemp("ansible-home"), ANSIBLE_HOST_PATTERN_MISMATCH="ignore",
+                      ANSIBLE_LOCALHOST_WARNING="false"):
         yield
 
 

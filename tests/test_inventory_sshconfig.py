@@ -16,17 +16,14 @@ from hypothesis import strategies as st
 from deployer.config import sshconfig
 from deployer.config.inventory import load_inventory
 from deployer.errors import InputError, InventoryError, Where
-from tests.conftest import Cli
+from tests.conftest import Cli, private_home
 
 
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
     folder = tmp_path / "home"
     (folder / ".ssh").mkdir(parents=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HOME", str(folder))
-        patch.setenv("USER", "tester")
-        patch.setenv("LOGNAME", "tester")
+    with private_home(folder):
         yield folder
 
 
@@ -138,20 +135,6 @@ def test_ssh_alias_with_a_broken_config(home: Path, cli: Cli) -> None:
     (home / ".ssh" / "config").write_text("Host pi-01\n  Match exec true\n")
     run = cli("inventory", "list", "--fleet", "ssh:pi-01")
     assert run.code == 2 and f"{home}/.ssh/config:2: field 'Match'" in run.err and "Traceback" not in run.err
-
-
-@pytest.mark.parametrize(
-    ("text", "line", "words"),
-    [
-        ("Host a\n  User b\nMatch nonsense\n", 3, "Missing parameter to Match 'nonsense' keyword"),
-        ("Match host\n", 1, "Missing parameter to Match 'host' keyword"),
-        ("Match all host x\n", 1, "Match does not allow 'all' mixed"),
-    ],
-)
-def test_bad_match_lines_name_their_line(text: str, line: int, words: str) -> None:
-    with pytest.raises(InputError) as caught:
-        sshconfig.parse_ssh_config(text, "cfg")
-    assert caught.value.where == Where("cfg", line) and words in caught.value.problem
 
 
 SSH_LINES = [
