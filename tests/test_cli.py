@@ -241,9 +241,13 @@ def test_a_missing_kernel_library_names_the_flag(cli: Cli, tmp_path: Path) -> No
 
 
 def test_every_fleet_command_explains_its_shared_flags(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """push, rollback, collect and cache install share one runner and one renderer: the same flags, with the
+    same meaning (--quiet: no progress; --json: the document; --wait: queue behind the cache's holder)."""
     for command in (["push"], ["rollback"], ["collect"], ["cache", "install"]):
         text = " ".join(cli(*command, "--help").out.split())
         assert "Devices worked on at once" in text and "never seen before" in text, (command, text)
+        assert "No progress on stderr" in text and "One JSON object on stdout" in text, (command, text)
+        assert "wait up to this many seconds" in text, (command, text)
 
 
 def _commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:

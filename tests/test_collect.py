@@ -146,7 +146,7 @@ def test_file_growing_while_read(make_fleet: MakeFleet, tmp_path: Path) -> None:
                 out.write(b"more bytes written by the app")
 
     job = CollectJob(cache=tmp_path / "cache")
-    (outcome,) = collect_fleet(load_inventory(fleet.inventory).devices, job, forks=1, progress=StageHook(grow))
+    (outcome,) = collect_fleet(load_inventory(fleet.inventory).devices, job, forks=1, progress=StageHook(grow)).outcomes
     (found,) = [f for f in outcome.files if "grow" in f.remote_path]
     assert found.status == "failed" and "changed while being read" in (found.detail or "")
     assert not (tmp_path / "cache" / "sim-01" / "collected").exists()

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,9 +24,12 @@ from deployer.cache.store import cache_lock
 from deployer.config.inventory import parse_inventory
 from deployer.connect.deadline import deadline_scope
 from deployer.connect.transport import open_transport
-from deployer.errors import DeadlineExceeded, LocalStateError
+from deployer.errors import AgentError, DeadlineExceeded, LocalStateError
 from deployer.sim.fleet import DeviceSpec, Fleet
+from deployer.tasks import runner
 from deployer.tasks.fleet import fail_limit, fan_out
+from deployer.tasks.progress import Progress
+from deployer.tasks.runner import DeviceWork, Outcome
 from tests.conftest import Cli
 from tests.test_connect import connections
 from tests.test_faults import _saxpy_only, device_entry, edit_inventory
@@ -125,6 +129,39 @@ def test_fan_out_stop_rule_starts_no_more_devices() -> None:
     assert [o.name for o in out[2:]] == [f"d{i}:rollout stopped: 2 of 6 devices failed (> 30%)" for i in range(2, 6)]
     assert fail_limit(0, 4)([Done("a", True)]) is None and fail_limit(0, 4)([Done("a", False)]) is not None
     assert fail_limit(100, 4)([Done("a", False)] * 4) is None
+
+
+def test_a_bug_in_one_devices_work_ends_that_device_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner turns whatever a device's work raises into that device's outcome: a device error, a local
+    state error, a bug (its traceback saved to a file the outcome names); the others pass, in order."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    entries = "".join(f"  - {{name: d{i}, host: 127.0.0.1}}\n" for i in range(4))
+    devices = parse_inventory("devices:\n" + entries).devices
+
+    def work(context: DeviceWork[Outcome]) -> None:
+        with context.stage("step"):
+            name = context.device.name
+            if name == "d1":
+                raise ZeroDivisionError("a bug")
+            if name == "d2":
+                raise AgentError("the board said no", kind="io")
+            if name == "d3":
+                raise LocalStateError("disk full")
+
+    result = runner.run_fleet(devices, Outcome, lambda d: runner.run_device(d, Outcome(d.name), work,
+                                                                            progress=Progress()),
+                              forks=2, progress=Progress(), label="t")
+    by_name = {o.name: o for o in result.outcomes}
+    assert [o.name for o in result.outcomes] == ["d0", "d1", "d2", "d3"] and not result.interrupted
+    assert by_name["d0"].ok and by_name["d0"].error is None and set(by_name["d0"].stages) == {"step"}
+    bug = by_name["d1"]
+    assert not bug.ok and bug.failed_stage == "internal" and "a bug in deploy" in (bug.error or "")
+    (crash,) = tmp_path.glob("deploy-crash-*.txt")
+    assert crash.name in (bug.error or "") and "ZeroDivisionError: a bug" in crash.read_text()
+    assert "'d1'" in crash.read_text()
+    assert (by_name["d2"].failed_stage, by_name["d2"].error) == ("step", "the board said no [io]")
+    assert (by_name["d3"].failed_stage, by_name["d3"].error) == ("step", "local cache: disk full")
+    assert [o.to_json()["failed_stage"] for o in result.outcomes] == [None, "internal", "step", "step"]
 
 
 def test_max_fail_percentage_stops_the_rollout(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -16,14 +16,20 @@ from deployer.cli.app import (
     JsonOption,
     LimitOption,
     MaceFormat,
+    QuietOption,
     WaitOption,
     app,
     select_devices,
     stdout,
 )
 from deployer.cli.push import CacheOption
-from deployer.cli.render import device_line, emit_json, shown
+from deployer.cli.render import device_line, emit_json, finish_fleet, fleet_progress, shown
 from deployer.errors import InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from deployer.tasks.collect import InstallOutcome
 
 cache_app = typer.Typer(no_args_is_help=True, help="The local per-device cache: list, show, verify, prune, "
                         "export; install on devices.")
@@ -128,6 +134,7 @@ def cache_install(
     forks: ForksOption = 16,
     accept_new_host_keys: AcceptNewOption = False,
     wait: WaitOption = 0.0,
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Copy each device's cache file to where its app reads it, on devices whose driver still matches."""
@@ -135,12 +142,14 @@ def cache_install(
     from deployer.tasks.collect import install_fleet
 
     devices = select_devices(fleet, limit, cache, form=fleet_format)
-    with cache_lock(cache, wait=wait):  # a push or prune beside it never changes the files it sends
-        outcomes = install_fleet(devices, cache, to, forks=forks, accept_new_host_keys=accept_new_host_keys)
-    ok = not any(o.status == "failed" for o in outcomes)
-    if as_json:
-        emit_json({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]})
-    else:
-        for o in outcomes:
-            device_line(o.name, o.status, {"installed": "green", "skipped": "yellow"}.get(o.status, "red"), o.detail)
-    raise typer.Exit(0 if ok else 1)
+    with cache_lock(cache, wait=wait), fleet_progress(devices, "deploy cache install", quiet) as progress:
+        # a push or prune beside it never changes the files it sends
+        result = install_fleet(devices, cache, to, forks=forks, progress=progress,
+                               accept_new_host_keys=accept_new_host_keys)
+    finish_fleet(result, as_json=as_json, plain=lambda: _print_install(result.outcomes))
+
+
+def _print_install(outcomes: Sequence[InstallOutcome]) -> None:
+    for o in outcomes:
+        color = {"installed": "green", "skipped": "yellow"}.get(o.status, "red")
+        device_line(o.name, o.status, color, o.detail or o.error)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -21,9 +21,14 @@ from deployer.cli.app import (
     select_devices,
     stdout,
 )
-from deployer.cli.push import CacheOption, make_fleet_progress
-from deployer.cli.render import emit_json, shown
+from deployer.cli.push import CacheOption
+from deployer.cli.render import finish_fleet, fleet_progress, shown
 from deployer.errors import InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from deployer.tasks.collect import CollectOutcome
 
 
 @app.command()
@@ -56,18 +61,12 @@ def collect(
     devices = select_devices(fleet, limit, form=fleet_format)
     job = CollectJob(cache=cache, patterns=tuple(path or ()), max_size=max_size, max_files=max_files,
                      accept_new_host_keys=accept_new_host_keys)
-    with cache_lock(cache, wait=wait):
-        with make_fleet_progress(devices, "deploy collect", quiet) as progress:
-            outcomes = collect_fleet(devices, job, forks=forks, progress=progress)
-    ok = all(o.ok for o in outcomes)
-    if as_json:
-        emit_json({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]})
-    else:
-        _print_collect(outcomes)
-    raise typer.Exit(0 if ok else 1)
+    with cache_lock(cache, wait=wait), fleet_progress(devices, "deploy collect", quiet) as progress:
+        result = collect_fleet(devices, job, forks=forks, progress=progress)
+    finish_fleet(result, as_json=as_json, plain=lambda: _print_collect(result.outcomes))
 
 
-def _print_collect(outcomes: list[Any]) -> None:
+def _print_collect(outcomes: Sequence[CollectOutcome]) -> None:
     table = Table("device", "file", "status", "format", "programs", "MACE", "drift", title="deploy collect",
                   title_justify="left")
     for o in outcomes:

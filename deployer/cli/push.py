@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -22,17 +22,14 @@ from deployer.cli.app import (
     WaitOption,
     app,
     select_devices,
-    stderr,
     stdout,
 )
-from deployer.cli.render import device_line, emit_json, shown
+from deployer.cli.render import device_line, finish_fleet, fleet_progress, shown
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from deployer.config.inventory import Device
-    from deployer.tasks.progress import Progress
     from deployer.tasks.push import DeviceOutcome, FleetResult
+    from deployer.tasks.rollback import RollbackOutcome
+    from deployer.tasks.runner import FleetOutcome
 
 
 @app.command()
@@ -90,22 +87,14 @@ def push(
                        accept_new_host_keys=accept_new_host_keys, mace_format=mace_format.value,
                        smoke_mode=smoke.value, max_fail_percentage=max_fail_percentage)
     if check:
-        with make_fleet_progress(devices, "deploy push --check", quiet) as progress:
+        with fleet_progress(devices, "deploy push --check", quiet) as progress:
             result = run_fleet(devices, job, forks=forks, progress=progress)
     else:
-        with cache_lock(cache, wait=wait), make_fleet_progress(devices, "deploy push", quiet) as progress:
+        with cache_lock(cache, wait=wait), fleet_progress(devices, "deploy push", quiet) as progress:
             result = run_fleet(devices, job, forks=forks, progress=progress)
             record_run(cache, "push", str(fleet), {o.name: o.error for o in result.outcomes})
-    if as_json:
-        emit_json(_push_json(result, check=check))
-    elif check:
-        _print_check(result)
-    else:
-        _print_summary(result)
-    if result.interrupted:  # after the summary: what each device did, none left half-way
-        stderr.print("deploy: interrupted")
-        raise typer.Exit(130)
-    raise typer.Exit(0 if result.ok else 1)
+    finish_fleet(result, as_json=as_json, check=check,
+                 plain=lambda: _print_check(result) if check else _print_summary(result))
 
 
 @app.command()
@@ -117,41 +106,28 @@ def rollback(
     forks: ForksOption = 16,
     accept_new_host_keys: AcceptNewOption = False,
     wait: WaitOption = 0.0,
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Switch each device back to its previous release; the local cache follows."""
     from deployer.cache.store import cache_lock, record_run
-    from deployer.tasks.push import rollback_fleet
+    from deployer.tasks.rollback import rollback_fleet
 
     devices = select_devices(fleet, limit, cache, fleet_format)
-    with cache_lock(cache, wait=wait):
-        outcomes = rollback_fleet(devices, cache, forks=forks, accept_new_host_keys=accept_new_host_keys)
-        record_run(cache, "rollback", str(fleet), {o.name: None if o.ok else o.error for o in outcomes})
-    ok = all(o.ok for o in outcomes)
-    if as_json:
-        emit_json({"schema_version": 1, "ok": ok, "devices": [o.to_json() for o in outcomes]})
-    else:
-        for o in outcomes:
-            if o.ok:
-                device_line(o.name, "rolled back", "green", f"{o.previous} -> {o.current}"
-                            + (f" ({o.error})" if o.error else ""))
-            else:
-                device_line(o.name, "failed", "red", o.error)
-    raise typer.Exit(0 if ok else 1)
+    with cache_lock(cache, wait=wait), fleet_progress(devices, "deploy rollback", quiet) as progress:
+        result = rollback_fleet(devices, cache, forks=forks, progress=progress,
+                                accept_new_host_keys=accept_new_host_keys)
+        record_run(cache, "rollback", str(fleet), {o.name: None if o.ok else o.error for o in result.outcomes})
+    finish_fleet(result, as_json=as_json, plain=lambda: _print_rollback(result))
 
 
-def make_fleet_progress(devices: Sequence[Device], title: str, quiet: bool) -> Progress:
-    """A live table on a terminal, plain lines when stderr is a log, nothing with --quiet."""
-    from deployer.tasks.progress import make_progress
-
-    return make_progress(stderr, [d.name for d in devices], title=title, quiet=quiet)
-
-PUSH_SCHEMA_VERSION = 1
-
-
-def _push_json(result: FleetResult, *, check: bool = False) -> dict[str, Any]:
-    return {"schema_version": PUSH_SCHEMA_VERSION, "ok": result.ok, "check": check,
-            "interrupted": result.interrupted, "devices": [o.to_json() for o in result.outcomes]}
+def _print_rollback(result: FleetOutcome[RollbackOutcome]) -> None:
+    for o in result.outcomes:
+        if o.ok:
+            device_line(o.name, "rolled back", "green", f"{o.previous} -> {o.current}"
+                        + (f" ({o.error})" if o.error else ""))
+        else:
+            device_line(o.name, "failed", "red", o.error)
 
 
 def _print_check(result: FleetResult) -> None:

@@ -10,12 +10,18 @@ go through `emit_json` (docs/json.md): JSON escapes control characters itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
+import typer
 from rich.markup import escape
 
-from deployer.cli.app import stdout
+from deployer.cli.app import stderr, stdout
+
+if TYPE_CHECKING:
+    from deployer.config.inventory import Device
+    from deployer.tasks.progress import Progress
+    from deployer.tasks.runner import FleetOutcome
 
 MAX_SHOWN = 8000  # characters of one value: a board's multi-megabyte log is cut, not scrolled
 
@@ -43,3 +49,27 @@ def emit_json(document: Mapping[str, Any]) -> None:
 def device_line(name: str, verdict: str, color: str, detail: str | None = None) -> None:
     """`name: verdict detail`, the plain per-device line of the commands without a table."""
     stdout.print(f"{shown(name)}: [{color}]{verdict}[/{color}]" + (f" {shown(detail)}" if detail else ""))
+
+
+def fleet_progress(devices: Sequence[Device], title: str, quiet: bool) -> Progress:
+    """What every fleet command shows on stderr while it runs: a live table on a terminal, plain lines when
+    stderr is a log, nothing with --quiet."""
+    from deployer.tasks.progress import make_progress
+
+    return make_progress(stderr, [d.name for d in devices], title=title, quiet=quiet)
+
+
+def finish_fleet(result: FleetOutcome[Any], *, as_json: bool, plain: Callable[[], None],
+                 **document: Any) -> NoReturn:
+    """Every fleet command's ending: its JSON document (docs/json.md: `schema_version`, `ok`, `interrupted`,
+    `devices`, and the command's own fields) or its plain summary, then its exit code: 0 every device
+    passed, 1 one did not, 130 interrupted (after the summary: what each device did, none left half-way)."""
+    if as_json:
+        emit_json({"schema_version": 1, "ok": result.ok, **document, "interrupted": result.interrupted,
+                   "devices": [o.to_json() for o in result.outcomes]})
+    else:
+        plain()
+    if result.interrupted:
+        stderr.print("deploy: interrupted")
+        raise typer.Exit(130)
+    raise typer.Exit(0 if result.ok else 1)

@@ -30,8 +30,8 @@ from deployer.cli.app import (
     stderr,
     stdout,
 )
-from deployer.cli.push import CacheOption, make_fleet_progress
-from deployer.cli.render import emit_json, shown
+from deployer.cli.push import CacheOption
+from deployer.cli.render import emit_json, fleet_progress, shown
 from deployer.errors import InputError, PlaybookError, Where
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def _run(book: Playbook, devices: list[Device], options: RunOptions) -> None:
                               [d.name for d in devices], options.settings())
         result: RunResult | None = None
         try:
-            with make_fleet_progress(devices, f"deploy run {book.name}", options.quiet) as progress:
+            with fleet_progress(devices, f"deploy run {book.name}", options.quiet) as progress:
                 result = run_fleet(devices, job, forks=options.forks, progress=progress,
                                    on_result=lambda r: db.record_device(run_id, r))
             window, flips = options.flaky

@@ -10,7 +10,6 @@ handed to an OpenCL driver) before it is kept. A file that is not a MACE contain
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import time
 from collections.abc import Mapping, Sequence
@@ -41,13 +40,14 @@ from deployer.cache.store import (
     write_json,
 )
 from deployer.config.inventory import Device
-from deployer.errors import AgentError, DeviceError, LocalStateError
+from deployer.errors import AgentError, LocalStateError
 from deployer.protocol.fingerprint import parse_fingerprint
 from deployer.protocol.reply import printable, printable_line
-from deployer.protocol.session import AgentSession, open_session
+from deployer.protocol.session import AgentSession
 from deployer.protocol.spool import Spool
-from deployer.tasks.fleet import fan_out
+from deployer.tasks import runner
 from deployer.tasks.progress import Progress
+from deployer.tasks.runner import Connect, DeviceWork, FleetOutcome, Outcome
 
 CACHE_NAMES = ("mace_cl_compiled_program.bin", "mace_run.config")
 # MACE's usual work dirs (format note, section 6) and anywhere under the login home.
@@ -86,20 +86,17 @@ class FileOutcome:
 
 
 @dataclass(slots=True)
-class CollectOutcome:
-    name: str
-    error: str | None = None
+class CollectOutcome(Outcome):
     fingerprint: dict[str, Any] | None = None
     files: list[FileOutcome] = field(default_factory=list)
     truncated: bool = False
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None and all(f.ok for f in self.files)
+    def passed(self) -> bool:
+        return all(f.ok for f in self.files)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "error": self.error, "fingerprint": self.fingerprint,
-                "truncated": self.truncated, "files": [f.to_json() for f in self.files]}
+        return {**self.base_json(), "fingerprint": self.fingerprint, "truncated": self.truncated,
+                "files": [f.to_json() for f in self.files]}
 
 
 def _patterns(device: Device, job: CollectJob) -> list[str]:
@@ -182,135 +179,147 @@ def _fingerprint(session: AgentSession, device: Device) -> dict[str, Any]:
     return {k: fingerprint.get(k) for k in ("id", "platform", "device", "cpu_only")}
 
 
-class _Collector:
-    def __init__(self, device: Device, job: CollectJob, progress: Progress) -> None:
-        self.device, self.job, self.progress = device, job, progress
-        self.outcome = CollectOutcome(device.name)
-        self.root = device_dir(job.cache, device.name)
+@dataclass(slots=True)
+class CollectContext:
+    """The explicit context of one device's collect: the job, the runner's `DeviceWork`, the device's folder."""
 
-    def run(self) -> CollectOutcome:
-        self.progress.stage(self.device.name, "connect")
-        try:
-            with open_session(self.device, accept_new_host_keys=self.job.accept_new_host_keys) as session:
-                self.progress.traffic(self.device.name, lambda: (session.bytes_sent, session.bytes_received))
-                self._collect(session)
-        except DeviceError as exc:
-            self.outcome.error = exc.reason
-        self.progress.finished(self.device.name, self.outcome.error is None, self.outcome.error)
-        return self.outcome
+    job: CollectJob
+    work: DeviceWork[CollectOutcome]
+    root: Path
 
-    def _collect(self, session: AgentSession) -> None:
-        self.progress.stage(self.device.name, "fingerprint")
+    @property
+    def outcome(self) -> CollectOutcome:
+        return self.work.outcome
+
+
+def collect_stages(work: DeviceWork[CollectOutcome], job: CollectJob) -> None:
+    """fingerprint, find, then read each new or changed file; the controller's own disk failing is a local
+    cache error of this device."""
+    try:
+        _collect(CollectContext(job, work, device_dir(job.cache, work.device.name)), work.session())
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise LocalStateError(str(exc)) from exc
+
+
+def _collect(context: CollectContext, session: AgentSession) -> None:
+    work, outcome, job = context.work, context.outcome, context.job
+    with work.stage("fingerprint"):
         try:
-            self.outcome.fingerprint = _fingerprint(session, self.device)
+            outcome.fingerprint = _fingerprint(session, work.device)
         except AgentError:
-            self.outcome.fingerprint = None  # a device without OpenCL can still be collected from
-        self.progress.stage(self.device.name, "find")
-        reply = session.request("find", patterns=_patterns(self.device, self.job), max_files=self.job.max_files,
-                                max_size=self.job.max_size)
-        self.outcome.truncated = bool(reply.get("truncated", bool))
-        known = {r.get("remote_path"): r for r in collected_entries(self.root)}
-        for entry in reply.get("files", list)[: self.job.max_files]:
-            checked = check_found(entry, self.job.max_size)
-            if isinstance(checked, str):
-                path = entry.get("path") if isinstance(entry, Mapping) else None
-                self.outcome.files.append(FileOutcome(printable_line(str(path), 300), "refused", checked))
-                continue
-            self.outcome.files.append(self._one(session, checked, known.get(checked.path)))
-        record_fingerprint(self.root, self.outcome.fingerprint)
-
-    def _one(self, session: AgentSession, found: Found, previous: Mapping[str, Any] | None) -> FileOutcome:
-        shown = printable_line(found.path, 300)
-        if previous is not None and previous.get("sha256") == found.sha256:
-            return FileOutcome(shown, "unchanged", record=self._store(previous, stored=False))
-        self.progress.stage(self.device.name, f"read {shown}")
-        folder = inside(self.root, f"{COLLECTED}/{local_folder(found.path)}")
-        with AtomicFile(folder / CONTENT_FILE) as content:  # streamed to disk; renamed only once checked
-            spool = Spool(content)
-            try:
-                session.request("read", path=found.path, size=found.size, sha256=found.sha256,
-                                max_reply=found.size, spool=spool)
-            except AgentError as exc:
-                return FileOutcome(shown, "failed", exc.reason)
-            if not spool.matches(found.size, found.sha256):
-                return FileOutcome(shown, "failed", "pulled bytes differ from what the device announced")
-            try:
-                described = describe_file(content.read_back(), found.path, self.outcome.fingerprint)
-            except ValueError as exc:
-                return FileOutcome(shown, "failed", f"kept out of the cache: {exc}")
-            content.commit()
-        record = {"device": self.device.name, "remote_path": found.path, "size": found.size,
-                  "sha256": found.sha256, "mtime": found.mtime, "collected_at": time.time(),
-                  "file": posixpath.basename(found.path), **described}
-        return FileOutcome(shown, "updated" if previous else "new", record=self._store(record, stored=True))
-
-    def _store(self, record: Mapping[str, Any], *, stored: bool) -> dict[str, Any]:
-        """The record that names the content (`stored`: just written); a previous record only gets a new
-        verdict."""
-        folder = inside(self.root, f"{COLLECTED}/{local_folder(str(record['remote_path']))}")
-        updated = dict(record, fingerprint=self.outcome.fingerprint)
-        if not stored and self.outcome.fingerprint and updated.get("kind") == "compiled_programs":
-            content = (folder / CONTENT_FILE).read_bytes()
-            updated.update(_judged(parse_cache(content), self.outcome.fingerprint))
-        write_json(inside(folder, RECORD_FILE), updated)
-        return updated
+            outcome.fingerprint = None  # a device without OpenCL can still be collected from
+    with work.stage("find"):
+        reply = session.request("find", patterns=_patterns(work.device, job), max_files=job.max_files,
+                                max_size=job.max_size)
+    outcome.truncated = bool(reply.get("truncated", bool))
+    known = {r.get("remote_path"): r for r in collected_entries(context.root)}
+    for entry in reply.get("files", list)[: job.max_files]:
+        checked = check_found(entry, job.max_size)
+        if isinstance(checked, str):
+            path = entry.get("path") if isinstance(entry, Mapping) else None
+            outcome.files.append(FileOutcome(printable_line(str(path), 300), "refused", checked))
+            continue
+        outcome.files.append(_one(context, session, checked, known.get(checked.path)))
+    record_fingerprint(context.root, outcome.fingerprint)
 
 
-def collect_on(session: AgentSession, device: Device, job: CollectJob, progress: Progress) -> CollectOutcome:
+def _one(context: CollectContext, session: AgentSession, found: Found,
+         previous: Mapping[str, Any] | None) -> FileOutcome:
+    shown = printable_line(found.path, 300)
+    if previous is not None and previous.get("sha256") == found.sha256:
+        return FileOutcome(shown, "unchanged", record=_store(context, previous, stored=False))
+    folder = inside(context.root, f"{COLLECTED}/{local_folder(found.path)}")
+    with context.work.stage("read", f"read {shown}"), AtomicFile(folder / CONTENT_FILE) as content:
+        spool = Spool(content)  # streamed to disk; renamed into place only once checked
+        try:
+            session.request("read", path=found.path, size=found.size, sha256=found.sha256,
+                            max_reply=found.size, spool=spool)
+        except AgentError as exc:
+            return FileOutcome(shown, "failed", exc.reason)
+        if not spool.matches(found.size, found.sha256):
+            return FileOutcome(shown, "failed", "pulled bytes differ from what the device announced")
+        try:
+            described = describe_file(content.read_back(), found.path, context.outcome.fingerprint)
+        except ValueError as exc:
+            return FileOutcome(shown, "failed", f"kept out of the cache: {exc}")
+        content.commit()
+    record = {"device": context.work.device.name, "remote_path": found.path, "size": found.size,
+              "sha256": found.sha256, "mtime": found.mtime, "collected_at": time.time(),
+              "file": posixpath.basename(found.path), **described}
+    return FileOutcome(shown, "updated" if previous else "new", record=_store(context, record, stored=True))
+
+
+def _store(context: CollectContext, record: Mapping[str, Any], *, stored: bool) -> dict[str, Any]:
+    """The record that names the content (`stored`: just written); a previous record only gets a new
+    verdict."""
+    fingerprint = context.outcome.fingerprint
+    folder = inside(context.root, f"{COLLECTED}/{local_folder(str(record['remote_path']))}")
+    updated = dict(record, fingerprint=fingerprint)
+    if not stored and fingerprint and updated.get("kind") == "compiled_programs":
+        content = (folder / CONTENT_FILE).read_bytes()
+        updated.update(_judged(parse_cache(content), fingerprint))
+    write_json(inside(folder, RECORD_FILE), updated)
+    return updated
+
+
+def collect_on(session: AgentSession, device: Device, job: CollectJob) -> CollectOutcome:
     """Collect on a session opened by the caller (a nightly run's steps share one); a device error
     (connection, timeout) is raised for the caller to grade, a local cache error is in the outcome."""
-    collector = _Collector(device, job, progress)
-    try:
-        collector._collect(session)
-    except (LocalStateError, OSError, ValueError, json.JSONDecodeError) as exc:
-        collector.outcome.error = f"local cache: {exc}"
-    return collector.outcome
-
-
-def collect_device(device: Device, job: CollectJob, progress: Progress) -> CollectOutcome:
-    try:
-        return _Collector(device, job, progress).run()
-    except (LocalStateError, OSError, ValueError, json.JSONDecodeError) as exc:
-        return CollectOutcome(device.name, error=f"local cache: {exc}")
+    outcome, exc = runner.run_on(session, device, CollectOutcome(device.name),
+                                 lambda work: collect_stages(work, job))
+    if exc is not None:
+        raise exc
+    return outcome
 
 
 def collect_fleet(devices: Sequence[Device], job: CollectJob, *, forks: int,
-                  progress: Progress) -> list[CollectOutcome]:
-    return fan_out(devices, lambda d: collect_device(d, job, progress), forks=forks, label="collect",
-                   deadline=lambda d: d.timeouts.device)
+                  progress: Progress) -> FleetOutcome[CollectOutcome]:
+    return runner.run_fleet(
+        devices, CollectOutcome,
+        lambda d: runner.run_device(d, CollectOutcome(d.name), lambda work: collect_stages(work, job),
+                                    progress=progress, connect=Connect(job.accept_new_host_keys)),
+        forks=forks, progress=progress, label="collect")
 
 
 @dataclass(slots=True)
-class InstallOutcome:
-    name: str
-    status: str  # "installed" | "skipped" | "failed"
+class InstallOutcome(Outcome):
+    status: str = "failed"  # "installed" | "skipped" | "failed"
     detail: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "ok": self.status != "failed", "detail": self.detail}
+        return {**self.base_json(), "status": self.status,
+                "detail": self.detail if self.detail is not None else self.error}
 
 
-def _install_one(device: Device, cache: Path, to: str, accept_new: bool) -> InstallOutcome:
+def install_stages(work: DeviceWork[InstallOutcome], cache: Path, to: str) -> None:
     """Put the device's pushed cache file at `to` on it, only if its driver is still the one that built it."""
+    device, outcome = work.device, work.outcome
     root = device_dir(cache, device.name)
     source, history = root / CACHE_FILE, fingerprint_history(root)
     if not source.exists() or not history:
-        return InstallOutcome(device.name, "skipped", f"no pushed cache for this device in {cache}")
-    data = source.read_bytes()
+        outcome.status, outcome.detail = "skipped", f"no pushed cache for this device in {cache}"
+        return
     try:
-        with open_session(device, accept_new_host_keys=accept_new) as session:
-            current = str(_fingerprint(session, device).get("id"))
-            if current != history[-1].get("id"):
-                built_for = history[-1].get("id")
-                why = f"fingerprint changed (cache built for {built_for}, device now {printable(current, 40)})"
-                return InstallOutcome(device.name, "skipped", why + ": push again first")
-            session.request("install", data, to=to, size=len(data), sha256=hashlib.sha256(data).hexdigest())
-            return InstallOutcome(device.name, "installed", to)
-    except DeviceError as exc:
-        return InstallOutcome(device.name, "failed", exc.reason)
+        data = source.read_bytes()
+    except OSError as exc:
+        raise LocalStateError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    session = work.session()
+    with work.stage("fingerprint"):
+        current = str(_fingerprint(session, device).get("id"))
+    if current != history[-1].get("id"):
+        built_for = history[-1].get("id")
+        why = f"fingerprint changed (cache built for {built_for}, device now {printable(current, 40)})"
+        outcome.status, outcome.detail = "skipped", why + ": push again first"
+        return
+    with work.stage("install"):
+        session.request("install", data, to=to, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    outcome.status, outcome.detail = "installed", to
 
 
-def install_fleet(devices: Sequence[Device], cache: Path, to: str, *, forks: int,
-                  accept_new_host_keys: bool = False) -> list[InstallOutcome]:
-    return fan_out(devices, lambda d: _install_one(d, cache, to, accept_new_host_keys), forks=forks,
-                   label="install", deadline=lambda d: d.timeouts.device)
+def install_fleet(devices: Sequence[Device], cache: Path, to: str, *, forks: int, progress: Progress,
+                  accept_new_host_keys: bool = False) -> FleetOutcome[InstallOutcome]:
+    return runner.run_fleet(
+        devices, InstallOutcome,
+        lambda d: runner.run_device(d, InstallOutcome(d.name), lambda work: install_stages(work, cache, to),
+                                    progress=progress, connect=Connect(accept_new_host_keys)),
+        forks=forks, progress=progress, label="install")

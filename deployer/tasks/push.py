@@ -15,8 +15,7 @@ import json
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,18 +26,19 @@ from deployer.cache.mace import DEFAULT_MACE_VERSION, mace_warnings, parse_cache
 from deployer.cache.store import CACHE_FILE, device_dir, store_device, store_failure
 from deployer.config.inventory import Device
 from deployer.config.kernels import Library
-from deployer.connect.deadline import INTERRUPTED
 from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMismatch
 from deployer.protocol.fingerprint import parse_fingerprint
 from deployer.protocol.reply import Reply, printable, raise_for_failed_programs
 from deployer.protocol.reply import field as reply_field
-from deployer.protocol.session import AgentSession, open_session
+from deployer.protocol.session import AgentSession
 from deployer.protocol.spool import Spool
+from deployer.tasks import runner
 from deployer.tasks.bench import BenchItem, BenchPlan, batches, parse_bench, parse_create_ms
-from deployer.tasks.fleet import FleetInterrupted, fail_limit, fan_out
+from deployer.tasks.fleet import fail_limit
 from deployer.tasks.models import ModelPlan, ModelResult, check_models, skipped_model, wire_models
 from deployer.tasks.plan import DevicePlan, FileContents, LocalFile, RemoteState, build_key, parse_state, plan_device
 from deployer.tasks.progress import Progress
+from deployer.tasks.runner import Connect, DeviceWork, FleetOutcome, OnFailure, Outcome, Work
 from deployer.tasks.smoke import KernelResult, SmokePlan, Startup, compare, parse_startup, split_outputs
 
 STAGES = ("connect", "state", "fingerprint", "upload", "compile", "pull", "smoke", "commit", "store")
@@ -116,19 +116,14 @@ def release_paths(library: Library, models: Sequence[Path]) -> list[tuple[str, P
 
 
 @dataclass(slots=True)
-class DeviceOutcome:
-    name: str
-    ok: bool = False
-    error: str | None = None
-    failed_stage: str | None = None
+class DeviceOutcome(Outcome):
+    """One device's push: the runner's fields, and what the push found and did there."""
+
     fingerprint: dict[str, Any] | None = None
     cache_file: str | None = None
-    stages: dict[str, float] = field(default_factory=dict)
     kernels: list[KernelResult] = field(default_factory=list)
     models: list[ModelResult] = field(default_factory=list)
     startup: Startup | None = None
-    bytes_sent: int = 0
-    bytes_received: int = 0
     release: str | None = None
     plan: DevicePlan | None = None
     changed: bool = False  # a new release was committed
@@ -141,31 +136,20 @@ class DeviceOutcome:
     def built(self) -> int:
         return len({k.program_key for k in self.kernels if k.built})
 
+    def describe(self, stage: str, reason: str) -> str:
+        return f"{stage}: {reason}"
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.name, "ok": self.ok, "error": self.error, "failed_stage": self.failed_stage,
-            "fingerprint": self.fingerprint, "cache_file": self.cache_file,
-            "stages": {k: round(v, 4) for k, v in self.stages.items()},
+            **self.base_json(), "fingerprint": self.fingerprint, "cache_file": self.cache_file,
             "kernels": [k.to_json() for k in self.kernels], "models": [m.to_json() for m in self.models],
             "startup": self.startup.to_json() if self.startup else None, "release": self.release,
-            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
             "plan": self.plan.to_json() if self.plan else None, "changed": self.changed, "pulled": self.pulled,
             "warnings": self.warnings,
         }
 
 
-@dataclass(frozen=True, slots=True)
-class FleetResult:
-    outcomes: tuple[DeviceOutcome, ...]
-    interrupted: bool = False  # Ctrl-C: the devices in flight were stopped, those not started were not
-
-    @property
-    def ok(self) -> bool:
-        return all(o.ok for o in self.outcomes)
-
-    @property
-    def failed(self) -> list[DeviceOutcome]:
-        return [o for o in self.outcomes if not o.ok]
+FleetResult = FleetOutcome[DeviceOutcome]
 
 
 def new_release_id() -> str:
@@ -173,360 +157,381 @@ def new_release_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
-@dataclass(slots=True)
-class _Built:
+# ----- the values the stages hand each other -----
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """What `state` (and `fingerprint`, when the driver stamp changed) settled for this device."""
+
+    state: RemoteState
+    plan: DevicePlan
+    fingerprint: dict[str, Any]
+    mace_version: str
+    skipped: Mapping[str, str]  # program key -> why this device skips it (unmet `requires`)
+    build_keys: Mapping[str, str]  # program key -> build key, for the programs this device builds
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
     """The device's cache file after `compile` (or the current one, for a push that builds nothing)."""
 
     cache_sha256: str
-    programs: dict[str, str]  # key -> binary sha256, as the device reports
+    programs: Mapping[str, str]  # key -> binary sha256, as the device reports
     manifest_file: str = "build/manifest.json"
 
 
-class _DeviceRun:
-    """The state of one device's push while it runs; each stage is a method."""
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    """The cache file as the controller holds it: its bytes, the manifest (None: the local copy was current)
+    and the sha256 of each program's binary in it (the device checks each before any driver sees it)."""
 
-    def __init__(self, device: Device, job: PushJob, progress: Progress) -> None:
-        self.device, self.job, self.progress = device, job, progress
-        self.outcome = DeviceOutcome(device.name)
-        self.logs: dict[str, str] = {}
-        self.stage = "connect"
-        self.skipped: dict[str, str] = {}  # program key -> why this device skips it (unmet `requires`)
-        self.state: RemoteState | None = None
-        self.build_keys: dict[str, str] = {}  # program key -> build key, for the programs this device builds
-        self.binary_shas: dict[str, str] = {}  # program key -> sha256 of its binary in the cache file as pulled
+    cache_bytes: bytes
+    manifest: dict[str, Any] | None
+    binary_shas: Mapping[str, str]
 
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        self.stage = stage
-        self.progress.stage(self.device.name, stage)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.outcome.stages[stage] = self.outcome.stages.get(stage, 0.0) + time.perf_counter() - start
+    def expected(self, keys: set[str]) -> dict[str, str]:
+        return {key: self.binary_shas[key] for key in sorted(keys)}
 
-    def run(self) -> DeviceOutcome:
-        try:
-            with ExitStack() as stack:
-                with self.timed("connect"):
-                    session = stack.enter_context(open_session(
-                        self.device, accept_new_host_keys=self.job.accept_new_host_keys, check=self.job.check))
-                self.progress.traffic(self.device.name, lambda: (session.bytes_sent, session.bytes_received))
-                try:
-                    self._push(session)
-                finally:
-                    self.outcome.bytes_sent = session.bytes_sent
-                    self.outcome.bytes_received = session.bytes_received
-        except DeviceError as exc:
-            self._fail(exc)
-        self.progress.finished(self.device.name, self.outcome.ok, self.outcome.error)
-        return self.outcome
 
-    def run_on(self, session: AgentSession) -> tuple[DeviceOutcome, DeviceError | None]:
-        """The push on a session opened by the caller (a nightly run's steps share one): the outcome and
-        the device's error, if any, for the caller to grade."""
-        try:
-            self._push(session)
-        except DeviceError as exc:
-            self._fail(exc)
-            return self.outcome, exc
-        return self.outcome, None
+@dataclass(slots=True)
+class PushContext:
+    """The explicit context every stage of one device's push gets: the job, the runner's `DeviceWork` (the
+    device, its outcome, the session, stage timing) and the build logs kept for the local cache."""
 
-    def _fail(self, exc: DeviceError) -> None:
-        exc.for_device(self.device.name, self.stage)
-        self.outcome.ok = False
-        self.outcome.failed_stage = exc.stage
-        self.outcome.error = f"{exc.stage}: {exc.reason}"
-        if self.job.check:
-            return
-        try:
-            store_failure(self.job.cache, self.device.name,
-                          {"stage": exc.stage, "error": exc.message, "at": time.time()}, self.logs)
-        except LocalStateError:
-            pass  # the failure itself is reported; its local record is best effort
+    job: PushJob
+    work: DeviceWork[DeviceOutcome]
+    logs: dict[str, str] = field(default_factory=dict)
 
-    def _push(self, session: AgentSession) -> None:
-        with self.timed("state"):
-            self.state = parse_state(session.request("state", opencl=self.device.opencl.as_request()))
-        fingerprint = self.state.fingerprint
-        if fingerprint is None:  # the driver stamp changed (or first push): ask the driver itself
-            with self.timed("fingerprint"):
-                fingerprint = session.request("fingerprint", opencl=self.device.opencl.as_request(),
-                                              remember=not self.job.check,
-                                              timeout_s=self.device.timeouts.command).get("fingerprint", dict)
-        plan = self._plan(self.state, fingerprint)
-        if self.job.check:
-            self.outcome.ok = True
-            return
-        if self.job.smoke_only and plan.new_release:
-            raise NotDeployed(_why_not_deployed(plan))
-        phases.reached("plan")  # tests only: `state` answered and planned, nothing begun yet
-        if plan.new_release:
-            with self.timed("upload"):
-                self._upload(session, plan)
-            with self.timed("compile"):
-                built = self._compile(session, plan)
-        else:
-            built = self._current_build()
-        with self.timed("pull"):
-            cache_bytes, manifest = self._pull(session, built)
-        if self.job.bench is not None:
-            with self.timed("bench"):
-                self._bench(session, self.job.bench)
-        else:
-            with self.timed("smoke"):
-                self._smoke(session, built, plan)
-        if plan.new_release:
-            with self.timed("commit"):
-                session.request("commit", keep=self.job.keep)
-            self.outcome.changed = True
-        if manifest is not None:
-            with self.timed("store"):
-                self._store(cache_bytes, manifest)
-        self.outcome.cache_file = str(device_dir(self.job.cache, self.device.name) / CACHE_FILE)
-        self.outcome.ok = True
+    @property
+    def device(self) -> Device:
+        return self.work.device
 
-    def _mace_version(self) -> str:
+    @property
+    def outcome(self) -> DeviceOutcome:
+        return self.work.outcome
+
+    def mace_version(self) -> str:
         """The flag wins, then the device's `vars.mace_version`, then the default."""
         return self.job.mace_version or str(self.device.vars.get("mace_version") or DEFAULT_MACE_VERSION)
 
-    # ----- state: one round trip, then the plan -----
 
-    def _plan(self, state: RemoteState, fingerprint: Mapping[str, Any]) -> DevicePlan:
-        self.outcome.fingerprint = parse_fingerprint(fingerprint)
-        self.outcome.warnings = mace_warnings(self.outcome.fingerprint, mace_format=self.job.mace_format,
-                                              mace_version=self._mace_version())
-        self.skipped = self.job.library.skipped(self.outcome.fingerprint)
-        fingerprint_id = str(self.outcome.fingerprint.get("id", ""))
-        shas, mace_version = self.job.shas, self._mace_version()
-        self.build_keys = {
-            spec["key"]: build_key(spec, shas, mace_version=mace_version, mace_format=self.job.mace_format,
-                                   fingerprint_id=fingerprint_id)
-            for spec in self._program_specs(with_build_keys=False)}
-        plan = plan_device(self.job.files, self.build_keys, state, mace_version=mace_version,
-                           mace_format=self.job.mace_format)
-        self.outcome.plan = plan
-        self.outcome.release = state.current
-        return plan
+# ----- the stages -----
 
-    # ----- upload: only what the current release does not hold -----
 
-    def _upload(self, session: AgentSession, plan: DevicePlan) -> None:
-        """begin: a delta on the current release (its other files are hard-linked there), then put what
-        the device says it lacks."""
-        release = new_release_id()
-        changed = [f.to_request() for f in self.job.files if f.remote in plan.upload]
-        base: dict[str, Any] = {"base": plan.current, "drop": list(plan.removed)} if plan.current else {}
-        reply = session.request("begin", release=release, files=changed, **base)
-        self.outcome.release = release
-        need = reply.get("need", list)
-        by_path = {f.remote: f for f in self.job.files}
-        unknown = [n for n in need if n not in by_path]
-        if unknown:
-            raise AgentError(f"the device asked for files that are not in the release: {unknown[:3]}",
-                             kind="bad_reply")
-        for path in need:
-            file = by_path[path]
-            session.request("put", self.job.contents.read(file), path=file.remote, size=file.size,
-                            sha256=file.sha256, mode=file.mode)
-            phases.reached("upload")  # tests only: after the first put (a no-op unless the variable is set)
+def push_stages(context: PushContext) -> None:
+    """One device's push, stage by stage; an error raised in a stage is that device's failure there."""
+    job, work, outcome = context.job, context.work, context.outcome
+    session = work.session()
+    planned = plan_stage(context, session)
+    if job.check:
+        return
+    if job.smoke_only and planned.plan.new_release:
+        raise NotDeployed(_why_not_deployed(planned.plan))
+    phases.reached("plan")  # tests only: `state` answered and planned, nothing begun yet
+    if planned.plan.new_release:
+        with work.stage("upload"):
+            upload_stage(context, session, planned.plan)
+        with work.stage("compile"):
+            built = compile_stage(context, session, planned)
+    else:
+        built = current_build(planned.state)
+    with work.stage("pull"):
+        pulled = pull_stage(context, session, planned, built)
+    if job.bench is not None:
+        with work.stage("bench"):
+            bench_stage(context, session, planned, pulled, job.bench)
+    else:
+        with work.stage("smoke"):
+            smoke_stage(context, session, planned, built, pulled)
+    if planned.plan.new_release:
+        with work.stage("commit"):
+            session.request("commit", keep=job.keep)
+        outcome.changed = True
+    if pulled.manifest is not None:
+        with work.stage("store"):
+            store_stage(context, pulled.cache_bytes, pulled.manifest)
+    outcome.cache_file = str(device_dir(job.cache, context.device.name) / CACHE_FILE)
 
-    def _program_specs(self, *, with_build_keys: bool = True) -> list[dict[str, Any]]:
-        """Every program variant this device builds (those whose `requires` it meets)."""
-        library = self.job.library
-        specs: list[dict[str, Any]] = [
-            {"key": program.key(variant), "name": program.name, "source": f"kernels/{program.source}",
-             "headers": [f"kernels/{h}" for h in program.headers], "options": list(variant.options),
-             "compile_options": list(library.compile_options)}
-            for program in library.programs for variant in program.variants
-            if program.key(variant) not in self.skipped
-        ]
-        if with_build_keys:
-            for spec in specs:
-                spec["build_key"] = self.build_keys[spec["key"]]
-        return specs
 
-    def _compile(self, session: AgentSession, plan: DevicePlan) -> _Built:
-        """Build the programs whose build key changed; the others' binaries come from the current release."""
-        specs = self._program_specs()
-        rebuild = [s for s in specs if s["key"] in plan.rebuild]
-        keep: dict[str, Any] = {"keep": list(plan.reuse), "base": plan.current} if plan.reuse and plan.current else {}
-        request: dict[str, Any] = {"opencl": self.device.opencl.as_request(), "mace_version": self._mace_version(),
-                   "mace_format": self.job.mace_format, "timeout_s": self.device.timeouts.command}
-        try:
-            reply = session.request("build", programs=rebuild, **keep, **request)
-        except AgentError as exc:
-            if exc.kind != "reuse_missing":
-                raise
-            reply = session.request("build", programs=specs, **request)  # the device lost a binary: build all
-        results = reply.get("programs", list)
-        for result in results:
-            key = str(reply_field(result, "key", str))
-            self.logs[key] = printable(str(reply_field(result, "log", str, optional=True) or ""), 1 << 16)
-        built = {str(reply_field(r, "key", str)) for r in results if reply_field(r, "ok", bool)}
-        self.outcome.kernels = [
-            KernelResult(c.id, c.program_key, c.program_key in built, "skipped",
-                         detail=self.skipped.get(c.program_key) or (None if c.program_key in built else "build failed"))
-            for c in self.job.smoke.cases
-        ]
-        raise_for_failed_programs(results)
-        shas = {str(reply_field(r, "key", str)): str(reply_field(r, "sha256", str)) for r in results}
-        return _Built(reply.get("cache_sha256", str), shas, reply.get("manifest_file", str))
+def record_failure(context: PushContext, exc: DeviceError) -> None:
+    """A failed device's local record (its stage, message and build logs), beside its last good cache."""
+    if context.job.check:
+        return
+    try:
+        store_failure(context.job.cache, context.device.name,
+                      {"stage": exc.stage, "error": exc.message, "at": time.time()}, context.logs)
+    except LocalStateError:
+        pass  # the failure itself is reported; its local record is best effort
 
-    def _current_build(self) -> _Built:
-        """Nothing to build: the current release's cache file is what this push would produce."""
-        state = self.state
-        assert state is not None and state.cache_sha256 is not None
-        return _Built(state.cache_sha256, {k: p.sha256 for k, p in state.programs.items()})
 
-    # ----- pull: only a cache file that differs from the local copy -----
+# ----- state: one round trip, then the plan -----
 
-    def _pull(self, session: AgentSession, built: _Built) -> tuple[bytes, dict[str, Any] | None]:
-        local = _local_cache(self.job.cache, self.device.name)
-        if local is not None and hashlib.sha256(local).hexdigest() == built.cache_sha256:
-            cache_bytes, manifest = local, None
+
+def plan_stage(context: PushContext, session: AgentSession) -> Planned:
+    device, job, outcome = context.device, context.job, context.outcome
+    with context.work.stage("state"):
+        state = parse_state(session.request("state", opencl=device.opencl.as_request()))
+    raw = state.fingerprint
+    if raw is None:  # the driver stamp changed (or first push): ask the driver itself
+        with context.work.stage("fingerprint"):
+            raw = session.request("fingerprint", opencl=device.opencl.as_request(), remember=not job.check,
+                                  timeout_s=device.timeouts.command).get("fingerprint", dict)
+    fingerprint = outcome.fingerprint = parse_fingerprint(raw)
+    mace_version = context.mace_version()
+    outcome.warnings = mace_warnings(fingerprint, mace_format=job.mace_format, mace_version=mace_version)
+    skipped = job.library.skipped(fingerprint)
+    build_keys = {
+        spec["key"]: build_key(spec, job.shas, mace_version=mace_version, mace_format=job.mace_format,
+                               fingerprint_id=str(fingerprint.get("id", "")))
+        for spec in program_specs(job.library, skipped)}
+    plan = plan_device(job.files, build_keys, state, mace_version=mace_version, mace_format=job.mace_format)
+    outcome.plan, outcome.release = plan, state.current
+    return Planned(state, plan, fingerprint, mace_version, skipped, build_keys)
+
+
+# ----- upload: only what the current release does not hold -----
+
+
+def upload_stage(context: PushContext, session: AgentSession, plan: DevicePlan) -> None:
+    """begin: a delta on the current release (its other files are hard-linked there), then put what
+    the device says it lacks."""
+    job = context.job
+    release = new_release_id()
+    changed = [f.to_request() for f in job.files if f.remote in plan.upload]
+    base: dict[str, Any] = {"base": plan.current, "drop": list(plan.removed)} if plan.current else {}
+    reply = session.request("begin", release=release, files=changed, **base)
+    context.outcome.release = release
+    need = reply.get("need", list)
+    by_path = {f.remote: f for f in job.files}
+    unknown = [n for n in need if n not in by_path]
+    if unknown:
+        raise AgentError(f"the device asked for files that are not in the release: {unknown[:3]}",
+                         kind="bad_reply")
+    for path in need:
+        file = by_path[path]
+        session.request("put", job.contents.read(file), path=file.remote, size=file.size,
+                        sha256=file.sha256, mode=file.mode)
+        phases.reached("upload")  # tests only: after the first put (a no-op unless the variable is set)
+
+
+# ----- compile: the programs whose build key changed -----
+
+
+def program_specs(library: Library, skipped: Mapping[str, str],
+                  build_keys: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every program variant a device builds (those whose `requires` it meets), with their build keys."""
+    specs: list[dict[str, Any]] = [
+        {"key": program.key(variant), "name": program.name, "source": f"kernels/{program.source}",
+         "headers": [f"kernels/{h}" for h in program.headers], "options": list(variant.options),
+         "compile_options": list(library.compile_options)}
+        for program in library.programs for variant in program.variants
+        if program.key(variant) not in skipped
+    ]
+    if build_keys is not None:
+        for spec in specs:
+            spec["build_key"] = build_keys[spec["key"]]
+    return specs
+
+
+def compile_stage(context: PushContext, session: AgentSession, planned: Planned) -> Built:
+    """Build the programs whose build key changed; the others' binaries come from the current release."""
+    device, job, plan = context.device, context.job, planned.plan
+    specs = program_specs(job.library, planned.skipped, planned.build_keys)
+    rebuild = [s for s in specs if s["key"] in plan.rebuild]
+    keep: dict[str, Any] = {"keep": list(plan.reuse), "base": plan.current} if plan.reuse and plan.current else {}
+    request: dict[str, Any] = {"opencl": device.opencl.as_request(), "mace_version": planned.mace_version,
+                               "mace_format": job.mace_format, "timeout_s": device.timeouts.command}
+    try:
+        reply = session.request("build", programs=rebuild, **keep, **request)
+    except AgentError as exc:
+        if exc.kind != "reuse_missing":
+            raise
+        reply = session.request("build", programs=specs, **request)  # the device lost a binary: build all
+    results = reply.get("programs", list)
+    for result in results:
+        key = str(reply_field(result, "key", str))
+        context.logs[key] = printable(str(reply_field(result, "log", str, optional=True) or ""), 1 << 16)
+    built = {str(reply_field(r, "key", str)) for r in results if reply_field(r, "ok", bool)}
+    context.outcome.kernels = [
+        KernelResult(c.id, c.program_key, c.program_key in built, "skipped",
+                     detail=planned.skipped.get(c.program_key) or (None if c.program_key in built else "build failed"))
+        for c in job.smoke.cases
+    ]
+    raise_for_failed_programs(results)
+    shas = {str(reply_field(r, "key", str)): str(reply_field(r, "sha256", str)) for r in results}
+    return Built(reply.get("cache_sha256", str), shas, reply.get("manifest_file", str))
+
+
+def current_build(state: RemoteState) -> Built:
+    """Nothing to build: the current release's cache file is what this push would produce."""
+    assert state.cache_sha256 is not None
+    return Built(state.cache_sha256, {k: p.sha256 for k, p in state.programs.items()})
+
+
+# ----- pull: only a cache file that differs from the local copy -----
+
+
+def pull_stage(context: PushContext, session: AgentSession, planned: Planned, built: Built) -> Pulled:
+    job = context.job
+    local = _local_cache(job.cache, context.device.name)
+    manifest: dict[str, Any] | None = None
+    if local is not None and hashlib.sha256(local).hexdigest() == built.cache_sha256:
+        cache_bytes = local
+    else:
+        cache_bytes = _get(session, f"build/{CACHE_FILE}", built.cache_sha256)
+        manifest = _parse_manifest(session.request("get", path=built.manifest_file, max_reply=MAX_MANIFEST).payload)
+        context.outcome.pulled = True
+    try:
+        entries = parse_cache(cache_bytes, fmt=job.mace_format).programs
+    except ValueError as exc:
+        raise AgentError(f"the pulled cache file is not a valid MACE {job.mace_format} container: {exc}",
+                         kind="bad_cache") from exc
+    missing = sorted(k for k in planned.build_keys if k not in entries)
+    if missing:
+        raise AgentError(f"the pulled cache file lacks program(s) {missing}", kind="bad_cache")
+    return Pulled(cache_bytes, manifest, {k: hashlib.sha256(entries[k]).hexdigest() for k in planned.build_keys})
+
+
+# ----- smoke: what changed (or everything, or nothing) -----
+
+
+def smoke_keys(job: PushJob, planned: Planned, built: Built) -> set[str]:
+    """The programs this push smoke-tests: by --smoke, and for `changed` those whose binary differs
+    from the one the current release had (a new fingerprint rebuilds, so changes, every binary)."""
+    if job.smoke_mode == "never":
+        return set()
+    keys = set(planned.build_keys)
+    if job.smoke_mode == "always":
+        return keys
+    old = planned.state.programs
+    return {k for k in keys if k not in old or old[k].sha256 != built.programs.get(k)}
+
+
+def smoke_stage(context: PushContext, session: AgentSession, planned: Planned, built: Built,
+                pulled: Pulled) -> None:
+    job, outcome = context.job, context.outcome
+    keys = smoke_keys(job, planned, built)
+    why_not = _why_not_smoked(job, planned)
+    not_smoked = {k: why_not for k in planned.build_keys if k not in keys}
+    smoke, left_out = job.smoke, {**planned.skipped, **not_smoked}
+    run = smoke.requests(left_out)
+    reply = Reply({"cases": []}, b"")  # nothing to run: every case is left out, and says why
+    if run:
+        cases = smoke.requests(planned.skipped)  # all of this device's cases travel (once) in the blob
+        reply = blob_request(context, session, planned.state, "smoke", {"cases": cases}, bytes(smoke.payload),
+                             run=[c["id"] for c in run], cache_file=f"build/{CACHE_FILE}",
+                             expected=pulled.expected({c["program_key"] for c in run}))
+    kernels = check_cases(smoke, reply, left_out)
+    status = "unchanged" if job.smoke_mode == "changed" else "skipped"
+    outcome.kernels = [replace(k, built=True, smoke=status) if k.program_key in not_smoked and not k.built
+                       else k for k in kernels]
+    startup_stage(context, session, planned, pulled, keys)
+    if job.mace_app:
+        outcome.kernels = _loaded(outcome.startup, planned, keys, status, why_not)
+    failed = [f"{k.name}: {k.detail}" for k in outcome.kernels if k.smoke == "failed"]
+    failed += [f"model {m.name}: {m.detail}" for m in outcome.models if m.ok is False]
+    if failed:
+        raise SmokeMismatch("; ".join(failed))
+
+
+def _loaded(startup: Startup | None, planned: Planned, keys: set[str], status: str,
+            why_not: str) -> list[KernelResult]:
+    """A MACE app's programs have no reference to compare with: each smoked one passes when the device
+    created it from its pulled binary (the `startup` op), as MACE does at start."""
+    figures = {p.key: p for p in startup.programs} if startup else {}
+    results = []
+    for key in sorted(planned.build_keys):
+        name = key.split(" ", 1)[0]
+        if key in planned.skipped:
+            results.append(KernelResult(name, key, False, "skipped", detail=planned.skipped[key]))
+        elif key not in keys:
+            results.append(KernelResult(name, key, True, status, detail=why_not))
+        elif (figure := figures.get(key)) is None or figure.error or figure.load_from_binary_ms is None:
+            why = figure.error if figure is not None and figure.error else "not loaded"
+            results.append(KernelResult(name, key, True, "failed", detail=f"load from its binary: {why}"))
         else:
-            cache_bytes = _get(session, f"build/{CACHE_FILE}", built.cache_sha256)
-            manifest = _parse_manifest(session.request("get", path=built.manifest_file,
-                                                      max_reply=MAX_MANIFEST).payload)
-            self.outcome.pulled = True
-        try:
-            entries = parse_cache(cache_bytes, fmt=self.job.mace_format).programs
-        except ValueError as exc:
-            raise AgentError(f"the pulled cache file is not a valid MACE {self.job.mace_format} container: {exc}",
-                             kind="bad_cache") from exc
-        missing = sorted(k for k in self.build_keys if k not in entries)
-        if missing:
-            raise AgentError(f"the pulled cache file lacks program(s) {missing}", kind="bad_cache")
-        self.binary_shas = {k: hashlib.sha256(entries[k]).hexdigest() for k in self.build_keys}
-        return cache_bytes, manifest
+            results.append(KernelResult(name, key, True, "passed",
+                                        detail=f"loaded from its binary in {figure.load_from_binary_ms:.1f} ms"))
+    return results
 
-    # ----- smoke: what changed (or everything, or nothing) -----
 
-    def _smoke_keys(self, built: _Built) -> set[str]:
-        """The programs this push smoke-tests: by --smoke, and for `changed` those whose binary differs
-        from the one the current release had (a new fingerprint rebuilds, so changes, every binary)."""
-        if self.job.smoke_mode == "never":
-            return set()
-        keys = set(self.build_keys)
-        if self.job.smoke_mode == "always" or self.state is None:
-            return keys
-        old = self.state.programs
-        return {k for k in keys if k not in old or old[k].sha256 != built.programs.get(k)}
+def _why_not_smoked(job: PushJob, planned: Planned) -> str:
+    if job.smoke_mode == "never":
+        return "not smoke-tested (--smoke never)"
+    return f"binary unchanged since release {planned.state.current or '?'} (--smoke always runs it)"
 
-    def _smoke(self, session: AgentSession, built: _Built, plan: DevicePlan) -> None:
-        keys = self._smoke_keys(built)
-        not_smoked = {k: self._why_not_smoked() for k in self.build_keys if k not in keys}
-        smoke, left_out = self.job.smoke, {**self.skipped, **not_smoked}
-        run = smoke.requests(left_out)
-        reply = Reply({"cases": []}, b"")  # nothing to run: every case is left out, and says why
-        if run:
-            cases = smoke.requests(self.skipped)  # all of this device's cases travel (once) in the blob
-            reply = self._blob_request(session, "smoke", {"cases": cases}, bytes(smoke.payload),
-                                       run=[c["id"] for c in run], cache_file=f"build/{CACHE_FILE}",
-                                       expected=self._expected({c["program_key"] for c in run}))
-        kernels = check_cases(smoke, reply, left_out)
-        status = "unchanged" if self.job.smoke_mode == "changed" else "skipped"
-        self.outcome.kernels = [replace(k, built=True, smoke=status) if k.program_key in not_smoked and not k.built
-                                else k for k in kernels]
-        self._startup(session, keys, plan)
-        if self.job.mace_app:
-            self.outcome.kernels = self._loaded(keys, status)
-        failed = [f"{k.name}: {k.detail}" for k in self.outcome.kernels if k.smoke == "failed"]
-        failed += [f"model {m.name}: {m.detail}" for m in self.outcome.models if m.ok is False]
-        if failed:
-            raise SmokeMismatch("; ".join(failed))
 
-    def _loaded(self, keys: set[str], status: str) -> list[KernelResult]:
-        """A MACE app's programs have no reference to compare with: each smoked one passes when the device
-        created it from its pulled binary (the `startup` op), as MACE does at start."""
-        figures = {p.key: p for p in self.outcome.startup.programs} if self.outcome.startup else {}
-        results = []
-        for key in sorted(self.build_keys):
-            name = key.split(" ", 1)[0]
-            if key in self.skipped:
-                results.append(KernelResult(name, key, False, "skipped", detail=self.skipped[key]))
-            elif key not in keys:
-                results.append(KernelResult(name, key, True, status, detail=self._why_not_smoked()))
-            elif (figure := figures.get(key)) is None or figure.error or figure.load_from_binary_ms is None:
-                why = figure.error if figure is not None and figure.error else "not loaded"
-                results.append(KernelResult(name, key, True, "failed", detail=f"load from its binary: {why}"))
-            else:
-                results.append(KernelResult(name, key, True, "passed",
-                                            detail=f"loaded from its binary in {figure.load_from_binary_ms:.1f} ms"))
-        return results
+def blob_request(context: PushContext, session: AgentSession, state: RemoteState, op: str,
+                 fields: Mapping[str, Any], payload: bytes, **request: Any) -> Reply:
+    """A smoke/startup/bench request whose stable part (case or model descriptions, then their input bytes)
+    the device keeps by hash: sent only when the device does not hold it yet."""
+    head = json.dumps(fields, sort_keys=True).encode()
+    blob = head + payload
+    sha = hashlib.sha256(blob).hexdigest()
+    timeout_s = request.pop("timeout_s", context.device.timeouts.command)
+    return session.request(op, b"" if sha in state.blobs else blob, blob=sha, blob_json=len(head),
+                           opencl=context.device.opencl.as_request(), timeout_s=timeout_s, **request)
 
-    def _expected(self, keys: set[str]) -> dict[str, str]:
-        """sha256 of the pulled binaries the device may load: it checks each before any driver sees it."""
-        return {key: self.binary_shas[key] for key in sorted(keys)}
 
-    def _why_not_smoked(self) -> str:
-        if self.job.smoke_mode == "never":
-            return "not smoke-tested (--smoke never)"
-        return f"binary unchanged since release {self.state.current if self.state else '?'} (--smoke always runs it)"
-
-    def _blob_request(self, session: AgentSession, op: str, fields: Mapping[str, Any], payload: bytes,
-                      **request: Any) -> Reply:
-        """A smoke/startup request whose stable part (case or model descriptions, then their input bytes)
-        the device keeps by hash: sent only when the device does not hold it yet."""
-        head = json.dumps(fields, sort_keys=True).encode()
-        blob = head + payload
-        sha = hashlib.sha256(blob).hexdigest()
-        known = self.state is not None and sha in self.state.blobs
-        timeout_s = request.pop("timeout_s", self.device.timeouts.command)
-        return session.request(op, b"" if known else blob, blob=sha, blob_json=len(head),
-                               opencl=self.device.opencl.as_request(), timeout_s=timeout_s, **request)
-
-    def _bench(self, session: AgentSession, bench: BenchJob) -> None:
-        """Every case of the programs this device runs, in batches whose replies stay small, then the models."""
-        cases = [c for c in bench.plan.cases if c.program_key in self.build_keys]
-        limit = bench.settings["max_repeats"]
-        fields = dict(bench.settings, cache_file=f"build/{CACHE_FILE}", timeout_s=bench.timeout_s)
-        for batch in batches(cases, limit):
-            reply = self._blob_request(session, "bench", {"cases": [c.request for c in batch]},
-                                       bytes(bench.plan.payload),
-                                       expected=self._expected({c.program_key for c in batch}), **fields)
-            self.outcome.bench += parse_bench(reply, [c.id for c in batch], [], limit)
-            self.outcome.create_ms.update(parse_create_ms(reply, self.build_keys))
-        runnable = [m for m in self.job.models if skipped_model(m, self.skipped) is None]
-        if runnable:
-            models, payload = wire_models(runnable)
-            reply = self._blob_request(session, "bench", {"models": models, "cases": []}, payload,
-                                       expected=self._expected({k for m in runnable for k in m.program_keys}),
-                                       **fields)
-            self.outcome.bench += parse_bench(reply, [], [m.model.name for m in runnable], limit)
-
-    def _startup(self, session: AgentSession, keys: set[str], plan: DevicePlan) -> None:
-        """Start-up figures (the smoked programs from source vs from their binary, in a child of the agent
-        whose driver cache is off) and the models' forward pass from the binaries, checked against numpy:
-        each model whose programs were smoked or whose files changed."""
-        skips = [skipped_model(model, self.skipped) for model in self.job.models]
-        runnable = [model for model, skip in zip(self.job.models, skips, strict=True) if skip is None]
-        models_changed = any(p.startswith("models/") for p in plan.upload) and self.job.smoke_mode != "never"
-        chosen = [m for m in runnable if models_changed or keys & set(m.program_keys)]
-        chosen_names = {m.model.name for m in chosen}
-        specs = [s for s in self._program_specs() if s["key"] in keys]
-        if not specs and not chosen:
-            self.outcome.models = [skip or ModelResult(m.model.name, None, detail="not run: its programs are "
-                                   "unchanged") for m, skip in zip(self.job.models, skips, strict=True)]
-            return
+def bench_stage(context: PushContext, session: AgentSession, planned: Planned, pulled: Pulled,
+                bench: BenchJob) -> None:
+    """Every case of the programs this device runs, in batches whose replies stay small, then the models."""
+    job, outcome = context.job, context.outcome
+    cases = [c for c in bench.plan.cases if c.program_key in planned.build_keys]
+    limit = bench.settings["max_repeats"]
+    fields = dict(bench.settings, cache_file=f"build/{CACHE_FILE}", timeout_s=bench.timeout_s)
+    for batch in batches(cases, limit):
+        reply = blob_request(context, session, planned.state, "bench", {"cases": [c.request for c in batch]},
+                             bytes(bench.plan.payload), expected=pulled.expected({c.program_key for c in batch}),
+                             **fields)
+        outcome.bench += parse_bench(reply, [c.id for c in batch], [], limit)
+        outcome.create_ms.update(parse_create_ms(reply, planned.build_keys))
+    runnable = [m for m in job.models if skipped_model(m, planned.skipped) is None]
+    if runnable:
         models, payload = wire_models(runnable)
-        needed = {s["key"] for s in specs} | {k for m in chosen for k in m.program_keys}
-        reply = self._blob_request(session, "startup", {"models": models}, payload,
-                                   run=[m.model.name for m in chosen], cache_file=f"build/{CACHE_FILE}",
-                                   expected=self._expected(needed), programs=specs)
-        self.outcome.startup = parse_startup(reply, [s["key"] for s in specs])
-        checked = iter(check_models(chosen, reply))
-        self.outcome.models = [skip or (next(checked) if m.model.name in chosen_names else
-                                        ModelResult(m.model.name, None, detail="not run: its programs are unchanged"))
-                               for m, skip in zip(self.job.models, skips, strict=True)]
+        reply = blob_request(context, session, planned.state, "bench", {"models": models, "cases": []}, payload,
+                             expected=pulled.expected({k for m in runnable for k in m.program_keys}), **fields)
+        outcome.bench += parse_bench(reply, [], [m.model.name for m in runnable], limit)
 
-    def _store(self, cache_bytes: bytes, manifest: dict[str, Any]) -> Path:
-        try:
-            return store_device(self.job.cache, self.device.name, cache_bytes, manifest,
-                                self.outcome.fingerprint or {}, self.logs)
-        except LocalStateError as exc:
-            raise DeviceError(f"local cache: {exc}") from exc
+
+def startup_stage(context: PushContext, session: AgentSession, planned: Planned, pulled: Pulled,
+                  keys: set[str]) -> None:
+    """Start-up figures (the smoked programs from source vs from their binary, in a child of the agent
+    whose driver cache is off) and the models' forward pass from the binaries, checked against numpy:
+    each model whose programs were smoked or whose files changed."""
+    job, outcome = context.job, context.outcome
+    skips = [skipped_model(model, planned.skipped) for model in job.models]
+    runnable = [model for model, skip in zip(job.models, skips, strict=True) if skip is None]
+    models_changed = any(p.startswith("models/") for p in planned.plan.upload) and job.smoke_mode != "never"
+    chosen = [m for m in runnable if models_changed or keys & set(m.program_keys)]
+    chosen_names = {m.model.name for m in chosen}
+    specs = [s for s in program_specs(job.library, planned.skipped, planned.build_keys) if s["key"] in keys]
+    if not specs and not chosen:
+        outcome.models = [skip or ModelResult(m.model.name, None, detail="not run: its programs are unchanged")
+                          for m, skip in zip(job.models, skips, strict=True)]
+        return
+    models, payload = wire_models(runnable)
+    needed = {s["key"] for s in specs} | {k for m in chosen for k in m.program_keys}
+    reply = blob_request(context, session, planned.state, "startup", {"models": models}, payload,
+                         run=[m.model.name for m in chosen], cache_file=f"build/{CACHE_FILE}",
+                         expected=pulled.expected(needed), programs=specs)
+    outcome.startup = parse_startup(reply, [s["key"] for s in specs])
+    checked = iter(check_models(chosen, reply))
+    outcome.models = [skip or (next(checked) if m.model.name in chosen_names else
+                               ModelResult(m.model.name, None, detail="not run: its programs are unchanged"))
+                      for m, skip in zip(job.models, skips, strict=True)]
+
+
+# ----- store: the pulled cache file into the local cache -----
+
+
+def store_stage(context: PushContext, cache_bytes: bytes, manifest: dict[str, Any]) -> Path:
+    try:
+        return store_device(context.job.cache, context.device.name, cache_bytes, manifest,
+                            context.outcome.fingerprint or {}, context.logs)
+    except LocalStateError as exc:
+        raise DeviceError(f"local cache: {exc}") from exc
 
 
 class NotDeployed(DeviceError):
@@ -621,70 +626,37 @@ def _verdict(case: Any, record: Mapping[str, Any], chunk: memoryview, sizes: Seq
                         max_abs_error=worst, detail=reason)
 
 
+def _stages_of(job: PushJob) -> tuple[Work[DeviceOutcome], OnFailure[DeviceOutcome]]:
+    """The runner's work and failure hook for one device's push, sharing that device's context."""
+    held: list[PushContext] = []
+
+    def work(device_work: DeviceWork[DeviceOutcome]) -> None:
+        held.append(PushContext(job, device_work))
+        push_stages(held[0])
+
+    def on_failure(device_work: DeviceWork[DeviceOutcome], exc: DeviceError) -> None:
+        record_failure(held[0] if held else PushContext(job, device_work), exc)
+
+    return work, on_failure
+
+
 def run_device(device: Device, job: PushJob, progress: Progress) -> DeviceOutcome:
-    return _DeviceRun(device, job, progress).run()
+    """One device's push by the runner: never raises for what the device did."""
+    work, on_failure = _stages_of(job)
+    return runner.run_device(device, DeviceOutcome(device.name), work, progress=progress,
+                             connect=Connect(job.accept_new_host_keys, job.check), on_failure=on_failure)
+
+
+def push_on(session: AgentSession, device: Device, job: PushJob) -> tuple[DeviceOutcome, DeviceError | None]:
+    """The push on a session opened by the caller (a nightly run's steps share one): the outcome and the
+    device's error, if any, for the caller to grade."""
+    work, on_failure = _stages_of(job)
+    return runner.run_on(session, device, DeviceOutcome(device.name), work, on_failure=on_failure)
 
 
 def run_fleet(devices: Sequence[Device], job: PushJob, *, forks: int, progress: Progress) -> FleetResult:
     """Every device in parallel (at most `forks` at once), each within its `timeouts.device`; outcomes in
     inventory order. Past `max_fail_percentage`, the devices not yet started fail as `not_started`."""
     stop = None if job.max_fail_percentage is None else fail_limit(job.max_fail_percentage, len(devices))
-    try:
-        return FleetResult(tuple(fan_out(
-            devices, lambda d: run_device(d, job, progress), forks=forks, label="device",
-            deadline=lambda d: d.timeouts.device, stop=stop,
-            not_started=lambda d, why: _not_started(d, why, progress))))
-    except FleetInterrupted as stopped:
-        outcomes = tuple(o if isinstance(o, DeviceOutcome) else _not_started(d, INTERRUPTED, progress)
-                         for d, o in zip(devices, stopped.results, strict=True))
-        return FleetResult(outcomes, interrupted=True)
-
-
-def _not_started(device: Device, why: str, progress: Progress) -> DeviceOutcome:
-    progress.finished(device.name, False, why)
-    return DeviceOutcome(device.name, error=why, failed_stage="not_started")
-
-
-@dataclass(frozen=True, slots=True)
-class RollbackOutcome:
-    name: str
-    ok: bool
-    current: str | None = None
-    previous: str | None = None
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "current": self.current, "previous": self.previous,
-                "error": self.error}
-
-
-def _rollback_device(device: Device, cache: Path, accept_new_host_keys: bool) -> RollbackOutcome:
-    """Switch the device back one release, then make the local cache match what is now `current`."""
-    try:
-        with open_session(device, accept_new_host_keys=accept_new_host_keys) as session:
-            reply = session.request("rollback")
-        current, previous = printable(reply.get("current", str), 80), printable(reply.get("previous", str), 80)
-        manifest = reply.get("manifest", dict, optional=True)
-        data = reply.payload
-        if hashlib.sha256(data).hexdigest() != reply.get("cache_sha256", str):
-            raise AgentError("the rolled-back cache file arrived corrupted", kind="checksum")
-        if manifest is None or not data:
-            return RollbackOutcome(device.name, True, current, previous,
-                                   error="rolled back, but that release has no cache file: local cache unchanged")
-        try:
-            parse_cache(data)
-        except ValueError as exc:
-            raise AgentError(f"the rolled-back cache file is not a MACE container: {exc}", kind="bad_cache") from exc
-        fingerprint = parse_fingerprint(manifest["fingerprint"]) if "fingerprint" in manifest else {}
-        store_device(cache, device.name, data, manifest, fingerprint, {})
-        return RollbackOutcome(device.name, True, current, previous)
-    except DeviceError as exc:
-        return RollbackOutcome(device.name, False, error=exc.reason)
-    except LocalStateError as exc:
-        return RollbackOutcome(device.name, False, error=f"rolled back, but the local cache: {exc}")
-
-
-def rollback_fleet(devices: Sequence[Device], cache: Path, *, forks: int,
-                   accept_new_host_keys: bool = False) -> list[RollbackOutcome]:
-    return fan_out(devices, lambda d: _rollback_device(d, cache, accept_new_host_keys), forks=forks,
-                   label="rollback", deadline=lambda d: d.timeouts.device)
+    return runner.run_fleet(devices, DeviceOutcome, lambda d: run_device(d, job, progress), forks=forks,
+                            progress=progress, label="device", stop=stop)

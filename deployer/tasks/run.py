@@ -68,7 +68,8 @@ from deployer.tasks.grading import (
     subject_of,
 )
 from deployer.tasks.progress import Progress
-from deployer.tasks.push import BenchJob, PushJob, _DeviceRun, prepare_push
+from deployer.tasks.push import BenchJob, PushJob, prepare_push, push_on
+from deployer.tasks.runner import bug_report
 
 SHELL_GRACE_S = 15.0  # past a step's timeout, how long the controller waits for the agent's own verdict
 MAX_REASON = 300
@@ -328,7 +329,7 @@ class DeviceRun:
         job = self.job.pushes[step.name]
         self._note_subjects(step)
         session = self.connection.get()
-        outcome, exc = _DeviceRun(self.device, job, Progress()).run_on(session)
+        outcome, exc = push_on(session, self.device, job)
         self._remember_fingerprint(outcome.fingerprint)
         if exc is not None and grade(exc) == "error":
             raise exc  # the session may be broken: the attempt reconnects and retries
@@ -338,7 +339,7 @@ class DeviceRun:
 
     def _collect(self, step: Step, options: CollectStep) -> list[ItemResult]:
         job = CollectJob(self.job.cache, patterns=options.paths, accept_new_host_keys=self.job.accept_new_host_keys)
-        outcome = collect_on(self.connection.get(), self.device, job, Progress())
+        outcome = collect_on(self.connection.get(), self.device, job)
         return collect_items(step, outcome)
 
     def _shell(self, step: Step, options: ShellStep) -> list[ItemResult]:
@@ -422,7 +423,11 @@ def run_fleet(devices: Sequence[Device], job: RunJob, *, forks: int, progress: P
         on_result(result)
 
     def work(device: Device) -> DeviceResult:
-        result = DeviceRun(device, job, progress).run()
+        try:
+            result = DeviceRun(device, job, progress).run()
+        except Exception:  # a bug: that device's steps miss, saying where its traceback is; the others go on
+            result = not_run(job.playbook, device.name, bug_report(device.name))
+            progress.finished(device.name, False, result.reason)
         store(result)
         return result
 
