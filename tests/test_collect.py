@@ -24,8 +24,9 @@ from deployer.cache.mace import (
     parse_cache,
 )
 from deployer.config.inventory import load_inventory
+from deployer.protocol.ops import Refused, check_found
 from deployer.sim.fleet import DeviceSpec, Fleet, fleet_specs
-from deployer.tasks.collect import CollectJob, check_found, collect_fleet, local_folder
+from deployer.tasks.collect import CollectJob, collect_fleet, local_folder
 from tests.conftest import KERNELS, REPO, Cli, StageHook
 from tests.test_faults import MakeFleet
 
@@ -165,7 +166,7 @@ def test_file_growing_while_read(make_fleet: MakeFleet, tmp_path: Path) -> None:
 def test_device_sent_entries_are_checked(entry: Any, reason: str) -> None:
     """What a compromised agent could send (no real file produces it): refused, never followed."""
     result = check_found(entry, 1 << 20)
-    assert isinstance(result, str) and reason in result
+    assert isinstance(result, Refused) and reason in result.why
 
 
 def test_legacy_push_and_container(make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:

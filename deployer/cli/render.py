@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 
 from deployer.cli.app import stderr, stdout
+from deployer.text import visible
 
 if TYPE_CHECKING:
     from deployer.config.inventory import Device
@@ -26,19 +27,9 @@ if TYPE_CHECKING:
 MAX_SHOWN = 8000  # characters of one value: a board's multi-megabyte log is cut, not scrolled
 
 
-def visible(text: str, limit: int = MAX_SHOWN) -> str:
-    """`text` with every control character but newline and tab written as its escape, bounded."""
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
-
-
 def shown(value: object, limit: int = MAX_SHOWN) -> str:
     """A value for a Rich console: made visible, then its markup escaped."""
-    return escape(visible(str(value), limit))
+    return escape(visible(str(value), limit))  # deployer.text: the one implementation, shared with the boundary
 
 
 def emit_json(document: Mapping[str, Any]) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from deployer.errors import AgentError
-from deployer.protocol.reply import field, printable
+from deployer.protocol.reply import field
+from deployer.text import visible
 
 MAX_TEXT = 512
 
@@ -32,7 +33,7 @@ def parse_fingerprint(raw: Any) -> dict[str, Any]:
     sent = field(raw, "id", str)
     expected = fingerprint_id(*names)
     if sent != expected:
-        raise AgentError(f"the device's fingerprint id {printable(repr(sent), 40)} is not the hash of the platform "
+        raise AgentError(f"the device's fingerprint id {visible(repr(sent), 40)} is not the hash of the platform "
                          f"and device it describes ({expected})", kind="bad_reply")
     clean: dict[str, Any] = _printable_tree(raw)
     return clean
@@ -43,9 +44,9 @@ def _printable_tree(value: Any, depth: int = 0) -> Any:
     if depth > 4:
         return None
     if isinstance(value, str):
-        return printable(value, MAX_TEXT)
+        return visible(value, MAX_TEXT)
     if isinstance(value, list):
         return [_printable_tree(v, depth + 1) for v in value[:512]]
     if isinstance(value, Mapping):
-        return {printable(str(k), 64): _printable_tree(v, depth + 1) for k, v in list(value.items())[:64]}
+        return {visible(str(k), 64): _printable_tree(v, depth + 1) for k, v in list(value.items())[:64]}
     return value

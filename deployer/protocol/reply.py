@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.errors import AgentError, CompileError
+from deployer.errors import AgentError
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,24 +45,3 @@ def field(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...], *,
     if not isinstance(record, Mapping):
         raise AgentError(f"agent reply: expected an object around {key!r}, got {show(record)}")
     return Reply(record, b"").get(key, kind, optional=optional)
-
-
-def printable(text: str, limit: int) -> str:
-    """Device-sent text made safe to show: no control characters, bounded length."""
-    clean = "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
-    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
-
-
-def printable_line(text: str, limit: int) -> str:
-    """Device-sent names and paths: one line, control characters escaped, bounded length."""
-    return printable(text.encode("unicode_escape", "backslashreplace").decode("ascii"), limit)
-
-
-def raise_for_failed_programs(programs: Sequence[Mapping[str, Any]]) -> None:
-    failed = [p for p in programs if not p.get("ok")]
-    if failed:
-        first = failed[0]
-        log = printable(str(first.get("log", "")), 4000).strip().splitlines()
-        tail = "\n".join(log[-12:])
-        names = ", ".join(repr(str(p.get("key"))) for p in failed)
-        raise CompileError(f"{len(failed)} program(s) failed to build: {names}\n{tail}", kind="build_failed")

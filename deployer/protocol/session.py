@@ -17,9 +17,10 @@ from deployer.connect.channel import Channel, Transport
 from deployer.connect.transport import open_transport
 from deployer.errors import AgentError, TransportError
 from deployer.protocol.bundle import NEED_AGENT, NO_REMOTE_DIR, agent_bundle, bootstrap_command, run_command
-from deployer.protocol.reply import Reply, printable, printable_line, show
+from deployer.protocol.reply import Reply, show
 from deployer.protocol.spool import Spool
 from deployer.remote.kinds import AGENT as AGENT_KINDS
+from deployer.text import one_line, visible
 
 MAX_HEADER = 1 << 20
 # The most payload each op's reply may announce; checked before a byte of it is read, so a board announcing
@@ -42,9 +43,9 @@ def agent_failure(reply: Reply) -> AgentError | None:
         kind, message = error.get("kind"), error.get("message")
         if isinstance(kind, str) and isinstance(message, str):
             if kind not in AGENT_KINDS:
-                return AgentError(f"the agent replied with an unknown error kind {printable_line(kind, 40)}: "
-                                  f"{printable(message, 2000)}", kind="bad_reply")
-            return AgentError(printable(message, 2000), kind=kind)
+                return AgentError(f"the agent replied with an unknown error kind {one_line(kind, 40)}: "
+                                  f"{visible(message, 2000)}", kind="bad_reply")
+            return AgentError(visible(message, 2000), kind=kind)
     return None
 
 
@@ -96,7 +97,7 @@ class AgentSession:
         first.get("python", str)
         running = first.get("agent", str)
         if running != agent_bundle().id:  # never talk to a stale or altered agent as if it were this one
-            raise AgentError(f"the device runs agent {printable_line(running, 80)}, not this controller's "
+            raise AgentError(f"the device runs agent {one_line(running, 80)}, not this controller's "
                              f"{agent_bundle().id12}: its bundle folder was changed on the device; delete "
                              f"{self._device.remote_dir}/agent and push again", kind="bad_reply")
         self.hello = first

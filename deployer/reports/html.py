@@ -31,6 +31,7 @@ import plotly.graph_objects as go
 from deployer.cache.store import write_atomic
 from deployer.history.db import History
 from deployer.reports.series import NIGHTS, Nights, Segment, SeriesKey, baselines, read_nights, segments
+from deployer.text import visible as shared_visible
 
 # series key (device, step, item, metric), a SeriesKey or a plain tuple -> the run ids of its change points
 ChangePoints = Mapping[SeriesKey, Sequence[int]] | Mapping[tuple[str, str, str, str], Sequence[int]]
@@ -78,13 +79,8 @@ def page(report: dict[str, Any], past: Nights, change_points: ChangePoints = NO_
 
 
 def visible(text: object) -> str:
-    """Control characters (and other unprintable ones) shown as escapes, e.g. ESC as \\x1b; lines kept."""
-    return "".join(c if c.isprintable() or c == "\n" else _escape_char(c) for c in str(text))
-
-
-def _escape_char(c: str) -> str:
-    code = ord(c)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    """Control characters shown as escapes, e.g. ESC as \\x1b; lines kept (deployer.text, unbounded here)."""
+    return shared_visible(str(text), 1 << 24)
 
 
 def _text(text: object) -> str:

@@ -16,9 +16,10 @@ import numpy as np
 
 from deployer.config.kernels import KernelSpec, Library, Program, Variant
 from deployer.errors import AgentError, InputError
-from deployer.protocol.reply import Reply, printable_line
+from deployer.protocol.reply import Reply
 from deployer.protocol.reply import field as reply_field
 from deployer.tasks.smoke import case_name, dim, rounded_global
+from deployer.text import one_line
 
 TILE_BYTES = 256 << 10
 MAX_NUMBERS_PER_REQUEST = 40_000  # repeats x 2 timings x cases in one reply line (the agent's 1 MiB line)
@@ -124,7 +125,7 @@ def parse_bench(reply: Reply, asked: Sequence[str], models: Sequence[str], max_r
             continue
         error = reply_field(record, "error", str, optional=True)
         items.append(BenchItem(name, "case", bool(reply_field(record, "ok", bool)),
-                               printable_line(error, 300) if error else None,
+                               one_line(error, 300) if error else None,
                                _times(record, "device_ms", max_repeats), _times(record, "wall_ms", max_repeats)))
     timed = {str(reply_field(r, "name", str)): r for r in reply.get("models", list)}
     for name in models:
@@ -134,7 +135,7 @@ def parse_bench(reply: Reply, asked: Sequence[str], models: Sequence[str], max_r
             continue
         error = reply_field(record, "error", str, optional=True)
         items.append(BenchItem(name, "model", bool(reply_field(record, "ok", bool)),
-                               printable_line(error, 300) if error else None, (),
+                               one_line(error, 300) if error else None, (),
                                _times(record, "wall_ms", max_repeats)))
     return items
 

@@ -41,13 +41,13 @@ from deployer.cache.store import (
 )
 from deployer.config.inventory import Device
 from deployer.errors import AgentError, LocalStateError
-from deployer.protocol.fingerprint import parse_fingerprint
-from deployer.protocol.reply import printable, printable_line
+from deployer.protocol import ops
 from deployer.protocol.session import AgentSession
 from deployer.protocol.spool import Spool
 from deployer.tasks import runner
 from deployer.tasks.progress import Progress
 from deployer.tasks.runner import Connect, DeviceWork, FleetOutcome, Outcome
+from deployer.text import one_line, visible
 
 CACHE_NAMES = ("mace_cl_compiled_program.bin", "mace_run.config")
 # MACE's usual work dirs (format note, section 6) and anywhere under the login home.
@@ -111,39 +111,6 @@ def _patterns(device: Device, job: CollectJob) -> list[str]:
     return [p if p.startswith("~") else posixpath.normpath(p) for p in chosen]
 
 
-@dataclass(frozen=True, slots=True)
-class Found:
-    """A file the device listed, after checking what it said about it."""
-
-    path: str
-    size: int
-    sha256: str
-    mtime: float | None
-
-
-def check_found(entry: Any, max_size: int) -> Found | str:
-    """A `find` entry that may be read, or why it may not (the device's reply is untrusted)."""
-    if not isinstance(entry, Mapping):
-        return "malformed entry"
-    path = entry.get("path")
-    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
-        return "not an absolute path"
-    if ".." in path.split("/") or posixpath.normpath(path) != path:
-        return "path with '..' or not normalised: refused"
-    kind = entry.get("kind")
-    if kind != "file":
-        error = entry.get("error")
-        return printable(str(error if isinstance(error, str) else kind), 300)
-    size, sha, mtime = entry.get("size"), entry.get("sha256"), entry.get("mtime")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= max_size:
-        return f"size {printable(repr(size), 40)} outside 0..{max_size} bytes: refused before pulling"
-    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        return "malformed sha256"
-    if not isinstance(mtime, (int, float)) or isinstance(mtime, bool):
-        mtime = None
-    return Found(path, size, sha, mtime)
-
-
 def local_folder(remote_path: str) -> str:
     """A folder name for a remote path: readable slug plus a hash, so two odd names never collide."""
     digest = hashlib.sha256(remote_path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
@@ -174,8 +141,7 @@ def _judged(cache: MaceCache, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fingerprint(session: AgentSession, device: Device) -> dict[str, Any]:
     """The device's current fingerprint, reduced to what records keep."""
-    reply = session.request("fingerprint", opencl=device.opencl.as_request())
-    fingerprint = parse_fingerprint(reply.get("fingerprint", dict))
+    fingerprint = ops.fingerprint(session, device.opencl.as_request())
     return {k: fingerprint.get(k) for k in ("id", "platform", "device", "cpu_only")}
 
 
@@ -209,31 +175,27 @@ def _collect(context: CollectContext, session: AgentSession) -> None:
         except AgentError:
             outcome.fingerprint = None  # a device without OpenCL can still be collected from
     with work.stage("find"):
-        reply = session.request("find", patterns=_patterns(work.device, job), max_files=job.max_files,
-                                max_size=job.max_size)
-    outcome.truncated = bool(reply.get("truncated", bool))
+        listing = ops.find(session, _patterns(work.device, job), job.max_files, job.max_size)
+    outcome.truncated = listing.truncated
     known = {r.get("remote_path"): r for r in collected_entries(context.root)}
-    for entry in reply.get("files", list)[: job.max_files]:
-        checked = check_found(entry, job.max_size)
-        if isinstance(checked, str):
-            path = entry.get("path") if isinstance(entry, Mapping) else None
-            outcome.files.append(FileOutcome(printable_line(str(path), 300), "refused", checked))
-            continue
-        outcome.files.append(_one(context, session, checked, known.get(checked.path)))
+    for entry in listing.entries:
+        if isinstance(entry, ops.Refused):
+            outcome.files.append(FileOutcome(entry.path, "refused", entry.why))
+        else:
+            outcome.files.append(_one(context, session, entry, known.get(entry.path)))
     record_fingerprint(context.root, outcome.fingerprint)
 
 
-def _one(context: CollectContext, session: AgentSession, found: Found,
+def _one(context: CollectContext, session: AgentSession, found: ops.Found,
          previous: Mapping[str, Any] | None) -> FileOutcome:
-    shown = printable_line(found.path, 300)
+    shown = one_line(found.path, 300)
     if previous is not None and previous.get("sha256") == found.sha256:
         return FileOutcome(shown, "unchanged", record=_store(context, previous, stored=False))
     folder = inside(context.root, f"{COLLECTED}/{local_folder(found.path)}")
     with context.work.stage("read", f"read {shown}"), AtomicFile(folder / CONTENT_FILE) as content:
         spool = Spool(content)  # streamed to disk; renamed into place only once checked
         try:
-            session.request("read", path=found.path, size=found.size, sha256=found.sha256,
-                            max_reply=found.size, spool=spool)
+            ops.read(session, found, spool)
         except AgentError as exc:
             return FileOutcome(shown, "failed", exc.reason)
         if not spool.matches(found.size, found.sha256):
@@ -308,11 +270,11 @@ def install_stages(work: DeviceWork[InstallOutcome], cache: Path, to: str) -> No
         current = str(_fingerprint(session, device).get("id"))
     if current != history[-1].get("id"):
         built_for = history[-1].get("id")
-        why = f"fingerprint changed (cache built for {built_for}, device now {printable(current, 40)})"
+        why = f"fingerprint changed (cache built for {built_for}, device now {visible(current, 40)})"
         outcome.status, outcome.detail = "skipped", why + ": push again first"
         return
     with work.stage("install"):
-        session.request("install", data, to=to, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        ops.install(session, data, to, hashlib.sha256(data).hexdigest())
     outcome.status, outcome.detail = "installed", to
 
 

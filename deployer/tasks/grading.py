@@ -14,10 +14,10 @@ from deployer.config.playbooks import Step
 from deployer.errors import AgentError, CompileError, DeviceError, SmokeMismatch
 from deployer.history.latency import night_stats
 from deployer.history.records import ItemResult, Metric, Sample, Status, Subject
-from deployer.protocol.reply import printable_line
 from deployer.tasks.bench import BenchItem
 from deployer.tasks.collect import CollectOutcome
 from deployer.tasks.push import DeviceOutcome, NotDeployed, PushJob
+from deployer.text import one_line
 
 MAX_REASON = 300
 
@@ -32,7 +32,7 @@ def grade(exc: DeviceError) -> Status:
 
 
 def reason_text(text: object) -> str:
-    return printable_line(str(text), MAX_REASON)
+    return one_line(str(text), MAX_REASON)
 
 
 def subject_of(subjects: Sequence[Subject], kind: str, name: str) -> str:
@@ -156,7 +156,7 @@ def shell_metrics(spec_regex: str | None, as_json: bool, units: Mapping[str, str
             return [], f"output is not JSON ({exc})"
         if not isinstance(value, dict):
             return [], "JSON output is not an object"
-        return [Metric(printable_line(str(k), 64), float(v), units.get(str(k), "")) for k, v in value.items()
+        return [Metric(one_line(str(k), 64), float(v), units.get(str(k), "")) for k, v in value.items()
                 if isinstance(v, int | float) and not isinstance(v, bool)][:64], ""
     if spec_regex is None:
         return [], ""
@@ -167,7 +167,7 @@ def shell_metrics(spec_regex: str | None, as_json: bool, units: Mapping[str, str
     for name, text in match.groupdict().items():
         number = parse_number(text or "")
         if number is None:
-            return [], f"metric {name}: {printable_line(str(text), 40)!r} is not a number"
+            return [], f"metric {name}: {one_line(str(text), 40)!r} is not a number"
         metrics.append(Metric(name, number, units.get(name, "")))
     return metrics, ""
 

@@ -16,9 +16,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 from deployer.config.kernels import Library
 from deployer.config.models import Model, Node
 from deployer.errors import AgentError, InputError, Where
-from deployer.protocol.reply import Reply, printable
+from deployer.protocol.reply import Reply
 from deployer.protocol.reply import field as reply_field
 from deployer.tasks.smoke import check_output
+from deployer.text import visible
 
 VARIANT = "f32"  # the model runs on the float32 variants of the library's programs
 STEADY_RUNS = 10
@@ -254,7 +255,7 @@ def check_models(plans: Sequence[ModelPlan], reply: Reply) -> list[ModelResult]:
         chunk, offset = payload[offset: offset + sum(sizes)], offset + sum(sizes)
         first, steady = _ms(record, "first_inference_ms"), _ms(record, "steady_ms")
         if not reply_field(record, "ok", bool):
-            error = printable(str(reply_field(record, "error", str, optional=True) or "failed"), 500)
+            error = visible(str(reply_field(record, "error", str, optional=True) or "failed"), 500)
             results.append(ModelResult(name, False, detail=error))
             continue
         want = plan.expected.size * 4

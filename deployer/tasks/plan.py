@@ -23,7 +23,8 @@ from typing import Any
 from deployer.cache.store import read_json, write_json
 from deployer.errors import AgentError, DeviceError, InputError, LocalStateError, Where
 from deployer.protocol.bundle import agent_bundle
-from deployer.protocol.reply import Reply, printable_line
+from deployer.protocol.reply import Reply
+from deployer.text import one_line
 
 HASH_INDEX = ".hash-index.json"
 RACY_S = 2.0  # a file modified this recently may change again within its mtime tick: never trust it
@@ -188,7 +189,7 @@ def parse_state(reply: Reply) -> RemoteState:
         for path, rec in list(raw_files.items())[:MAX_STATE_FILES]:
             if not _plain_path(path):  # shown by --check and sent back in `drop`: never a raw device string
                 raise AgentError(f"the device's release index names a file that is not a plain relative path: "
-                                 f"{printable_line(str(path), 120)}", kind="bad_reply")
+                                 f"{one_line(str(path), 120)}", kind="bad_reply")
             if isinstance(rec, dict) and isinstance(rec.get("size"), int) and _sha(rec.get("sha256")):
                 files[path] = (rec["size"], rec["sha256"])
     manifest: dict[str, Any] = state["manifest"] if isinstance(state.get("manifest"), dict) else {}
@@ -200,7 +201,7 @@ def parse_state(reply: Reply) -> RemoteState:
     fingerprint = state.get("fingerprint")
     blobs: list[Any] = state["blobs"] if isinstance(state.get("blobs"), list) else []
     return RemoteState(
-        current=printable_line(current, 80) if isinstance(current, str) else None,
+        current=one_line(current, 80) if isinstance(current, str) else None,
         files=files, programs=programs, cache_sha256=_sha(manifest.get("cache_sha256")),
         mace_version=manifest.get("mace_version") if isinstance(manifest.get("mace_version"), str) else None,
         mace_format=str(manifest.get("mace_format", "pb")) if manifest else None,

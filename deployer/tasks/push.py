@@ -27,8 +27,9 @@ from deployer.cache.store import CACHE_FILE, device_dir, store_device, store_fai
 from deployer.config.inventory import Device
 from deployer.config.kernels import Library
 from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMismatch
+from deployer.protocol import ops
 from deployer.protocol.fingerprint import parse_fingerprint
-from deployer.protocol.reply import Reply, printable, raise_for_failed_programs
+from deployer.protocol.reply import Reply
 from deployer.protocol.reply import field as reply_field
 from deployer.protocol.session import AgentSession
 from deployer.protocol.spool import Spool
@@ -40,6 +41,7 @@ from deployer.tasks.plan import DevicePlan, FileContents, LocalFile, RemoteState
 from deployer.tasks.progress import Progress
 from deployer.tasks.runner import Connect, DeviceWork, FleetOutcome, OnFailure, Outcome, Work
 from deployer.tasks.smoke import KernelResult, SmokePlan, Startup, compare, parse_startup, split_outputs
+from deployer.text import visible
 
 STAGES = ("connect", "state", "fingerprint", "upload", "compile", "pull", "smoke", "commit", "store")
 MAX_PULL = 256 << 20
@@ -275,9 +277,11 @@ def plan_stage(context: PushContext, session: AgentSession) -> Planned:
     raw = state.fingerprint
     if raw is None:  # the driver stamp changed (or first push): ask the driver itself
         with context.work.stage("fingerprint"):
-            raw = session.request("fingerprint", opencl=device.opencl.as_request(), remember=not job.check,
-                                  timeout_s=device.timeouts.command).get("fingerprint", dict)
-    fingerprint = outcome.fingerprint = parse_fingerprint(raw)
+            fingerprint = ops.fingerprint(session, device.opencl.as_request(), remember=not job.check,
+                                          timeout_s=device.timeouts.command)
+    else:
+        fingerprint = parse_fingerprint(raw)
+    outcome.fingerprint = fingerprint
     mace_version = context.mace_version()
     outcome.warnings = mace_warnings(fingerprint, mace_format=job.mace_format, mace_version=mace_version)
     skipped = job.library.skipped(fingerprint)
@@ -300,14 +304,9 @@ def upload_stage(context: PushContext, session: AgentSession, plan: DevicePlan) 
     release = new_release_id()
     changed = [f.to_request() for f in job.files if f.remote in plan.upload]
     base: dict[str, Any] = {"base": plan.current, "drop": list(plan.removed)} if plan.current else {}
-    reply = session.request("begin", release=release, files=changed, **base)
+    need = ops.begin(session, release, changed, **base)
     context.outcome.release = release
-    need = reply.get("need", list)
     by_path = {f.remote: f for f in job.files}
-    unknown = [n for n in need if n not in by_path]
-    if unknown:
-        raise AgentError(f"the device asked for files that are not in the release: {unknown[:3]}",
-                         kind="bad_reply")
     for path in need:
         file = by_path[path]
         session.request("put", job.contents.read(file), path=file.remote, size=file.size,
@@ -348,19 +347,16 @@ def compile_stage(context: PushContext, session: AgentSession, planned: Planned)
         if exc.kind != "reuse_missing":
             raise
         reply = session.request("build", programs=specs, **request)  # the device lost a binary: build all
-    results = reply.get("programs", list)
-    for result in results:
-        key = str(reply_field(result, "key", str))
-        context.logs[key] = printable(str(reply_field(result, "log", str, optional=True) or ""), 1 << 16)
-    built = {str(reply_field(r, "key", str)) for r in results if reply_field(r, "ok", bool)}
+    result = ops.parse_build(reply, [s["key"] for s in specs])
+    context.logs.update((p.key, p.log) for p in result.programs)
+    built = {p.key for p in result.programs if p.ok}
     context.outcome.kernels = [
         KernelResult(c.id, c.program_key, c.program_key in built, "skipped",
                      detail=planned.skipped.get(c.program_key) or (None if c.program_key in built else "build failed"))
         for c in job.smoke.cases
     ]
-    raise_for_failed_programs(results)
-    shas = {str(reply_field(r, "key", str)): str(reply_field(r, "sha256", str)) for r in results}
-    return Built(reply.get("cache_sha256", str), shas, reply.get("manifest_file", str))
+    result.raise_for_failed()
+    return Built(result.cache_sha256, result.binaries, result.manifest_file)
 
 
 def current_build(state: RemoteState) -> Built:
@@ -562,8 +558,7 @@ def _get(session: AgentSession, path: str, sha256: str) -> bytes:
     report: a board sending other bytes, however many, costs a chunk of memory."""
     with tempfile.TemporaryFile() as out:
         spool = Spool(out)
-        reply = session.request("get", path=path, spool=spool, max_reply=MAX_PULL)
-        if reply.get("size", int) != spool.size:
+        if ops.get(session, path, spool, MAX_PULL) != spool.size:
             raise AgentError(f"pulled {path}: size does not match what the agent announced", kind="bad_cache")
         if spool.sha256 != sha256:
             raise AgentError(f"pulled {path}: sha256 differs from the build's report (corrupted in transit?)",
@@ -613,7 +608,7 @@ def check_cases(plan: SmokePlan, reply: Reply, skipped: Mapping[str, str] | None
 
 def _verdict(case: Any, record: Mapping[str, Any], chunk: memoryview, sizes: Sequence[int]) -> KernelResult:
     if not reply_field(record, "ok", bool):
-        error = printable(str(reply_field(record, "error", str, optional=True) or "failed"), 500)
+        error = visible(str(reply_field(record, "error", str, optional=True) or "failed"), 500)
         return KernelResult(case.id, case.program_key, True, "failed", detail=error)
     if case.expected is None:
         return KernelResult(case.id, case.program_key, True, "skipped", detail="no numpy reference")

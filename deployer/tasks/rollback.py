@@ -12,8 +12,8 @@ from deployer.cache.mace import parse_cache
 from deployer.cache.store import store_device
 from deployer.config.inventory import Device
 from deployer.errors import AgentError, DeviceError, LocalStateError
+from deployer.protocol import ops
 from deployer.protocol.fingerprint import parse_fingerprint
-from deployer.protocol.reply import printable
 from deployer.tasks import runner
 from deployer.tasks.progress import Progress
 from deployer.tasks.runner import Connect, DeviceWork, FleetOutcome, Outcome
@@ -32,12 +32,10 @@ def rollback_stages(work: DeviceWork[RollbackOutcome], cache: Path) -> None:
     """Switch the device back one release, then make the local cache match what is now `current`."""
     session, outcome, device = work.session(), work.outcome, work.device
     with work.stage("rollback"):
-        reply = session.request("rollback")
-    outcome.current = printable(reply.get("current", str), 80)
-    outcome.previous = printable(reply.get("previous", str), 80)
-    manifest = reply.get("manifest", dict, optional=True)
-    data = reply.payload
-    if hashlib.sha256(data).hexdigest() != reply.get("cache_sha256", str):
+        back = ops.rollback(session)
+    outcome.current, outcome.previous = back.current, back.previous
+    manifest, data = back.manifest, back.cache
+    if hashlib.sha256(data).hexdigest() != back.cache_sha256:
         raise AgentError("the rolled-back cache file arrived corrupted", kind="checksum")
     if manifest is None or not data:
         outcome.error = "rolled back, but that release has no cache file: local cache unchanged"

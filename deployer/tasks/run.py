@@ -50,8 +50,7 @@ from deployer.history.records import (
     Status,
     Subject,
 )
-from deployer.protocol.fingerprint import parse_fingerprint
-from deployer.protocol.reply import printable, printable_line
+from deployer.protocol import ops
 from deployer.protocol.session import AgentSession, open_session
 from deployer.tasks.bench import plan_bench
 from deployer.tasks.collect import CollectJob, collect_on
@@ -70,6 +69,7 @@ from deployer.tasks.grading import (
 from deployer.tasks.progress import Progress
 from deployer.tasks.push import BenchJob, PushJob, prepare_push, push_on
 from deployer.tasks.runner import bug_report
+from deployer.text import one_line, visible
 
 SHELL_GRACE_S = 15.0  # past a step's timeout, how long the controller waits for the agent's own verdict
 MAX_REASON = 300
@@ -275,15 +275,13 @@ class DeviceRun:
         session = self.connection.get()  # a DeviceError here: reachable is the step's error
         items = [item("reachable")]
         try:
-            reply = session.request("fingerprint", opencl=self.device.opencl.as_request(), remember=False,
-                                    timeout_s=min(step.timeout, self.device.timeouts.command))
-            self._remember_fingerprint(parse_fingerprint(reply.get("fingerprint", dict)))
+            self._remember_fingerprint(ops.fingerprint(session, self.device.opencl.as_request(), remember=False,
+                                                       timeout_s=min(step.timeout, self.device.timeouts.command)))
             items.append(item("opencl"))
         except AgentError as exc:
             return [*items, item("opencl", "error", reason_text(exc.reason))]
         if options.min_free_mb is not None:
-            disk = session.request("disk")
-            free = disk.get("free_bytes", int)
+            free = ops.disk_free(session)
             metric = (Metric("free_mb", round(free / (1 << 20), 1), "MiB"),)
             if free < options.min_free_mb << 20:
                 return [*items, item("disk", "error", f"{free >> 20} MiB free under the remote dir, "
@@ -296,14 +294,13 @@ class DeviceRun:
         return items
 
     def _limit(self, step: Step, limit: Limit, session: AgentSession) -> ItemResult:
-        reply = session.request("shell", command=limit.command, timeout_s=min(step.timeout, 60.0), max_output=4096)
-        out = reply.payload[: reply.get("stdout_size", int)].decode("utf-8", "replace")
-        if reply.get("timed_out", bool):
+        done = ops.shell(session, limit.command, min(step.timeout, 60.0), max_output=4096)
+        if done.timed_out:
             return ItemResult(step.name, step.kind, limit.name, "error", f"{limit.command!r} timed out")
-        number = parse_number(out)
-        if reply.get("exit", int, optional=True) != 0 or number is None:
+        number = parse_number(done.stdout)
+        if done.exit != 0 or number is None:
             return ItemResult(step.name, step.kind, limit.name, "error",
-                              reason_text(f"{limit.command!r} gave no number (exit {reply.fields.get('exit')}): {out}"))
+                              reason_text(f"{limit.command!r} gave no number (exit {done.exit}): {done.stdout}"))
         value = round(number * limit.scale, 6)
         metrics = (Metric(limit.name, value, limit.unit),)
         shown = f"{limit.name} {value:g}{(' ' + limit.unit) if limit.unit else ''}"
@@ -322,7 +319,7 @@ class DeviceRun:
         device = raw.get("device") if isinstance(raw.get("device"), Mapping) else None
         if device is None:
             return
-        label = printable_line(f"{device.get('name', '?')} driver {device.get('driver_version', '?')}", 160)
+        label = one_line(f"{device.get('name', '?')} driver {device.get('driver_version', '?')}", 160)
         self.fingerprint = Fingerprint(fid, label)
 
     def _push(self, step: Step) -> list[ItemResult]:
@@ -345,21 +342,19 @@ class DeviceRun:
     def _shell(self, step: Step, options: ShellStep) -> list[ItemResult]:
         self._note_subjects(step)
         subject = subject_of(self.job.subjects.get(step.name, ()), "command", step.name)
-        reply = self.connection.get().request("shell", command=options.command, timeout_s=step.timeout)
-        size_out = reply.get("stdout_size", int)
-        out = reply.payload[:size_out].decode("utf-8", "replace")
-        err = reply.payload[size_out:].decode("utf-8", "replace")
+        done = ops.shell(self.connection.get(), options.command, step.timeout)
+        out, err = done.stdout, done.stderr
 
         def result(status: Status, reason: str = "", metrics: Sequence[Metric] = ()) -> list[ItemResult]:
             return [ItemResult(step.name, step.kind, "", status, reason_text(reason), subject=subject,
                                metrics=tuple(metrics))]
 
-        if reply.get("timed_out", bool):
+        if done.timed_out:
             return result("error", f"timed out after {step.timeout:g} s (its process group was killed)")
-        code, signal = reply.fields.get("exit"), reply.fields.get("signal")
+        code, signal = done.exit, done.signal
         if code != options.expect_exit:
             how = f"killed by signal {signal}" if code is None else f"exit {code} (expected {options.expect_exit})"
-            tail = printable((err or out).strip()[-200:], 200)
+            tail = visible((err or out).strip()[-200:], 200)
             return result("fail", f"{how}{': ' + tail if tail else ''}")
         if options.metrics is None:
             return result("pass")

@@ -20,8 +20,9 @@ import numpy as np
 
 from deployer.config.kernels import Arg, KernelSpec, Library, Program, Variant
 from deployer.errors import AgentError, InputError, Where
-from deployer.protocol.reply import Reply, printable
+from deployer.protocol.reply import Reply
 from deployer.protocol.reply import field as reply_field
+from deployer.text import visible
 
 REFERENCE_MODULE = "reference.py"
 
@@ -285,5 +286,5 @@ def parse_startup(reply: Reply, keys: Sequence[str]) -> Startup:
         error = reply_field(record, "error", str, optional=True)
         programs.append(ProgramStartup(key, _milliseconds(record, "build_from_source_ms"),
                                        _milliseconds(record, "load_from_binary_ms"),
-                                       None if error is None else printable(error, 500)))
+                                       None if error is None else visible(error, 500)))
     return Startup(tuple(programs), _milliseconds(reply.fields, "compiler_start_ms"))
