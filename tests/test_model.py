@@ -355,3 +355,14 @@ def test_any_startup_reply_is_a_result_or_an_agent_error(models: Any, programs: 
         assert result.ok in (True, False) and (result.ok or result.detail)
     except AgentError:
         pass
+
+
+def test_a_warning_shared_by_many_boards_is_said_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's first command printed the same three MACE warnings for each simulated board."""
+    cpu, empty = "MACE will not use this cache: MACE runs only on GPU", "MACE will not use this cache: empty name"
+    outcomes = [DeviceOutcome(f"sim-0{i}", ok=True, warnings=[cpu, empty] if i < 7 else [cpu]) for i in range(1, 8)]
+    _print_summary(FleetResult(tuple(outcomes)))
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count(cpu) == 1 and out.count(empty) == 1
+    assert f"sim-01, sim-02, sim-03, sim-04 and 3 more: warning: {cpu}" in out
+    assert f"sim-01, sim-02, sim-03, sim-04 and 2 more: warning: {empty}" in out

@@ -27,6 +27,8 @@ from deployer.cli.app import (
 from deployer.cli.render import device_line, finish_fleet, fleet_progress, shown
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from deployer.tasks.push import DeviceOutcome, FleetResult
     from deployer.tasks.rollback import RollbackOutcome
     from deployer.tasks.runner import FleetOutcome
@@ -203,8 +205,8 @@ def _print_summary(result: FleetResult) -> None:
     for o in result.outcomes:
         for line in _device_lines(o):
             stdout.print(shown(line))
-        for warning in o.warnings:
-            stdout.print(f"[yellow]{shown(o.name)}: warning:[/yellow] {shown(warning)}")
+    for warning, names in _warnings_by_text(result.outcomes).items():
+        stdout.print(f"[yellow]{shown(_names(names))}: warning:[/yellow] {shown(warning)}")
     for o in result.failed:
         stdout.print(f"[red]{shown(o.name)}[/red]: {shown(o.error or 'failed')}")
     total = len(result.outcomes)
@@ -212,3 +214,18 @@ def _print_summary(result: FleetResult) -> None:
                  "(seconds per stage: --json)")
 
 CacheOption = Annotated[Path, typer.Option("--cache", help="Local per-device cache folder.")]
+
+
+def _warnings_by_text(outcomes: Sequence[DeviceOutcome]) -> dict[str, list[str]]:
+    """Each warning once, with the devices it applies to: a fleet of one kind says it once, not per board."""
+    by_text: dict[str, list[str]] = {}
+    for o in outcomes:
+        for warning in o.warnings:
+            by_text.setdefault(warning, []).append(o.name)
+    return by_text
+
+
+def _names(names: Sequence[str], shown_at_most: int = 4) -> str:
+    if len(names) <= shown_at_most:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown_at_most])} and {len(names) - shown_at_most} more"
