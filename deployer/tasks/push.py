@@ -39,7 +39,7 @@ from deployer.tasks.fleet import fail_limit
 from deployer.tasks.models import ModelPlan, ModelResult, check_models, skipped_model, wire_models
 from deployer.tasks.plan import DevicePlan, FileContents, LocalFile, RemoteState, build_key, parse_state, plan_device
 from deployer.tasks.progress import Progress
-from deployer.tasks.runner import Connect, DeviceWork, FleetOutcome, OnFailure, Outcome, Work
+from deployer.tasks.runner import INTERNAL, NOT_STARTED, Connect, DeviceWork, FleetOutcome, OnFailure, Outcome, Work
 from deployer.tasks.smoke import KernelResult, SmokePlan, Startup, compare, parse_startup, split_outputs
 from deployer.text import visible
 
@@ -139,7 +139,8 @@ class DeviceOutcome(Outcome):
         return len({k.program_key for k in self.kernels if k.built})
 
     def describe(self, stage: str, reason: str) -> str:
-        return f"{stage}: {reason}"
+        """`<stage>: <reason>` for a stage of the push; a device not started or hit by a bug says only why."""
+        return reason if stage in (NOT_STARTED, INTERNAL) else f"{stage}: {reason}"
 
     def to_json(self) -> dict[str, Any]:
         return {
