@@ -535,6 +535,27 @@ def test_vars_precedence() -> None:
     assert c.groups == ("zeta",) and c.vars["v"] == "zeta"
 
 
+def test_share_builds_is_off_unless_the_device_a_group_or_defaults_say_so() -> None:
+    text = """\
+        defaults: {share_builds: true}
+        devices:
+          - {name: a, host: x}
+          - {name: b, host: x, share_builds: false}
+          - {name: c, host: x}
+          - {name: d, host: x}
+        groups:
+          lab: {members: [b, c], share_builds: false}
+          bench: {children: [lab], members: [d]}
+          quiet: {children: [bench], share_builds: true}
+        """
+    a, b, c, d = parse(text).devices
+    # the device's own word, then the deepest group that says (lab under bench under quiet), then defaults
+    assert (a.share_builds, b.share_builds, c.share_builds, d.share_builds) == (True, False, False, True)
+    assert parse("devices:\n  - {name: a, host: x}\n").devices[0].share_builds is False
+    with pytest.raises(InventoryError, match=r"field 'groups.lab.share_builds': expected true or false"):
+        parse("devices:\n  - {name: a, host: x}\ngroups:\n  lab: {members: [a], share_builds: sometimes}\n")
+
+
 def test_group_order_and_devices() -> None:
     text = TWO + "groups:\n  top: {children: [mid]}\n  mid: {children: [low]}\n  low: {members: [b, a, a]}\n"
     inventory = parse(text)

@@ -45,5 +45,6 @@ def _device(device: Device) -> dict[str, Any]:
         "env": dict(device.env),
         "labels": dict(device.labels),
         "vars": to_plain(device.vars),
+        "share_builds": device.share_builds,
     }
     return plain

@@ -9,7 +9,7 @@ error, not a no-op.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from graphlib import CycleError, TopologicalSorter
 from types import MappingProxyType
@@ -23,6 +23,7 @@ from deployer.config.fields import (
     check_name,
     did_you_mean,
     optional,
+    parse_bool,
     parse_fields,
     parse_name,
     parse_path,
@@ -109,6 +110,7 @@ class Device:
     connect_retries: int = 2  # further connect attempts after a transient failure (refused, reset, timeout)
     jumps: tuple[JumpHost, ...] = ()  # the ProxyJump hops, first reached first
     origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # field -> where it was set
+    share_builds: bool = False  # binaries built by a device of the same fingerprint id are trusted (docs/inventory.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class Group:
     devices: tuple[str, ...]  # members and the devices of all children, in inventory order
     vars: Mapping[str, object]
     where: Where
+    share_builds: bool | None = None  # None: the group does not say; its devices get it unless they say
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +351,17 @@ def _device(
         is_local=is_local,
         connect_retries=merged["connect_retries"],
         origins=_origins(entry, below or {}, _ssh_layer(seen), config),
+        share_builds=_share_builds(entry, defaults, [groups[g] for g in member_of]),
     )
+
+
+def _share_builds(entry: _Entry, defaults: Mapping[str, Any], groups: Sequence[Group]) -> bool:
+    """The device's own `share_builds`, else the last group holding it that sets it (vars order: a child group
+    over its parents), else `defaults`, else off."""
+    if "share_builds" in entry.fields:
+        return bool(entry.fields["share_builds"])
+    said = [g.share_builds for g in groups if g.share_builds is not None]
+    return bool(said[-1]) if said else bool(defaults.get("share_builds", False))
 
 
 ORIGIN_FIELDS = ("host", "port", "user", "identity_file", "proxy_jump", "python", "remote_dir", "connect_retries",
@@ -479,6 +492,7 @@ class _RawGroup:
     members: list[tuple[str, Node]]
     children: list[tuple[str, Node]]
     vars: Mapping[str, object]
+    share_builds: bool | None = None
 
 
 def _groups(node: Node | None, ctx: Context, devices: Mapping[str, _Entry]) -> dict[str, Group]:
@@ -514,7 +528,7 @@ def _raw_group(name: str, key_node: Node, value: Node, ctx: Context) -> _RawGrou
     here = ctx.sub(name)
     fields = parse_fields(value, here, _GROUP)
     members, children = fields.get("members", []), fields.get("children", [])
-    return _RawGroup(name, key_node, members, children, fields.get("vars", {}))
+    return _RawGroup(name, key_node, members, children, fields.get("vars", {}), fields.get("share_builds"))
 
 
 def _name_list(node: Node, ctx: Context) -> list[tuple[str, Node]]:
@@ -524,7 +538,8 @@ def _name_list(node: Node, ctx: Context) -> list[tuple[str, Node]]:
         raise ctx.error(node, f"expected a list of names (got {show_node(node)})")
     return [(parse_name(item, ctx), item) for item in node.value]
 
-_GROUP: dict[str, Parser] = {"members": _name_list, "children": _name_list, "vars": parse_vars}
+_GROUP: dict[str, Parser] = {"members": _name_list, "children": _name_list, "vars": parse_vars,
+                             "share_builds": parse_bool}
 
 
 def _check_group(
@@ -554,7 +569,7 @@ def _group(raw: _RawGroup, devices: list[str], ctx: Context) -> Group:
     members = tuple(dict.fromkeys(m for m, _ in raw.members))
     children = tuple(dict.fromkeys(c for c, _ in raw.children))
     where = Where(ctx.doc.file, line_of(raw.node))
-    return Group(raw.name, members, children, tuple(devices), raw.vars, where)
+    return Group(raw.name, members, children, tuple(devices), raw.vars, where, raw.share_builds)
 
 # --- top level and --limit --------------------------------------------------------------------------------
 

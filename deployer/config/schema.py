@@ -71,6 +71,7 @@ LAYER: dict[str, Parser] = {  # what `defaults` and each device may set
     "env": parse_text_map(_ENV_KEY, "a variable name ([A-Za-z_][A-Za-z0-9_]*)", secret=True),
     "labels": parse_text_map(None, "a label name"),
     "vars": parse_vars,
+    "share_builds": parse_bool,  # docs/inventory.md "Sharing builds": a trust decision, off by default
 }
 
 DEVICE: dict[str, Parser] = {"host": parse_word, **LAYER}

@@ -34,7 +34,8 @@ _VARS_EXTS = ("", ".yml", ".yaml", ".json")
 _MAX_FILES = 10_000
 
 # deploy_<field>: our settings that Ansible has no variable for (ansible_* covers host, port, user, key, python)
-DEPLOY_FIELDS = ("remote_dir", "proxy_jump", "connect_retries", "opencl", "ssh", "timeouts", "env", "labels")
+DEPLOY_FIELDS = ("remote_dir", "proxy_jump", "connect_retries", "opencl", "ssh", "timeouts", "env", "labels",
+                 "share_builds")
 _ANSIBLE_FIELDS = {  # the first of each field's names that is set wins
     "host": ("ansible_host", "ansible_ssh_host"),
     "port": ("ansible_port", "ansible_ssh_port"),
