@@ -538,6 +538,64 @@ def test_a_vanished_controller_stops_a_build_at_once(tmp_path: Path, agent_env: 
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free at once for the next push
 
 
+def _given_build(agent: Agent, release: str, binary: bytes, **given: Any) -> dict[str, Any]:
+    """A build of saxpy on a fresh release with `binary` given as another device's build of it."""
+    start_release(agent, release)
+    entry = {"key": SAXPY_KEY, "sha256": hashlib.sha256(binary).hexdigest(), "size": len(binary), "from": "sim-01"}
+    reply, _ = agent.call("build", binary, opencl={}, mace_version=MACE_VERSION, programs=[saxpy_program()],
+                          given=[dict(entry, **given)], timeout_s=120)
+    return reply
+
+
+def test_a_given_binary_this_driver_loads_enters_the_cache_file_as_given(
+        pushed: Pushed, tmp_path: Path, agent_env: dict[str, str], agents: list[Agent]) -> None:
+    binary = dict(decode_mace_pb(pushed.cache))[SAXPY_KEY]
+    agent = Agent.serve(tmp_path / "rd", agent_env)
+    agents.append(agent)
+    reply = _given_build(agent, "g1", binary)
+    assert reply["ok"] is True, reply
+    (record,) = reply["programs"]
+    assert record["given"] == "loaded" and record["ok"] is True, record
+    assert record["sha256"] == hashlib.sha256(binary).hexdigest() and "sim-01" in record["log"]
+    _, cache = agent.ok("get", path=reply["cache_file"])
+    assert dict(decode_mace_pb(cache))[SAXPY_KEY] == binary  # the builder's bytes, as they came
+    _, manifest = agent.ok("get", path=reply["manifest_file"])
+    assert [p["sha256"] for p in json.loads(manifest)["programs"]] == [record["sha256"]]
+    assert agent.ok("bye")[0]["dropped"] == "g1"  # nothing committed: the release is dropped
+
+
+@pytest.mark.parametrize("damage", ["junk", "truncated"])
+def test_a_given_binary_the_driver_refuses_is_compiled_here_instead(
+        pushed: Pushed, tmp_path: Path, agent_env: dict[str, str], agents: list[Agent], damage: str) -> None:
+    """A builder's binary this driver will not load (junk; or truncated, on which PoCL crashes: the child dies,
+    and the build runs again without it): the program is compiled from source and the record says so."""
+    good = dict(decode_mace_pb(pushed.cache))[SAXPY_KEY]
+    binary = b"not a binary at all" * 8 if damage == "junk" else good[: len(good) // 3]
+    agent = Agent.serve(tmp_path / "rd", agent_env)
+    agents.append(agent)
+    reply = _given_build(agent, "g2", binary)
+    assert reply["ok"] is True, reply
+    (record,) = reply["programs"]
+    assert record["ok"] is True and record["given"].startswith("refused: "), record
+    assert record["sha256"] != hashlib.sha256(binary).hexdigest()
+    _, cache = agent.ok("get", path=reply["cache_file"])
+    assert dict(decode_mace_pb(cache))[SAXPY_KEY].startswith(b"poclbin")
+
+
+def test_given_binaries_are_checked_before_any_driver_runs(
+        pushed: Pushed, tmp_path: Path, agent_env: dict[str, str], agents: list[Agent]) -> None:
+    binary = dict(decode_mace_pb(pushed.cache))[SAXPY_KEY]
+    agent = Agent.serve(tmp_path / "rd", agent_env)
+    agents.append(agent)
+    reply = _given_build(agent, "g3", binary, sha256="0" * 64)
+    assert reply["ok"] is False and reply["error"]["kind"] == "checksum", reply
+    agent.call("bye")
+    agent = Agent.serve(tmp_path / "rd2", agent_env)
+    agents.append(agent)
+    reply = _given_build(agent, "g4", binary, key=BROKEN_KEY)  # not one of the programs: no source to fall back on
+    assert reply["ok"] is False and reply["error"]["kind"] == "bad_request", reply
+
+
 def test_commit_prunes_old_releases(tmp_path: Path, agent_env: dict[str, str], agents: list[Agent]) -> None:
     rd = tmp_path / "rd"
     agent = Agent.serve(rd, agent_env)

@@ -14,7 +14,7 @@ import time
 from .fields import MISSING, req_field, req_int, req_str, req_str_list
 from .framing import MAX_LINE, AgentFailure, bad_request, show
 from .fs import log_slug, read_file_limited, resolve_inside, tail_text, write_atomic
-from .layout import BUILD_KEY_RE, CACHE_FILE, LOG_TAIL, MANIFEST_FILE, MAX_GET
+from .layout import BUILD_KEY_RE, CACHE_FILE, LOG_TAIL, MANIFEST_FILE, MAX_GET, SHA256_RE
 from .mace import (
     DEVICE_NAME_KEY,
     PLATFORM_INFO_KEY,
@@ -36,6 +36,7 @@ from .opencl import (
     size_t,
 )
 from .selection import ClContext, fingerprint_of
+from .smoke import load_program
 
 
 def parse_build(req, root):
@@ -215,14 +216,83 @@ def parse_reuse(req, payload):
     return reuse
 
 
+def given_binaries(req, payload):
+    """The controller's `given` [{key, sha256, size, from}] + the binaries in that order as the payload:
+    (the list with each one's offset, the bytes), every binary checked against its sha256 (`checksum`)."""
+    items = req_field(req, "given", []) or []
+    if not isinstance(items, list):
+        raise bad_request("field 'given': expected a list")
+    if not items:
+        return None, b""
+    data = payload.read_all()
+    out, at = [], 0
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise bad_request("given[%d]: expected an object" % i)
+        size = req_int(item, "size", lo=1)
+        if at + size > len(data):
+            raise bad_request("given[%d]: %d bytes past the payload's %d" % (i, size, len(data)))
+        entry = {"key": req_str(item, "key"), "sha256": req_str(item, "sha256", pattern=SHA256_RE),
+                 "from": req_str(item, "from", ""), "offset": at, "size": size}
+        if hashlib.sha256(data[at:at + size]).hexdigest() != entry["sha256"]:
+            raise AgentFailure("checksum", "the binary given for %s arrived with another sha256" % show(entry["key"]))
+        out.append(entry)
+        at += size
+    if at != len(data):
+        raise bad_request("the payload holds %d bytes the given binaries do not account for" % (len(data) - at))
+    return out, data
+
+
+def parse_given(req, payload, specs):
+    """{key: (binary, origin)} of the programs whose binary another device of the same fingerprint built
+    (`given`: [{key, sha256, offset, size, from}] into the payload, placed there by the session): each is
+    checked against its sha256 and must be one of the request's `programs` (their source is the fallback)."""
+    keys = set(spec["key"] for spec in specs)
+    given = {}
+    for i, item in enumerate(req_field(req, "given", []) or []):
+        if not isinstance(item, dict):
+            raise bad_request("given[%d]: expected an object" % i)
+        key, sha = req_str(item, "key"), req_str(item, "sha256", pattern=SHA256_RE)
+        offset, size = req_int(item, "offset", lo=0), req_int(item, "size", lo=1)
+        if key not in keys:
+            raise bad_request("given[%d]: %s is not one of the programs to build" % (i, show(key)))
+        if key in given or offset + size > len(payload):
+            raise bad_request("given[%d]: %s twice, or its range is past the payload" % (i, show(key)))
+        binary = payload[offset:offset + size]
+        if hashlib.sha256(binary).hexdigest() != sha:
+            raise AgentFailure("checksum", "the binary given for %r does not match its sha256" % key)
+        given[key] = (binary, req_str(item, "from", ""))
+    return given
+
+
+def take_given(ctx, spec, binary, origin):
+    """A binary built elsewhere, accepted when this board's driver loads it (clCreateProgramWithBinary +
+    clBuildProgram); refused, the program is compiled here from source and the record says why."""
+    start = time.perf_counter()
+    try:
+        program, _ = load_program(ctx, binary)
+    except AgentFailure as exc:
+        record, built = build_one(ctx, spec)
+        record["given"] = "refused: %s" % exc.message
+        return record, built
+    ctx.cl.release("clReleaseProgram", program)
+    record = {"key": spec["key"], "ok": True, "build_ms": round((time.perf_counter() - start) * 1000.0, 3),
+              "binary_size": len(binary), "sha256": hashlib.sha256(binary).hexdigest(),
+              "log": "(built by %s; loaded by this board's driver)" % (origin or "another device"),
+              "given": "loaded"}
+    return record, binary
+
+
 def op_build(cl, sel, req, root, payload=b""):
     mace_version, specs = parse_build(req, root)
     reuse = parse_reuse(req, payload)
+    given = parse_given(req, payload, specs)
     results = []
     if specs:
         ctx = ClContext(cl, sel)
         try:
-            results = [build_one(ctx, spec) for spec in specs]
+            results = [take_given(ctx, spec, *given[spec["key"]]) if spec["key"] in given else build_one(ctx, spec)
+                       for spec in specs]
         finally:
             ctx.close()
     records = [r for r, _ in results] + [r for r, _, _ in reuse]

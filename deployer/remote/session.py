@@ -12,7 +12,7 @@ import sys
 from . import phases
 from .bench import parse_bench_cases, parse_settings
 from .blobs import blob_payload, prune_blobs, split_blob_fields, stored_blobs
-from .build import parse_program_specs
+from .build import given_binaries, parse_program_specs
 from .bundle import bundle_files, bundle_id, bundle_root, drop_ephemeral_bundle, prune_bundles
 from .child import run_child
 from .collect import op_find, op_install, op_read
@@ -261,7 +261,7 @@ class Session:
         if op == "fingerprint":
             return self.fingerprint(req, timeout)
         if op == "build":
-            return self.build(req, self.need_release(), timeout)
+            return self.build(req, self.need_release(), timeout, given_binaries(req, payload))
         root = self.read_root()
         data = b""
         if op in ("smoke", "startup", "bench"):
@@ -297,13 +297,16 @@ class Session:
                 pass  # only a cache: the next push fingerprints again
         return reply, data
 
-    def build(self, req, root, timeout):
+    def build(self, req, root, timeout, given=(None, b"")):
         """Build `programs` in a child and take the `keep` programs' binaries from the base release (the
         controller matched their build keys); when nothing is built and the set and settings are the
-        base's, the base's build folder is linked as it is and no driver runs."""
+        base's, the base's build folder is linked as it is and no driver runs. `given`: (the `given`
+        list with offsets, its bytes): binaries another device built, tried on this driver first."""
         keep = req_str_list(req, "keep", [])
+        if given[0]:
+            req = dict(req, given=given[0])
         if not keep:
-            return run_child(req, b"", root, timeout, watch_fd=self.input_fd)
+            return self.build_child(req, given[1], root, timeout)
         base = self.base_dir(req)
         if base is None:
             raise bad_request("'keep' needs the 'base' release the binaries come from")
@@ -317,12 +320,28 @@ class Session:
                 and old.get("mace_version") == req.get("mace_version")
                 and old.get("mace_format", "pb") == req_str(req, "mace_format", "pb")):
             return link_build(base, root, old, reuse)
-        offsets, at = [], 0
+        offsets, at = [], len(given[1])
         for _key, (entry, binary, log) in sorted(reuse.items()):
             offsets.append({"offset": at, "size": len(binary), "log": log, "entry": entry})
             at += len(binary)
-        payload = b"".join(binary for _, (_, binary, _) in sorted(reuse.items()))
-        return run_child(dict(req, reuse=offsets), payload, root, timeout, watch_fd=self.input_fd)
+        payload = given[1] + b"".join(binary for _, (_, binary, _) in sorted(reuse.items()))
+        return self.build_child(dict(req, reuse=offsets), payload, root, timeout)
+
+    def build_child(self, req, payload, root, timeout):
+        """The build's child. A driver that crashes on a given binary (PoCL does on a truncated one) must not
+        cost the board its build: once, the same build without the given binaries, each compiled here."""
+        try:
+            return run_child(req, payload, root, timeout, watch_fd=self.input_fd)
+        except AgentFailure as exc:
+            if exc.kind != "driver_crash" or not req.get("given"):
+                raise
+            refused = dict((g["key"], "refused: the driver crashed loading it (%s)" % exc.message)
+                           for g in req["given"])
+            reply, data = run_child(dict(req, given=[]), payload, root, timeout, watch_fd=self.input_fd)
+            for record in reply.get("programs", []):
+                if record.get("key") in refused:
+                    record["given"] = refused[record["key"]]
+            return reply, data
 
     def op_commit(self, req, payload):
         """The commit rule (docs/design.md, section 12): once the agent has read `commit`, the switch
