@@ -151,6 +151,7 @@ def measure(fleet: Any, argv: list[str], logs: Path, label: str, *, env: dict[st
         print(f"  !! {label}: exit {rc}: {tail}", file=sys.stderr)
     return {"label": label, "wall_s": round(wall, 3), "rc": rc, "rss_mib": round(figures["maxrss_kib"] / 1024, 1),
             "launcher_rss_mib": round(figures["launcher_rss_kib"] / 1024, 1),
+            "cpu_s": figures.get("cpu_s"),  # user + system of the command and every child it reaped
             "devices": devices}
 
 

@@ -27,5 +27,5 @@ proc.returncode = os.waitstatus_to_exitcode(status)
 # This process's own peak since its exec (VmHWM; its ru_maxrss would count its parent's copy, as above).
 # (proc.returncode is set above so Popen's finalizer does not wait again)
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print('{"wall_s": %.4f, "rc": %d, "maxrss_kib": %d, "launcher_rss_kib": %d}'
-      % (wall, proc.returncode, usage.ru_maxrss, hwm))
+print('{"wall_s": %.4f, "rc": %d, "maxrss_kib": %d, "launcher_rss_kib": %d, "cpu_s": %.4f}'
+      % (wall, proc.returncode, usage.ru_maxrss, hwm, usage.ru_utime + usage.ru_stime))

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""The parts of bench/push.py that issue 18 changes, runnable in minutes: the no-op against the `ssh true`
+floor, the controller's CPU per device, and a cold push with build sharing on and off.
+
+    PYTHONPATH=. .venv/bin/python bench/noop.py noop --devices 8 --rtt-ms 0 --reps 3
+    PYTHONPATH=. .venv/bin/python bench/noop.py noop --devices 32 --rtt-ms 40 --reps 3
+    PYTHONPATH=. .venv/bin/python bench/noop.py cold --devices 8         # sharing off, then on
+
+`noop`: the fleet is primed by one push (the sim's shared PoCL cache makes that quick), then the floor
+(`ssh true` to every device at once, fresh connections, bench/push.py's `write_floor`) and the no-op re-push
+alternate `--reps` times, each a fresh process reaped by bench/push/spawn.py (wall, peak RSS, CPU seconds of
+the process and every child it reaped: for the floor that is the N ssh clients). Medians are printed with
+the ratio no-op / floor, and the CPU seconds per device (CPU / N): run it at two N for the slope.
+
+`cold`: the repo's kernel library and the 16 MiB model, drivers' caches off (POCL_KERNEL_CACHE=0), the
+devices' `~/.deployer` and the local cache removed before each run; once with the inventory as the sim
+writes it, once with `share_builds: true`. Board CPU seconds: the CPU of each device's sshd and everything
+it reaped (sessions, agents, OpenCL children: the compiles dominate), summed over the fleet.
+
+The controller is pinned to CPU 0 and the fleet to CPU 1, as in bench/push.py. Figures: bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from push import (  # noqa: E402  (bench/push.py, beside this file)
+    PYTHON,
+    REPO,
+    deploy_argv,
+    env_with_repo,
+    make_payload,
+    measure,
+    start_fleet,
+    write_floor,
+)
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def board_cpu_s(fleet: Any) -> float:
+    """CPU seconds of every device's server process group: live processes' own time plus what each
+    reaped (sshd reaps each connection's processes, which reaped the agent and its OpenCL children)."""
+    groups = {d.pid for d in fleet.devices}
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) in groups:  # fields[2]: pgrp (after state and ppid)
+            total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return total / TICK
+
+
+def inventory(fleet: Any, work: Path, *, share: bool, cache_off: bool) -> Path:
+    import yaml
+    data = yaml.safe_load(fleet.inventory.read_text())
+    if cache_off:
+        data["defaults"]["env"] = {"POCL_KERNEL_CACHE": "0"}
+    if share:
+        data["defaults"]["share_builds"] = True
+    path = work / f"inventory-{'share' if share else 'plain'}.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def med(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def run_noop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from deployer.sim import fleet as sim
+    folder, logs = work / "fleet", work / "logs"
+    logs.mkdir()
+    fleet = start_fleet(folder, args.devices, args.rtt_ms, 0)
+    try:
+        env = env_with_repo()
+        floor = write_floor(fleet, work)
+        inv = inventory(fleet, work, share=False, cache_off=False)
+        argv = [PYTHON, "-m", "deployer", "push", "--fleet", str(inv), "--kernels", str(REPO / "kernels"),
+                "--cache", str(work / "cache"), "--forks", str(args.devices), "--smoke", "never", "--json"]
+        primed = measure(fleet, argv, logs, "prime", env=env)
+        if primed["rc"] != 0:
+            raise SystemExit(f"priming push failed: {(logs / 'prime.err').read_text()[-800:]}")
+        runs: dict[str, list[dict[str, Any]]] = {"floor": [], "noop": []}
+        for rep in range(args.reps):
+            runs["floor"].append(measure(fleet, ["bash", str(floor)], logs, f"floor-{rep}", env=env))
+            runs["noop"].append(measure(fleet, argv, logs, f"noop-{rep}", env=env))
+            for label in ("floor", "noop"):
+                r = runs[label][-1]
+                print(f"  {label}-{rep}: {r['wall_s']:.3f} s cpu={r['cpu_s']:.3f} s rss={r['rss_mib']} MiB "
+                      f"rc={r['rc']} conns/dev={max(d['connections'] for d in r['devices'].values())} "
+                      f"cmds/dev={max(d['commands'] for d in r['devices'].values())}", flush=True)
+    finally:
+        sim.stop_fleet(folder)
+    table = {}
+    for label, results in runs.items():
+        table[label] = {"wall_s": med([r["wall_s"] for r in results]), "cpu_s": med([r["cpu_s"] for r in results]),
+                        "cpu_per_device_s": round(med([r["cpu_s"] for r in results]) / args.devices, 4),
+                        "rss_mib": max(r["rss_mib"] for r in results), "rc": [r["rc"] for r in results]}
+    table["noop"]["x_floor"] = round(table["noop"]["wall_s"] / table["floor"]["wall_s"], 2)
+    return {"devices": args.devices, "rtt_ms": args.rtt_ms, "table": table, "runs": runs}
+
+
+def run_cold(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from deployer.sim import fleet as sim
+    folder, logs = work / "fleet", work / "logs"
+    logs.mkdir()
+    payload = make_payload(work)
+    fleet = start_fleet(folder, args.devices, args.rtt_ms, 0)
+    table: dict[str, Any] = {}
+    try:
+        env = env_with_repo()
+        for share in (False, True) if args.mode == "both" else (args.mode == "on",):
+            for device in fleet.devices:
+                shutil.rmtree(Path(device.folder) / "home" / ".deployer", ignore_errors=True)
+            shutil.rmtree(work / "deploy-cache", ignore_errors=True)
+            inv = inventory(fleet, work, share=share, cache_off=True)
+            argv = deploy_argv(inv, work, payload["model"], args.devices)
+            label = "share-on" if share else "share-off"
+            before = board_cpu_s(fleet)
+            started = time.perf_counter()
+            result = measure(fleet, argv, logs, label, env=env)
+            board = board_cpu_s(fleet) - before
+            report = json.loads((logs / f"{label}.out").read_text() or "{}")
+            origins: dict[str, int] = {}
+            for device in report.get("devices", []):
+                for origin in (device.get("programs") or {}).values():
+                    word = str(origin).split(" ")[0]
+                    origins[word] = origins.get(word, 0) + 1
+            table[label] = {"wall_s": result["wall_s"], "rc": result["rc"], "board_cpu_s": round(board, 2),
+                            "controller_cpu_s": result["cpu_s"], "rss_mib": result["rss_mib"], "origins": origins,
+                            "elapsed_s": round(time.perf_counter() - started, 2)}
+            print(f"  {label}: {table[label]}", flush=True)
+    finally:
+        sim.stop_fleet(folder)
+    if "share-on" in table and "share-off" in table:
+        table["share-on"]["x_share_off"] = round(table["share-on"]["wall_s"] / table["share-off"]["wall_s"], 3)
+        table["share-on"]["board_cpu_x_share_off"] = round(
+            table["share-on"]["board_cpu_s"] / max(table["share-off"]["board_cpu_s"], 1e-9), 3)
+    return {"devices": args.devices, "rtt_ms": args.rtt_ms, "table": table}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("noop", "cold"))
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--rtt-ms", type=int, default=0)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--mode", choices=("both", "on", "off"), default="both", help="cold: sharing off, on, both")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/noop.py needs root (the simulated fleet does)")
+    os.sched_setaffinity(0, {0})
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{args.what}-", dir="/tmp"))
+    result = run_noop(args, work) if args.what == "noop" else run_cold(args, work)
+    result.pop("runs", None)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    shutil.rmtree(work / "payload", ignore_errors=True)
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    shutil.rmtree(work / "deploy-cache", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
