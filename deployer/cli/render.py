@@ -33,8 +33,12 @@ def shown(value: object, limit: int = MAX_SHOWN) -> str:
 
 
 def emit_json(document: Mapping[str, Any]) -> None:
-    """One JSON document on stdout (`--json` in every command)."""
-    stdout.print_json(json.dumps(document))
+    """One JSON document on stdout (`--json` in every command): as Rich's print_json laid it out (indent 2,
+    text as it is), written directly: Rich renders every token of it as a styled segment, which cost a
+    no-op push of 8 boards more than its whole exchange with them (bench/README.md, issue 18)."""
+    out = stdout.file
+    out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    out.flush()
 
 
 def device_line(name: str, verdict: str, color: str, detail: str | None = None) -> None:
