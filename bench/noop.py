@@ -6,7 +6,7 @@ floor, the controller's CPU per device, and a cold push with build sharing on an
     PYTHONPATH=. .venv/bin/python bench/noop.py noop --devices 32 --rtt-ms 40 --reps 3
     PYTHONPATH=. .venv/bin/python bench/noop.py cold --devices 8         # sharing off, then on
 
-`noop`: the fleet is primed by one push (the sim's shared PoCL cache makes that quick), then the floor
+`noop`: the fleet is primed by one push (one PoCL kernel cache shared by the devices makes that quick), then the floor
 (`ssh true` to every device at once, fresh connections, bench/push.py's `write_floor`) and the no-op re-push
 alternate `--reps` times, each a fresh process reaped by bench/push/spawn.py (wall, peak RSS, CPU seconds of
 the process and every child it reaped: for the floor that is the N ssh clients). Medians are printed with
@@ -66,6 +66,20 @@ def board_cpu_s(fleet: Any) -> float:
     return total / TICK
 
 
+def start_primed_fleet(folder: Path, count: int, rtt_ms: int, pocl_cache: Path) -> Any:
+    """bench/push.py's fleet (pinned to CPU 1, a proxy in front of each device), with one PoCL kernel cache
+    shared by the devices: the priming push compiles each program once, not once per device. The no-op
+    measured after it compiles nothing either way."""
+    from deployer.sim import fleet as sim
+    pocl_cache.mkdir(exist_ok=True)
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {1})
+    try:
+        return sim.start_fleet(folder, sim.fleet_specs(count), rtt_ms=rtt_ms, proxy=True, pocl_cache=pocl_cache)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def inventory(fleet: Any, work: Path, *, share: bool, cache_off: bool) -> Path:
     import yaml
     data = yaml.safe_load(fleet.inventory.read_text())
@@ -86,7 +100,7 @@ def run_noop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from deployer.sim import fleet as sim
     folder, logs = work / "fleet", work / "logs"
     logs.mkdir()
-    fleet = start_fleet(folder, args.devices, args.rtt_ms, 0)
+    fleet = start_primed_fleet(folder, args.devices, args.rtt_ms, work / "pocl")
     try:
         env = env_with_repo()
         floor = write_floor(fleet, work)

@@ -34,12 +34,11 @@ def test_the_first_device_compiles_and_the_others_receive_its_binaries() -> None
     assert first.mine == WANTED and not first.waiting and not first.given
     second = share.claim("b", FP, WANTED)
     assert second.waiting == WANTED and not second.mine
-    waited: list[str] = []
-    waiter = threading.Thread(target=lambda: waited.extend(share.wait(second, 30)))
+    waiter = threading.Thread(target=lambda: share.wait(second, 30))
     waiter.start()
     share.publish("a", _binaries("a"))
     waiter.join(30)
-    assert not waiter.is_alive() and waited == []
+    assert not waiter.is_alive() and second.notes == {}
     assert {k: g.origin for k, g in second.given.items()} == {k: "shared from a" for k in WANTED}
     assert second.given["saxpy -DA"].binary == b"poclbin a saxpy -DA" and not second.mine
     third = share.claim("c", FP, WANTED)  # after the publish: given at once
@@ -50,14 +49,13 @@ def test_a_builder_that_fails_releases_its_claims_and_the_waiters_compile() -> N
     share = BuildShare(None)
     share.claim("a", FP, WANTED)
     second = share.claim("b", FP, WANTED)
-    waited: list[str] = []
-    waiter = threading.Thread(target=lambda: waited.extend(share.wait(second, 30)))
+    waiter = threading.Thread(target=lambda: share.wait(second, 30))
     waiter.start()
     share.release("a")  # a's compile failed, or its connection was lost: it never publishes
     waiter.join(30)
     assert not waiter.is_alive()
     assert second.mine == WANTED and not second.given
-    assert all("its builder failed (a); compiled here" in note for note in waited) and len(waited) == 2
+    assert second.notes == {k: "its builder a failed" for k in WANTED}
     third = share.claim("c", FP, WANTED)  # a failed key is claimed again by the next device that needs it
     assert third.mine == WANTED
 
@@ -66,10 +64,11 @@ def test_nobody_waits_past_its_limit_or_its_own_end() -> None:
     share = BuildShare(None)
     share.claim("a", FP, WANTED)  # a hangs: never publishes, never releases
     second = share.claim("b", FP, WANTED)
-    notes = share.wait(second, 0.05)
-    assert second.mine == WANTED and all("did not finish within 0.05 s" in n for n in notes)
+    share.wait(second, 0.05)
+    assert second.mine == WANTED and second.notes == {k: "its builder a did not finish within 0.05 s" for k in WANTED}
     third = share.claim("c", FP, WANTED)
-    assert share.wait(third, 3600, gone=lambda: True) and third.mine == WANTED  # its own deadline closed it
+    share.wait(third, 3600, gone=lambda: True)
+    assert third.mine == WANTED and len(third.notes) == 2  # its own deadline closed it: no hour-long wait
 
 
 def test_a_refused_binary_stops_sharing_for_that_fingerprint_only() -> None:
@@ -97,6 +96,7 @@ def test_the_store_serves_a_later_push_and_a_damaged_entry_is_rebuilt(tmp_path: 
     store = BinaryStore(tmp_path)
     claim = BuildShare(store).claim("new-board", FP, WANTED)
     assert claim.mine == WANTED and not claim.given  # never trusted: built again
+    assert set(claim.notes.values()) == {"its stored binary was damaged: deleted, never used"}
     assert sorted(store.damaged) == [BK1, BK2]
     assert not list((tmp_path / STORE).iterdir())  # and deleted
 
@@ -111,3 +111,19 @@ def test_a_store_entry_filed_under_another_key_is_damaged(tmp_path: Path) -> Non
     assert store.get(BK1) is not None
     with pytest.raises(LocalStateError, match="is not a build key"):
         store.get("../../etc/passwd")
+
+
+def test_a_device_share_names_each_origin_and_a_refusal_stops_sharing() -> None:
+    from deployer.tasks.share import DeviceShare
+    share = BuildShare(None)
+    builder = DeviceShare.start(share, "a", FP, WANTED, limit_s=5)
+    assert builder.request() == ([], b"") and builder.origin("saxpy -DA", None) == "compiled"
+    builder.publish(_binaries("a"))
+    taker = DeviceShare.start(share, "b", FP, WANTED, limit_s=5)
+    given, payload = taker.request()
+    assert [g["key"] for g in given] == sorted(WANTED) and [g["from"] for g in given] == ["a", "a"]
+    assert payload == b"".join(_binaries("a")[WANTED[k]][1] for k in sorted(WANTED))
+    assert taker.origin("saxpy -DA", "loaded") == "shared from a"
+    refused = taker.origin("relu -DB", "refused: CL_INVALID_BINARY (-42) in clCreateProgramWithBinary")
+    assert refused.startswith("compiled (this driver refused the binary shared from a: CL_INVALID_BINARY")
+    assert share.stopped(FP) and DeviceShare.start(share, "c", FP, WANTED, limit_s=5).request() == ([], b"")

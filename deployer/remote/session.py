@@ -330,6 +330,7 @@ class Session:
     def build_child(self, req, payload, root, timeout):
         """The build's child. A driver that crashes on a given binary (PoCL does on a truncated one) must not
         cost the board its build: once, the same build without the given binaries, each compiled here."""
+        phases.reached("build", self.input_fd)  # tests only: a build about to start its driver
         try:
             return run_child(req, payload, root, timeout, watch_fd=self.input_fd)
         except AgentFailure as exc:

@@ -44,6 +44,7 @@ class Claim:
     given: dict[str, Given] = field(default_factory=dict)
     waiting: dict[str, str] = field(default_factory=dict)
     mine: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # program key -> why it is compiled here after all
 
 
 _FAILED = object()
@@ -76,7 +77,7 @@ class BuildShare:
                     claim.given[key] = done
                 elif build_key in self._owner and done is None:
                     claim.waiting[key] = build_key
-                elif (stored := self._from_store(build_key, key)) is not None:
+                elif (stored := self._from_store(build_key, key, claim)) is not None:
                     self._done[build_key] = claim.given[key] = stored
                 else:  # unclaimed, or its builder failed: this device builds it
                     self._owner[build_key] = device
@@ -84,24 +85,25 @@ class BuildShare:
                     claim.mine[key] = build_key
         return claim
 
-    def _from_store(self, build_key: str, key: str) -> Given | None:
+    def _from_store(self, build_key: str, key: str, claim: Claim) -> Given | None:
         if self.store is None:
             return None
+        damaged = len(self.store.damaged)
         try:
             entry = self.store.get(build_key)
         except LocalStateError:
             return None
+        if len(self.store.damaged) > damaged:
+            claim.notes[key] = "its stored binary was damaged: deleted, never used"
         if entry is None or entry.key != key:
             return None
         return Given(key, entry.binary, entry.sha256, "from store", entry.built_by)
 
-    def wait(self, claim: Claim, limit_s: float, gone: Callable[[], bool] = lambda: False) -> list[str]:
+    def wait(self, claim: Claim, limit_s: float, gone: Callable[[], bool] = lambda: False) -> None:
         """Wait until every key of `claim.waiting` is published or failed, at most `limit_s` seconds, checking
         `gone` (the device's own connection closed: its deadline, Ctrl-C) every 0.2 s. Published ones move to
-        `claim.given`, the rest to `claim.mine`. Returns what went wrong, one line per program, for the push
-        to report (empty when every wait brought its binary)."""
+        `claim.given`, the rest to `claim.mine` with a note saying why."""
         end = time.monotonic() + limit_s
-        notes = []
         with self._cond:
             while True:
                 pending = {k: b for k, b in claim.waiting.items() if self._done.get(b) is None}
@@ -114,11 +116,11 @@ class BuildShare:
                 if isinstance(done, Given):
                     claim.given[key] = done
                     continue
-                why = "its builder failed" if done is _FAILED else f"its builder did not finish within {limit_s:g} s"
-                notes.append(f"{key}: {why} ({self._owner.get(build_key, '?')}); compiled here")
+                owner = self._owner.get(build_key, "?")
+                claim.notes[key] = f"its builder {owner} failed" if done is _FAILED else \
+                    f"its builder {owner} did not finish within {limit_s:g} s"
                 claim.mine[key] = build_key
             claim.waiting = {}
-        return notes
 
     def publish(self, device: str, binaries: Mapping[str, tuple[str, bytes, str]]) -> None:
         """`binaries`: build key -> (program key, binary, sha256) that `device` compiled and pulled intact."""
@@ -146,3 +148,45 @@ class BuildShare:
         """A driver refused a shared binary: no more sharing for this fingerprint id in this push."""
         with self._cond:
             self._stopped.setdefault(fingerprint_id, f"{device}: {why}")
+
+
+@dataclass(slots=True)
+class DeviceShare:
+    """One device's part in sharing, from its claim to its build reply: what it sends (`given`), and where
+    each of its programs' binaries came from (`origin`, the push JSON's `origin` field, docs/json.md)."""
+
+    share: BuildShare
+    device: str
+    fingerprint_id: str
+    claim: Claim
+
+    @classmethod
+    def start(cls, share: BuildShare, device: str, fingerprint_id: str, wanted: Mapping[str, str], *,
+              limit_s: float, gone: Callable[[], bool] = lambda: False) -> DeviceShare:
+        """Claim what `device` must build (program key -> build key), then wait for what others build."""
+        claim = share.claim(device, fingerprint_id, wanted)
+        share.wait(claim, limit_s, gone)
+        return cls(share, device, fingerprint_id, claim)
+
+    def request(self) -> tuple[list[dict[str, object]], bytes]:
+        """The build request's `given` list and its payload (the binaries, in that order)."""
+        given = [self.claim.given[k] for k in sorted(self.claim.given)]
+        return [g.to_request() for g in given], b"".join(g.binary for g in given)
+
+    def origin(self, key: str, given_status: str | None) -> str:
+        """Where the binary of `key` (a program this device built or received) came from, from the agent's
+        `given` answer for it; a refusal stops sharing for this fingerprint."""
+        received = self.claim.given.get(key)
+        if received is None:
+            why = self.claim.notes.get(key)
+            return f"compiled ({why})" if why else "compiled"
+        if given_status == "loaded":
+            return received.origin
+        why = (given_status or "no answer about the given binary").removeprefix("refused: ")
+        self.share.refuse(self.fingerprint_id, self.device, f"refused the binary {received.origin}: {why}")
+        return f"compiled (this driver refused the binary {received.origin}: {why}; sharing stopped for " \
+               f"fingerprint {self.fingerprint_id})"
+
+    def publish(self, binaries: Mapping[str, tuple[str, bytes, str]]) -> None:
+        """What this device compiled itself and pulled intact (build key -> (program key, binary, sha256))."""
+        self.share.publish(self.device, binaries)
