@@ -9,8 +9,9 @@ floor, the controller's CPU per device, and a cold push with build sharing on an
 `noop`: the fleet is primed by one push of the library's first program (saxpy: see `saxpy_only`), then the floor
 (`ssh true` to every device at once, fresh connections, bench/push.py's `write_floor`) and the no-op re-push
 alternate `--reps` times, each a fresh process reaped by bench/push/spawn.py (wall, peak RSS, CPU seconds of
-the process and every child it reaped: for the floor that is the N ssh clients). Medians are printed with
-the ratio no-op / floor, and the CPU seconds per device (CPU / N): run it at two N for the slope.
+the process and every child it reaped: for the floor that is the N ssh clients) and the boards' CPU seconds
+(see `board_cpu_s`). Medians are printed with the ratio no-op / floor, and the controller's CPU seconds per
+device (CPU / N): run it at two N for the slope.
 
 `cold`: the repo's kernel library and the 16 MiB model, drivers' caches off (POCL_KERNEL_CACHE=0), the
 devices' `~/.deployer` and the local cache removed before each run; once with the inventory as the sim
@@ -123,11 +124,14 @@ def run_noop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             raise SystemExit(f"priming push failed: {(logs / 'prime.err').read_text()[-800:]}")
         runs: dict[str, list[dict[str, Any]]] = {"floor": [], "noop": []}
         for rep in range(args.reps):
-            runs["floor"].append(measure(fleet, ["bash", str(floor)], logs, f"floor-{rep}", env=env))
-            runs["noop"].append(measure(fleet, argv, logs, f"noop-{rep}", env=env))
+            for label, command in (("floor", ["bash", str(floor)]), ("noop", argv)):
+                before = board_cpu_s(fleet)
+                runs[label].append(measure(fleet, command, logs, f"{label}-{rep}", env=env))
+                runs[label][-1]["board_cpu_s"] = round(board_cpu_s(fleet) - before, 3)
             for label in ("floor", "noop"):
                 r = runs[label][-1]
-                print(f"  {label}-{rep}: {r['wall_s']:.3f} s cpu={r['cpu_s']:.3f} s rss={r['rss_mib']} MiB "
+                print(f"  {label}-{rep}: {r['wall_s']:.3f} s cpu={r['cpu_s']:.3f} s board={r['board_cpu_s']:.3f} s "
+                      f"rss={r['rss_mib']} MiB "
                       f"rc={r['rc']} conns/dev={max(d['connections'] for d in r['devices'].values())} "
                       f"cmds/dev={max(d['commands'] for d in r['devices'].values())}", flush=True)
     finally:
@@ -136,6 +140,7 @@ def run_noop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for label, results in runs.items():
         table[label] = {"wall_s": med([r["wall_s"] for r in results]), "cpu_s": med([r["cpu_s"] for r in results]),
                         "cpu_per_device_s": round(med([r["cpu_s"] for r in results]) / args.devices, 4),
+                        "board_cpu_s": med([r["board_cpu_s"] for r in results]),
                         "rss_mib": max(r["rss_mib"] for r in results), "rc": [r["rc"] for r in results]}
     table["noop"]["x_floor"] = round(table["noop"]["wall_s"] / table["floor"]["wall_s"], 2)
     return {"devices": args.devices, "rtt_ms": args.rtt_ms, "table": table, "runs": runs}
