@@ -15,8 +15,10 @@ device (CPU / N): run it at two N for the slope.
 
 `cold`: the repo's kernel library and the 16 MiB model, drivers' caches off (POCL_KERNEL_CACHE=0), the
 devices' `~/.deployer` and the local cache removed before each run; once with the inventory as the sim
-writes it, once with `share_builds: true`. Board CPU seconds: the CPU of each device's sshd and everything
-it reaped (sessions, agents, OpenCL children: the compiles dominate), summed over the fleet.
+writes it, once with `share_builds: true`, then (sharing on) once more with `relu.cl` changed: its program
+must be compiled once for the fleet. Board CPU seconds: the CPU of each device's sshd and everything it
+reaped (sessions, agents, OpenCL children: the compiles dominate), summed over the fleet; `origins` counts
+the JSON's `origin` words (compiled, shared, from, reused) over devices and programs.
 
 The controller is pinned to CPU 0 and the fleet to CPU 1, as in bench/push.py. Figures: bench/README.md.
 """
@@ -169,13 +171,28 @@ def run_cold(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             report = json.loads((logs / f"{label}.out").read_text() or "{}")
             origins: dict[str, int] = {}
             for device in report.get("devices", []):
-                for origin in (device.get("programs") or {}).values():
+                for origin in (device.get("origin") or {}).values():
                     word = str(origin).split(" ")[0]
                     origins[word] = origins.get(word, 0) + 1
             table[label] = {"wall_s": result["wall_s"], "rc": result["rc"], "board_cpu_s": round(board, 2),
                             "controller_cpu_s": result["cpu_s"], "rss_mib": result["rss_mib"], "origins": origins,
                             "elapsed_s": round(time.perf_counter() - started, 2)}
             print(f"  {label}: {table[label]}", flush=True)
+        if "share-on" in table:  # one kernel changed, sharing on: that program is compiled once for the fleet
+            relu = work / "deploy-kernels" / "relu.cl"
+            relu.write_bytes(relu.read_bytes() + b"// bench: changed\n")
+            before = board_cpu_s(fleet)
+            result = measure(fleet, argv, logs, "share-on-changed", env=env)
+            board = board_cpu_s(fleet) - before
+            report = json.loads((logs / "share-on-changed.out").read_text() or "{}")
+            origins = {}
+            for device in report.get("devices", []):
+                for origin in (device.get("origin") or {}).values():
+                    word = str(origin).split(" ")[0]
+                    origins[word] = origins.get(word, 0) + 1
+            table["share-on-changed"] = {"wall_s": result["wall_s"], "rc": result["rc"], "board_cpu_s": round(board, 2),
+                                         "origins": origins}
+            print(f"  share-on-changed: {table['share-on-changed']}", flush=True)
     finally:
         sim.stop_fleet(folder)
     if "share-on" in table and "share-off" in table:
