@@ -280,10 +280,12 @@ def _documented(command: str) -> dict[str, Any]:
 
 def _same_shape(real: dict[str, Any], documented: dict[str, Any], where: str) -> None:
     """The same keys, and the same keys again in every nested object both have (first list items); the
-    fingerprint, a verdict and the stages that ran vary by device and run, and are documented in prose."""
+    fingerprint, a verdict, the stages that ran and the programs' origins vary by device and run, and are
+    documented in prose."""
     assert set(real) == set(documented), (where, set(real) ^ set(documented))
     for key, value in documented.items():
-        if isinstance(value, dict) and isinstance(real[key], dict) and key not in ("fingerprint", "verdict", "stages"):
+        if isinstance(value, dict) and isinstance(real[key], dict) and key not in ("fingerprint", "verdict", "stages",
+                                                                                    "origin"):
             _same_shape(real[key], value, f"{where}.{key}")
         if isinstance(value, list) and value and isinstance(value[0], dict) and real[key]:
             _same_shape(real[key][0], value[0], f"{where}.{key}[]")

@@ -164,6 +164,9 @@ def _device_lines(o: DeviceOutcome) -> list[str]:
         if m.ok is None and m.detail:
             verdict = m.detail  # "not run: <why>"
         lines.append(f"{o.name}: model {m.name} {verdict}{error}{times}")
+    for key, how in o.origin.items():  # sharing meant but not done: the reason, e.g. a refused binary
+        if how.startswith("compiled ("):
+            lines.append(f"{o.name}: {key}: {how}")
     figures = o.startup.to_json() if o.startup else {}
     source, binary = figures.get("build_from_source_ms"), figures.get("load_from_binary_ms")
     if source is not None and binary is not None:
@@ -178,7 +181,9 @@ def _changes(o: DeviceOutcome) -> str:
         return "-"
     if not o.plan.new_release:
         return "none"
-    return f"{len(o.plan.upload)} file(s), {len(o.plan.rebuild)} rebuilt"
+    received = [how.split(" ", 1)[0] for how in o.origin.values() if how.startswith(("shared ", "from "))]
+    given = f" ({received.count('shared')} shared, {received.count('from')} from store)" if received else ""
+    return f"{len(o.plan.upload)} file(s), {len(o.plan.rebuild)} rebuilt{given}"
 
 
 def _print_summary(result: FleetResult) -> None:

@@ -121,6 +121,8 @@ class ProgramBuilt:
     ok: bool
     sha256: str | None  # of its binary; None when it failed
     log: str  # the driver's build log, made printable, bounded
+    reused: bool = False  # its binary came from the base release (`keep`)
+    given: str | None = None  # a binary given to it (build sharing): "loaded" or "refused: <why>", printable
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +155,10 @@ def parse_build(reply: Reply, asked: Sequence[str]) -> BuildReply:
             raise AgentError(f"build reply names a program that was not asked for: {one_line(key, 80)}",
                              kind="bad_reply")
         log = visible(entry.optional_text("log", 1 << 24) or "", MAX_LOG)
-        programs.append(ProgramBuilt(key, ok, entry.sha256("sha256") if ok else None, log))
+        given = entry.optional_text("given", 1 << 16)
+        programs.append(ProgramBuilt(key, ok, entry.sha256("sha256") if ok else None, log,
+                                     reused=entry.record.get("reused") is True,
+                                     given=None if given is None else one_line(visible(given, 400), 400)))
     return BuildReply(tuple(programs), fields.sha256("cache_sha256"), fields.relative_path("manifest_file"))
 
 

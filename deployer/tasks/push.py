@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from deployer import phases
+from deployer.cache.binaries import BinaryStore
 from deployer.cache.mace import DEFAULT_MACE_VERSION, mace_warnings, parse_cache
 from deployer.cache.store import CACHE_FILE, device_dir, store_device, store_failure
 from deployer.config.inventory import Device
 from deployer.config.kernels import Library
+from deployer.connect.deadline import current_deadline
 from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMismatch
 from deployer.protocol import ops
 from deployer.protocol.fingerprint import parse_fingerprint
@@ -40,6 +42,7 @@ from deployer.tasks.models import ModelPlan, ModelResult, check_models, skipped_
 from deployer.tasks.plan import DevicePlan, FileContents, LocalFile, RemoteState, build_key, parse_state, plan_device
 from deployer.tasks.progress import Progress
 from deployer.tasks.runner import INTERNAL, NOT_STARTED, Connect, DeviceWork, FleetOutcome, OnFailure, Outcome, Work
+from deployer.tasks.share import BuildShare, DeviceShare
 from deployer.tasks.smoke import KernelResult, SmokePlan, Startup, compare, parse_startup, split_outputs
 from deployer.text import visible
 
@@ -77,6 +80,7 @@ class PushJob:
     bench: BenchJob | None = None  # with smoke_only: time the current binaries instead of smoking them
     mace_app: bool = False  # the library is a MACE app's programs (--mace-programs): smoke = a load from the binary
     contents: FileContents = field(default_factory=FileContents, compare=False)
+    share: BuildShare | None = field(default=None, compare=False)  # run_fleet's, when a device shares builds
 
     @property
     def shas(self) -> dict[str, str]:
@@ -133,6 +137,7 @@ class DeviceOutcome(Outcome):
     bench: list[BenchItem] = field(default_factory=list)  # a bench step's timings
     create_ms: dict[str, float] = field(default_factory=dict)  # a bench step's program creation, by key
     warnings: list[str] = field(default_factory=list)  # why MACE will not use this device's cache file
+    origin: dict[str, str] = field(default_factory=dict)  # program key -> where its binary came from (json.md)
 
     @property
     def built(self) -> int:
@@ -148,7 +153,7 @@ class DeviceOutcome(Outcome):
             "kernels": [k.to_json() for k in self.kernels], "models": [m.to_json() for m in self.models],
             "startup": self.startup.to_json() if self.startup else None, "release": self.release,
             "plan": self.plan.to_json() if self.plan else None, "changed": self.changed, "pulled": self.pulled,
-            "warnings": self.warnings,
+            "warnings": self.warnings, "origin": self.origin,
         }
 
 
@@ -205,6 +210,7 @@ class PushContext:
     job: PushJob
     work: DeviceWork[DeviceOutcome]
     logs: dict[str, str] = field(default_factory=dict)
+    shared: DeviceShare | None = None  # this device's part in build sharing, from its compile on
 
     @property
     def device(self) -> Device:
@@ -239,6 +245,7 @@ def push_stages(context: PushContext) -> None:
             built = compile_stage(context, session, planned)
     else:
         built = current_build(planned.state)
+        outcome.origin = {k: "reused" for k in sorted(planned.build_keys)}
     with work.stage("pull"):
         pulled = pull_stage(context, session, planned, built)
     if job.bench is not None:
@@ -342,13 +349,16 @@ def compile_stage(context: PushContext, session: AgentSession, planned: Planned)
     keep: dict[str, Any] = {"keep": list(plan.reuse), "base": plan.current} if plan.reuse and plan.current else {}
     request: dict[str, Any] = {"opencl": device.opencl.as_request(), "mace_version": planned.mace_version,
                                "mace_format": job.mace_format, "timeout_s": device.timeouts.command}
+    given, payload = share_stage(context, planned, rebuild)
     try:
-        reply = session.request("build", programs=rebuild, **keep, **request)
+        reply = session.request("build", payload, programs=rebuild, **given, **keep, **request)
     except AgentError as exc:
         if exc.kind != "reuse_missing":
             raise
-        reply = session.request("build", programs=specs, **request)  # the device lost a binary: build all
+        # the device lost a binary: build all
+        reply = session.request("build", payload, programs=specs, **given, **request)
     result = ops.parse_build(reply, [s["key"] for s in specs])
+    context.outcome.origin = origins(context, planned, result.programs)
     context.logs.update((p.key, p.log) for p in result.programs)
     built = {p.key for p in result.programs if p.ok}
     context.outcome.kernels = [
@@ -358,6 +368,39 @@ def compile_stage(context: PushContext, session: AgentSession, planned: Planned)
     ]
     result.raise_for_failed()
     return Built(result.cache_sha256, result.binaries, result.manifest_file)
+
+
+def share_stage(context: PushContext, planned: Planned,
+                rebuild: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], bytes]:
+    """With `share_builds`: claim what this device must build, wait for what another device of its
+    fingerprint builds (at most `timeouts.command`, never past the device's deadline), and return the build
+    request's `given` field and its payload (docs/design.md section 11)."""
+    share, device = context.job.share, context.device
+    if share is None or not device.share_builds or not rebuild or context.job.check:
+        return {}, b""
+    deadline = current_deadline()
+    limit = min(device.timeouts.command, deadline.remaining() if deadline is not None else device.timeouts.command)
+    context.shared = DeviceShare.start(
+        share, device.name, str(planned.fingerprint.get("id", "")),
+        {str(s["key"]): str(s["build_key"]) for s in rebuild}, limit_s=limit,
+        gone=lambda: deadline is not None and deadline.expired)
+    given, payload = context.shared.request()
+    return ({"given": given} if given else {}), payload
+
+
+def origins(context: PushContext, planned: Planned, results: Sequence[ops.ProgramBuilt]) -> dict[str, str]:
+    """Where each program's binary came from: compiled here, shared from a device, from the store, reused."""
+    origin = {k: "reused" for k in planned.build_keys}
+    for result in results:
+        if not result.ok or result.key not in origin:
+            continue
+        if result.reused:
+            origin[result.key] = "reused"
+        elif context.shared is not None:
+            origin[result.key] = context.shared.origin(result.key, result.given)
+        else:
+            origin[result.key] = "compiled"
+    return {k: origin[k] for k in sorted(origin)}
 
 
 def current_build(state: RemoteState) -> Built:
@@ -387,7 +430,11 @@ def pull_stage(context: PushContext, session: AgentSession, planned: Planned, bu
     missing = sorted(k for k in planned.build_keys if k not in entries)
     if missing:
         raise AgentError(f"the pulled cache file lacks program(s) {missing}", kind="bad_cache")
-    return Pulled(cache_bytes, manifest, {k: hashlib.sha256(entries[k]).hexdigest() for k in planned.build_keys})
+    shas = {k: hashlib.sha256(entries[k]).hexdigest() for k in planned.build_keys}
+    if context.shared is not None:  # what this device compiled, pulled and checked: for the others of its kind
+        context.shared.publish({planned.build_keys[k]: (k, entries[k], shas[k])
+                                for k, how in context.outcome.origin.items() if how.startswith("compiled")})
+    return Pulled(cache_bytes, manifest, shas)
 
 
 # ----- smoke: what changed (or everything, or nothing) -----
@@ -628,7 +675,11 @@ def _stages_of(job: PushJob) -> tuple[Work[DeviceOutcome], OnFailure[DeviceOutco
 
     def work(device_work: DeviceWork[DeviceOutcome]) -> None:
         held.append(PushContext(job, device_work))
-        push_stages(held[0])
+        try:
+            push_stages(held[0])
+        finally:
+            if held[0].shared is not None:  # what it claimed and did not publish: its waiters build it
+                held[0].shared.share.release(device_work.device.name)
 
     def on_failure(device_work: DeviceWork[DeviceOutcome], exc: DeviceError) -> None:
         record_failure(held[0] if held else PushContext(job, device_work), exc)
@@ -654,5 +705,7 @@ def run_fleet(devices: Sequence[Device], job: PushJob, *, forks: int, progress: 
     """Every device in parallel (at most `forks` at once), each within its `timeouts.device`; outcomes in
     inventory order. Past `max_fail_percentage`, the devices not yet started fail as `not_started`."""
     stop = None if job.max_fail_percentage is None else fail_limit(job.max_fail_percentage, len(devices))
+    if job.share is None and not job.check and any(d.share_builds for d in devices):
+        job = replace(job, share=BuildShare(BinaryStore(job.cache)))
     return runner.run_fleet(devices, DeviceOutcome, lambda d: run_device(d, job, progress), forks=forks,
                             progress=progress, label="device", stop=stop)
