@@ -20,7 +20,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from deployer.sim.fleet import SIM_USER, DeviceSpec, Fleet, proxy_stats, restart_proxy
+from deployer.sim.fleet import SIM_USER, DeviceSpec, Fleet, proxy_stats, restart_proxy, set_device
 from tests.conftest import Cli
 from tests.test_faults import _saxpy_only
 
@@ -119,6 +119,20 @@ def test_proxy_counts_the_bytes_of_a_push(make_fleet: MakeFleet, cli: Cli, tmp_p
     # the proxy sees the agent channel's payload plus SSH framing, MACs and the handshake
     assert sent < stats["client_to_server_bytes"] < sent * 1.1 + (32 << 10)
     assert received < stats["server_to_client_bytes"] < received * 1.1 + (32 << 10)
+
+
+def test_a_send_may_wait_for_a_slow_board_as_long_as_the_command_timeout(
+        make_fleet: MakeFleet, cli: Cli, tmp_path: Path) -> None:
+    """A board slow to take what is sent (here 3% of a CPU: the agent reads, hashes and writes the model
+    slowly) lets the SSH window (2 MiB) fill, and each send waits for it. A read before it (every reply) had
+    left the channel's timeout at the 0.1 s stderr poll, so the upload failed within a fraction of a second,
+    saying "could not send within 300 s" (seen on a loaded machine pushing 16 MiB models to 8 boards)."""
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    set_device(fleet, "sim-01", cpu=0.03)
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(6 << 20))
+    code, devices = push(cli, fleet, tmp_path, "--model", model, "--smoke", "never")
+    assert code == 0, devices["sim-01"]["error"]
 
 
 def test_rate_limit_alone_and_with_rtt(make_fleet: MakeFleet) -> None:

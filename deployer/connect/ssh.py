@@ -108,7 +108,11 @@ class SshChannel(BufferedReader):
 
     def _send_all(self, data: bytes) -> None:
         """Paramiko's `sendall` re-slices the remaining bytes after every packet (`s = s[sent:]`): a 16 MiB
-        file copied ~500 times over. Send bounded slices of a view instead: each byte is copied once."""
+        file copied ~500 times over. Send bounded slices of a view instead: each byte is copied once.
+        The channel's timeout is the command's again first: a read leaves it at its short stderr poll, and a
+        send that waits for the board's window (a slow link or a busy board) then failed within 0.1 s as
+        "could not send within 300 s"."""
+        self._channel.settimeout(self._timeout)
         view, offset = memoryview(data), 0
         while offset < len(view):
             offset += self._channel.send(bytes(view[offset: offset + SEND_SLICE]))
