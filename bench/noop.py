@@ -10,14 +10,14 @@ floor, the controller's CPU per device, and a cold push with build sharing on an
 (`ssh true` to every device at once, fresh connections, bench/push.py's `write_floor`) and the no-op re-push
 alternate `--reps` times, each a fresh process reaped by bench/push/spawn.py (wall, peak RSS, CPU seconds of
 the process and every child it reaped: for the floor that is the N ssh clients) and the boards' CPU seconds
-(see `board_cpu_s`). Medians are printed with the ratio no-op / floor, and the controller's CPU seconds per
+(see `account`). Medians are printed with the ratio no-op / floor, and the controller's CPU seconds per
 device (CPU / N): run it at two N for the slope.
 
 `cold`: the repo's kernel library and the 16 MiB model, drivers' caches off (POCL_KERNEL_CACHE=0), the
 devices' `~/.deployer` and the local cache removed before each run; once with the inventory as the sim
 writes it, once with `share_builds: true`, then (sharing on) once more with `relu.cl` changed: its program
-must be compiled once for the fleet. Board CPU seconds: the CPU of each device's sshd and everything it
-reaped (sessions, agents, OpenCL children: the compiles dominate), summed over the fleet; `origins` counts
+must be compiled once for the fleet. Board CPU seconds: each device's cgroup v1 `cpuacct` usage (its sshd,
+sessions, agents and OpenCL children: see `account`), summed over the fleet; `origins` counts
 the JSON's `origin` words (compiled, shared, from, reused) over devices and programs.
 
 The controller is pinned to CPU 0 and the fleet to CPU 1, as in bench/push.py. Figures: bench/README.md.
@@ -48,25 +48,39 @@ from push import (  # noqa: E402  (bench/push.py, beside this file)
     write_floor,
 )
 
-TICK = os.sysconf("SC_CLK_TCK")
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")  # cgroup v1
 
 
-def board_cpu_s(fleet: Any) -> float:
-    """CPU seconds of every device's server process group: live processes' own time plus what each
-    reaped (sshd reaps each connection's processes, which reaped the agent and its OpenCL children)."""
-    groups = {d.pid for d in fleet.devices}
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def account(fleet: Any) -> list[Path]:
+    """One cgroup v1 `cpuacct` group per device, holding its server and everything in its namespace: the
+    processes it starts later (each session, the agent, the OpenCL children) inherit it, so the group's
+    `cpuacct.usage` is the board's CPU, the compiles included. The proxies in front stay out."""
+    from deployer.sim.fleet import namespace_pids
+    groups = []
+    for device in fleet.devices:
+        group = CPUACCT / f"bench-noop-{os.getpid()}-{device.spec.name}"
+        group.mkdir(exist_ok=True)
+        for pid in [device.pid, *namespace_pids(device.pid)]:
+            try:
+                (group / "cgroup.procs").write_text(str(pid))
+            except ProcessLookupError:
+                pass  # ended meanwhile
+        groups.append(group)
+    return groups
+
+
+def board_cpu_s(groups: list[Path]) -> float:
+    """CPU seconds the boards spent so far (nanoseconds in `cpuacct.usage`), summed over the fleet."""
+    return sum(int((g / "cpuacct.usage").read_text()) for g in groups) / 1e9
+
+
+def release(groups: list[Path]) -> None:
+    """After the fleet stopped: its groups are empty, and go."""
+    for group in groups:
         try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
+            group.rmdir()
         except OSError:
-            continue
-        if int(fields[2]) in groups:  # fields[2]: pgrp (after state and ppid)
-            total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return total / TICK
+            pass
 
 
 def start_primed_fleet(folder: Path, count: int, rtt_ms: int, pocl_cache: Path) -> Any:
@@ -115,6 +129,7 @@ def run_noop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     folder, logs = work / "fleet", work / "logs"
     logs.mkdir()
     fleet = start_primed_fleet(folder, args.devices, args.rtt_ms, work / "pocl")
+    groups = account(fleet)
     try:
         env = env_with_repo()
         floor = write_floor(fleet, work)
@@ -127,9 +142,9 @@ def run_noop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {"floor": [], "noop": []}
         for rep in range(args.reps):
             for label, command in (("floor", ["bash", str(floor)]), ("noop", argv)):
-                before = board_cpu_s(fleet)
+                before = board_cpu_s(groups)
                 runs[label].append(measure(fleet, command, logs, f"{label}-{rep}", env=env))
-                runs[label][-1]["board_cpu_s"] = round(board_cpu_s(fleet) - before, 3)
+                runs[label][-1]["board_cpu_s"] = round(board_cpu_s(groups) - before, 3)
             for label in ("floor", "noop"):
                 r = runs[label][-1]
                 print(f"  {label}-{rep}: {r['wall_s']:.3f} s cpu={r['cpu_s']:.3f} s board={r['board_cpu_s']:.3f} s "
@@ -138,6 +153,7 @@ def run_noop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                       f"cmds/dev={max(d['commands'] for d in r['devices'].values())}", flush=True)
     finally:
         sim.stop_fleet(folder)
+        release(groups)
     table = {}
     for label, results in runs.items():
         table[label] = {"wall_s": med([r["wall_s"] for r in results]), "cpu_s": med([r["cpu_s"] for r in results]),
@@ -154,6 +170,7 @@ def run_cold(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     logs.mkdir()
     payload = make_payload(work)
     fleet = start_fleet(folder, args.devices, args.rtt_ms, 0)
+    groups = account(fleet)
     table: dict[str, Any] = {}
     try:
         env = env_with_repo()
@@ -164,10 +181,10 @@ def run_cold(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             inv = inventory(fleet, work, share=share, cache_off=True)
             argv = deploy_argv(inv, work, payload["model"], args.devices)
             label = "share-on" if share else "share-off"
-            before = board_cpu_s(fleet)
+            before = board_cpu_s(groups)
             started = time.perf_counter()
             result = measure(fleet, argv, logs, label, env=env)
-            board = board_cpu_s(fleet) - before
+            board = board_cpu_s(groups) - before
             report = json.loads((logs / f"{label}.out").read_text() or "{}")
             origins: dict[str, int] = {}
             for device in report.get("devices", []):
@@ -181,9 +198,9 @@ def run_cold(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if "share-on" in table:  # one kernel changed, sharing on: that program is compiled once for the fleet
             relu = work / "deploy-kernels" / "relu.cl"
             relu.write_bytes(relu.read_bytes() + b"// bench: changed\n")
-            before = board_cpu_s(fleet)
+            before = board_cpu_s(groups)
             result = measure(fleet, argv, logs, "share-on-changed", env=env)
-            board = board_cpu_s(fleet) - before
+            board = board_cpu_s(groups) - before
             report = json.loads((logs / "share-on-changed.out").read_text() or "{}")
             origins = {}
             for device in report.get("devices", []):
@@ -195,6 +212,7 @@ def run_cold(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             print(f"  share-on-changed: {table['share-on-changed']}", flush=True)
     finally:
         sim.stop_fleet(folder)
+        release(groups)
     if "share-on" in table and "share-off" in table:
         table["share-on"]["x_share_off"] = round(table["share-on"]["wall_s"] / table["share-off"]["wall_s"], 3)
         table["share-on"]["board_cpu_x_share_off"] = round(
