@@ -4,7 +4,7 @@ floor, the controller's CPU per device, and a cold push with build sharing on an
 
     PYTHONPATH=. .venv/bin/python bench/noop.py noop --devices 8 --rtt-ms 0 --reps 3
     PYTHONPATH=. .venv/bin/python bench/noop.py noop --devices 32 --rtt-ms 40 --reps 3
-    PYTHONPATH=. .venv/bin/python bench/noop.py cold --devices 8         # sharing off, then on
+    PYTHONPATH=. .venv/bin/python bench/noop.py cold --devices 8 --shell # the shell baseline, sharing off, on
 
 `noop`: the fleet is primed by one push of the library's first program (saxpy: see `saxpy_only`), then the floor
 (`ssh true` to every device at once, fresh connections, bench/push.py's `write_floor`) and the no-op re-push
@@ -14,7 +14,9 @@ the process and every child it reaped: for the floor that is the N ssh clients) 
 device (CPU / N): run it at two N for the slope.
 
 `cold`: the repo's kernel library and the 16 MiB model, drivers' caches off (POCL_KERNEL_CACHE=0), the
-devices' `~/.deployer` and the local cache removed before each run; once with the inventory as the sim
+devices' `~/.deployer` and the local cache removed before each run; with `--shell`, bench/push.py's shell
+baseline first (rsync, one ControlMaster connection per device, bench/push/compile.py); then deploy once with
+the inventory as the sim
 writes it, once with `share_builds: true`, then (sharing on) once more with `relu.cl` changed: its program
 must be compiled once for the fleet. Board CPU seconds: each device's cgroup v1 `cpuacct` usage (its sshd,
 sessions, agents and OpenCL children: see `account`), summed over the fleet; `origins` counts
@@ -40,12 +42,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from push import (  # noqa: E402  (bench/push.py, beside this file)
     PYTHON,
     REPO,
+    clear_devices,
+    close_masters,
     deploy_argv,
     env_with_repo,
+    hosts,
     make_payload,
     measure,
+    remote_compile_s,
     start_fleet,
     write_floor,
+    write_shell,
 )
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")  # cgroup v1
@@ -174,6 +181,17 @@ def run_cold(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     table: dict[str, Any] = {}
     try:
         env = env_with_repo()
+        if args.shell:  # bench/push.py's shell baseline, cold, in the same run: the target's denominator
+            clear_devices(fleet, deployer=False)
+            control = Path(tempfile.mkdtemp(prefix="bench-ctl-", dir="/tmp"))
+            argv = ["bash", str(write_shell(fleet, work)), str(work), str(control),
+                    *[a for n, p in hosts(fleet) for a in (n, str(p))]]
+            before = board_cpu_s(groups)
+            result = measure(fleet, argv, logs, "shell", env=env, after=lambda: close_masters(control))
+            table["shell"] = {"wall_s": result["wall_s"], "rc": result["rc"], "compile_s": remote_compile_s(fleet),
+                              "board_cpu_s": round(board_cpu_s(groups) - before, 2), "rss_mib": result["rss_mib"]}
+            shutil.rmtree(control, ignore_errors=True)
+            print(f"  shell: {table['shell']}", flush=True)
         for share in (False, True) if args.mode == "both" else (args.mode == "on",):
             for device in fleet.devices:
                 shutil.rmtree(Path(device.folder) / "home" / ".deployer", ignore_errors=True)
@@ -213,6 +231,8 @@ def run_cold(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     finally:
         sim.stop_fleet(folder)
         release(groups)
+    if "share-on" in table and "shell" in table:
+        table["share-on"]["x_shell"] = round(table["share-on"]["wall_s"] / table["shell"]["wall_s"], 3)
     if "share-on" in table and "share-off" in table:
         table["share-on"]["x_share_off"] = round(table["share-on"]["wall_s"] / table["share-off"]["wall_s"], 3)
         table["share-on"]["board_cpu_x_share_off"] = round(
@@ -227,6 +247,7 @@ def main() -> int:
     parser.add_argument("--rtt-ms", type=int, default=0)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mode", choices=("both", "on", "off"), default="both", help="cold: sharing off, on, both")
+    parser.add_argument("--shell", action="store_true", help="cold: bench/push.py's shell baseline first (rsync)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if os.geteuid() != 0:
