@@ -155,7 +155,9 @@ def test_the_builder_lost_mid_compile_the_other_board_compiles_for_itself(
         assert wait_until(lambda: any(rig.marker(n).exists() for n in ("sim-01", "sim-02")), 60), rig.output(process)
         builder = next(n for n in ("sim-01", "sim-02") if rig.marker(n).exists())
         waiter = "sim-02" if builder == "sim-01" else "sim-01"
-        assert not rig.marker(waiter).exists()  # it waits in the controller, its agent not building
+        # the other reaches its compile stage and waits there, in the controller, its agent not building
+        assert wait_until(lambda: f"{waiter} compile" in rig.output(process)[1], 60), rig.output(process)
+        assert not rig.marker(waiter).exists()
         assert kill_sshd(rig.fleet, builder)
         for name in ("sim-01", "sim-02"):
             Path(f"{rig.marker(name)}.continue").touch()
