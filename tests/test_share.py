@@ -127,3 +127,27 @@ def test_a_device_share_names_each_origin_and_a_refusal_stops_sharing() -> None:
     refused = taker.origin("relu -DB", "refused: CL_INVALID_BINARY (-42) in clCreateProgramWithBinary")
     assert refused.startswith("compiled (this driver refused the binary shared from a: CL_INVALID_BINARY")
     assert share.stopped(FP) and DeviceShare.start(share, "c", FP, WANTED, limit_s=5).request() == ([], b"")
+
+
+def test_two_workers_storing_one_key_at_once_leave_it_whole(tmp_path: Path) -> None:
+    """Two boards whose builder failed both compile the key and store it: one temp name per process, so the
+    store serialises its writers (unserialised, one writer's rename found the other's temp file gone)."""
+    store = BinaryStore(tmp_path)
+    errors: list[BaseException] = []
+
+    def writer(tag: bytes) -> None:
+        try:
+            for _ in range(40):
+                store.put(BK1, "saxpy -DA", b"poclbin " + tag * 4096, tag.decode())
+        except BaseException as exc:  # noqa: BLE001 - any failure in the thread is the test's failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(tag,)) for tag in (b"a", b"b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    entry = store.get(BK1)
+    assert entry is not None and entry.binary in (b"poclbin " + b"a" * 4096, b"poclbin " + b"b" * 4096)
+    assert store.damaged == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,14 @@ class StoredBinary:
 
 
 class BinaryStore:
-    """One cache's store. `damaged` lists what reads found wrong (and deleted), for the push to report."""
+    """One cache's store. `damaged` lists what reads found wrong (and deleted), for the push to report. The
+    workers of one push share it: one lock keeps two of them from writing one entry through one temp name
+    (two boards whose builder failed may both compile the same key)."""
 
     def __init__(self, cache: Path) -> None:
         self.folder = cache / STORE
         self.damaged: list[str] = []
+        self._lock = threading.Lock()
 
     def _paths(self, build_key: str) -> tuple[Path, Path]:
         if not BUILD_KEY.fullmatch(build_key):
@@ -50,6 +54,10 @@ class BinaryStore:
 
     def get(self, build_key: str) -> StoredBinary | None:
         """The entry filed under `build_key` if it is whole; a damaged one is deleted (never trusted)."""
+        with self._lock:
+            return self._get(build_key)
+
+    def _get(self, build_key: str) -> StoredBinary | None:
         data, meta = self._paths(build_key)
         if not meta.exists():
             return None
@@ -70,6 +78,10 @@ class BinaryStore:
         return StoredBinary(build_key, record["key"], binary, record["sha256"], str(record.get("built_by", "")))
 
     def put(self, build_key: str, key: str, binary: bytes, built_by: str) -> None:
+        with self._lock:
+            self._put(build_key, key, binary, built_by)
+
+    def _put(self, build_key: str, key: str, binary: bytes, built_by: str) -> None:
         data, meta = self._paths(build_key)
         try:
             self.folder.mkdir(mode=0o700, exist_ok=True)
