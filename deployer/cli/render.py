@@ -4,12 +4,14 @@ Every string a command prints that came from a board (file names, program keys, 
 fingerprint strings, collected paths) or from a user's file goes through `shown`: control characters
 (escape sequences that clear the screen or retitle the window, bells, carriage returns) become visible
 `\\x1b`-style escapes, and Rich markup in it is escaped, so it prints as the text it is. `--json` documents
-go through `emit_json` (docs/json.md): JSON escapes control characters itself.
+go through `emit_json` (docs/json.md): JSON escapes the C0 controls itself, and `emit_json` DEL and the C1
+controls (U+0080-009F: U+009B is an 8-bit CSI) that a board's own file can carry into a document.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from deployer.tasks.progress import Progress
     from deployer.tasks.runner import FleetOutcome
 
+_C1 = re.compile("[\x7f-\x9f]")  # what JSON leaves raw with ensure_ascii=False and a terminal acts on
 MAX_SHOWN = 8000  # characters of one value: a board's multi-megabyte log is cut, not scrolled
 
 
@@ -37,7 +40,8 @@ def emit_json(document: Mapping[str, Any]) -> None:
     text as it is), written directly: Rich renders every token as a styled segment, ~54 ms of CPU for the
     document of 8 devices against ~1 ms, and it grows with the fleet (bench/README.md, issue 18)."""
     out = stdout.file
-    out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(document, indent=2, ensure_ascii=False)  # a raw one can only be inside a JSON string:
+    out.write(_C1.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")  # its \\u escape is the same text
     out.flush()
 
 
