@@ -268,6 +268,10 @@ def check_found(entry: object, max_size: int) -> Found | Refused:
         return Refused(shown, "not an absolute path")
     if ".." in path.split("/") or posixpath.normpath(path) != path:
         return Refused(shown, "path with '..' or not normalised: refused")
+    try:  # what os.fsdecode makes of a real file name encodes back; JSON's lone "\ud800" does not
+        path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return Refused(shown, "not a file name: a lone surrogate")
     kind = entry.get("kind")
     if kind != "file":
         error = entry.get("error")
