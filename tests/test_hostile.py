@@ -247,6 +247,7 @@ def test_a_lying_find_is_refused_entry_by_entry(hostile: Hostile) -> None:
     assert refused["/data/link.bin"].startswith("symlink to /etc/")
     assert "refused before pulling" in refused["/data/big.bin"] and refused["/data/hash.bin"] == "malformed sha256"
     assert refused["/data/nul\\x00.bin"] == "not an absolute path" and refused["None"] == "malformed entry"
+    assert refused["/data/\\ud800.bin"] == "not a file name: a lone surrogate"  # was the device's "local cache" error
     statuses = sorted(f["status"] for f in devices["escapes"]["files"])
     assert statuses == ["new", "refused"], devices["escapes"]
     (kept,) = (hostile.cache / "escapes" / "collected").iterdir()

@@ -154,6 +154,7 @@ def lie_paths(request):
             {"path": "/data/big.bin", "kind": "file", "size": 1 << 40, "sha256": sha, "mtime": 1.0},
             {"path": "/data/hash.bin", "kind": "file", "size": 1, "sha256": "../" + ESC, "mtime": 1.0},
             {"path": "/data/nul\x00.bin", "kind": "file", "size": 1, "sha256": sha, "mtime": 1.0},
+            {"path": "/data/\ud800.bin", "kind": "file", "size": 1, "sha256": sha, "mtime": 1.0},  # no file name
             "/data/not-a-record.bin",
         ]
         send({"ok": True, "files": entries, "truncated": False})
