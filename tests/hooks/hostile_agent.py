@@ -21,8 +21,8 @@ if MYPY:  # type comments: this file runs on the boards' Python
 
 # Clear the screen, retitle the window (ended by a bell), an 8-bit CSI: what must never reach a terminal raw.
 ESC = "\x1b[2J\x1b]0;owned\x07\x9b31m"
-CASES = ("paths", "fingerprint", "escapes", "oversize", "truncated", "malformed", "not_object", "unasked",
-         "flood", "hello", "error_text", "pull")
+CASES = ("paths", "fingerprint", "escapes", "oversize", "sizes", "truncated", "malformed", "not_object",
+         "unasked", "flood", "hello", "error_text", "pull")
 FLOOD_BYTES = 400 * 1000 * 1000  # more than a controller holding it would survive the test's memory bound
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -310,6 +310,28 @@ def lie_pull(request):
     elif op == "rollback":
         send({"ok": True, "current": "r2", "previous": "r3", "cache_sha256": hashlib.sha256(junk).hexdigest(),
               "manifest": {"programs": []}}, junk)
+    else:
+        plausible(request)
+
+
+def lie_sizes(request):
+    # type: (Dict[str, Any]) -> None
+    """Sizes that do not match: a pulled file's size field, a read shorter than `find` said, a rollback's
+    cache file whose hash is not the one announced."""
+    op = request.get("op")
+    junk = b"\0" * 64
+    if op == "build":
+        lie_pull(request)
+    elif op == "get":
+        send({"ok": True, "size": len(junk) + 7, "sha256": hashlib.sha256(junk).hexdigest()}, junk)
+    elif op == "find":
+        send({"ok": True, "truncated": False, "files": [
+            {"path": "/data/short.bin", "kind": "file", "size": 100, "sha256": hashlib.sha256(junk).hexdigest(),
+             "mtime": 1.0}]})
+    elif op == "read":
+        send({"ok": True}, junk)
+    elif op == "rollback":
+        send({"ok": True, "current": "r2", "previous": "r3", "cache_sha256": "e" * 64, "manifest": {}}, junk)
     else:
         plausible(request)
 
