@@ -142,7 +142,7 @@ class AgentSession:
         self._channel.close_input()
         status, stderr = self._channel.finish(FINISH_TIMEOUT_S)
         tail = stderr.strip().splitlines()[-3:] if stderr.strip() else []
-        detail = f": {' | '.join(tail)}" if tail else ""
+        detail = f": {one_line(' | '.join(tail), 2000)}" if tail else ""  # the board's stderr: untrusted text
         if status == NEED_AGENT:
             return AgentMissing("the agent is not on the device yet", kind="need_agent")
         if status == 127:
