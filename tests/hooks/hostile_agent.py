@@ -241,7 +241,10 @@ def lie_oversize(request):
 
 def lie_truncated(request):
     # type: (Dict[str, Any]) -> None
-    """Frames cut short: a payload that ends early, a line that never ends; then the board is gone."""
+    """Frames cut short: a payload that ends early, a line that never ends; then the board is gone, its
+    last words on stderr three long lines of escape sequences."""
+    sys.stderr.write((ESC * 2000 + "\n") * 3)
+    sys.stderr.flush()
     if request.get("op") == "state":
         send({"ok": True, "current": None}, b'{"current": null, "fi', announce=10 * 1000 * 1000)
     else:
