@@ -5,7 +5,8 @@ wrapper that starts it, so the real sshd runs it) and lies in one way (its case)
 payloads far larger than announced, `..`/absolute/symlinked paths, escape sequences in every string, a
 fingerprint that is not one, malformed and truncated frames, a reply to a question it was not asked, a flood
 on stdout. The whole fleet goes through what consumes a board's answers: `push` (three times: table, JSON,
-JSON), `collect`, `rollback` (twice) and `cache install`, each a `deploy` subprocess. For every run: each
+JSON), `collect` and `rollback` (twice each), `cache install` (twice), then `cache ls`, `show` and `verify`,
+which show again what boards sent; each a `deploy` subprocess. For every run: each
 lying device fails with a clear message, the honest device passes, the controller's peak RSS and time stay
 bounded, nothing is written outside the cache, and no raw escape byte reaches stdout, stderr or the JSON.
 
@@ -171,6 +172,10 @@ def hostile(tmp_path_factory: pytest.TempPathFactory, pocl_cache: Path) -> Itera
         runs += [
             _deploy(root, fleet, "cache install", "cache", "install", *fleet_args, "--to", INSTALL_TO, "--json"),
             _deploy(root, fleet, "cache install (table)", "cache", "install", *fleet_args, "--to", INSTALL_TO),
+            # What the boards sent, shown again later from the cache alone.
+            _deploy(root, fleet, "cache ls (table)", "cache", "ls", "--cache", cache),
+            _deploy(root, fleet, "cache show", "cache", "show", "escapes", "--cache", cache),
+            _deploy(root, fleet, "cache verify (table)", "cache", "verify", "--cache", cache),
         ]
         yield Hostile(root, fleet, cache, {r.name: r for r in runs})
     finally:
@@ -267,21 +272,23 @@ def test_a_lying_find_is_refused_entry_by_entry(hostile: Hostile) -> None:
 
 
 @pytest.mark.parametrize("name", ["push (table)", "push", "push --smoke never", "collect", "collect (table)",
-                                  "rollback (table)", "rollback", "cache install", "cache install (table)"])
+                                  "rollback (table)", "rollback", "cache install", "cache install (table)",
+                                  "cache ls (table)", "cache show", "cache verify (table)"])
 def test_a_hostile_fleet_costs_bounded_memory_and_time_and_shows_no_raw_escape(hostile: Hostile, name: str) -> None:
     """Every run: exit 1 (not 70), the honest device named as done, peak RSS under 300 MiB although boards
     flood 400 MB (a run measured 71-78 MB here), well within its time bound, and no escape byte, bell or 8-bit
     CSI on stdout or stderr (JSON escapes C0 controls; the collected file's own strings brought a raw
     U+009B to `collect --json` before `emit_json` wrote ASCII)."""
     run = hostile.runs[name]
-    assert run.code == 1, (run.code, run.err[-2000:])
+    expected_code = 0 if name in ("cache ls (table)", "cache show") else 1  # verify: the seeded, manifest-less
+    assert run.code == expected_code, (run.code, run.err[-2000:])
     assert b"Traceback" not in run.err and b"internal error" not in run.err
     assert run.maxrss_kib < RSS_LIMIT_KIB, run.maxrss_kib
     assert run.elapsed < RUN_LIMIT_S, run.elapsed
     for stream in (run.out, run.err):
         text = stream.decode("utf-8")  # strict: no stray bytes either
         assert not [c for c in RAW_ESCAPES if c in text], (name, [c for c in RAW_ESCAPES if c in text])
-    if "(table)" in name and "collect" not in name:  # collect's table lists files: the honest board has none
+    if name in ("push (table)", "rollback (table)", "cache install (table)"):  # a line per device
         assert any(line.startswith(HONEST) or f"{HONEST} " in line for line in run.out.decode().splitlines())
 
 
