@@ -3,7 +3,7 @@
 - Controller: `AgentSession` reads any byte stream as framed replies, or raises a `DeviceError`
   (`AgentError`, `TransportError`); a payload over its op's limit is refused unread and ends the exchange;
   what the board's writer frames, the controller reads back whole. The parsers behind it (`parse_state`,
-  `parse_fingerprint`, `check_found`, `local_folder`, `printable`) map any JSON to a checked record or their
+  `parse_fingerprint`, `check_found`, `local_folder`, `deployer.text`) map any JSON to a checked record or their
   documented refusal, and keep no raw control character.
 - Board: `read_header`/`read_message` map any bytes to messages, `EOFError` or `FramingError`; the agent's
   `Session.serve` answers any request stream (garbage lines, truncated payloads, wrong fields) with one framed
@@ -39,19 +39,20 @@ from deployer.cache.mace import (
     encode_mace_pb,
     parse_cache,
 )
-from deployer.cli.render import visible
 from deployer.config.inventory import Device, parse_inventory
 from deployer.connect.channel import BufferedReader
 from deployer.errors import AgentError, DeviceError
 from deployer.protocol.fingerprint import fingerprint_id, parse_fingerprint
-from deployer.protocol.reply import Reply, printable, printable_line
+from deployer.protocol.ops import Found, Refused, check_found
+from deployer.protocol.reply import Reply
 from deployer.protocol.session import REPLY_LIMITS, SMALL_REPLY, AgentSession
 from deployer.protocol.spool import Spool
 from deployer.remote.framing import MAX_LINE, FramingError, read_header, read_message, write_message
 from deployer.remote.kinds import AGENT as AGENT_KINDS
 from deployer.remote.session import Session
-from deployer.tasks.collect import Found, check_found, local_folder
+from deployer.tasks.collect import local_folder
 from deployer.tasks.plan import parse_state
+from deployer.text import one_line, visible
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CONTROL = [chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))]
@@ -234,8 +235,8 @@ def test_any_find_entry_is_a_readable_file_or_a_reason(entry: Any) -> None:
     """A board's `find` result: a file the controller may read (absolute, normalised, no NUL, a size within
     bounds, a hash), or a printable reason; the local folder it would get is one plain name."""
     checked = check_found(entry, max_size=1 << 30)
-    if isinstance(checked, str):
-        assert _no_control(checked, "\n\t")
+    if isinstance(checked, Refused):
+        assert _no_control(checked.why) and _no_control(checked.path)
         return
     assert isinstance(checked, Found)
     assert checked.path.startswith("/") and posixpath.normpath(checked.path) == checked.path
@@ -249,7 +250,7 @@ def test_no_device_sent_path_names_a_folder_outside_the_cache(path: str) -> None
     lone surrogate, which JSON can carry and no file name decodes to, failed the device's whole collect as
     "local cache: 'utf-8' codec can't encode" before check_found refused it)."""
     checked = check_found({"path": path, "kind": "file", "size": 1, "sha256": "a" * 64}, max_size=1)
-    if isinstance(checked, str):
+    if isinstance(checked, Refused):
         return
     name = local_folder(checked.path)
     assert "/" not in name and not name.startswith(".") and name.isprintable() and 0 < len(name) <= 130
@@ -260,9 +261,8 @@ def test_no_device_sent_path_names_a_folder_outside_the_cache(path: str) -> None
 @FAST
 @given(text=TEXT, limit=st.integers(4, 100))
 def test_device_text_is_shown_without_control_characters(text: str, limit: int) -> None:
-    assert _no_control(printable(text, limit), "\n\t") and len(printable(text, limit)) <= limit
-    assert _no_control(printable_line(text, limit)) and len(printable_line(text, limit)) <= limit
-    assert _no_control(visible(text), "\n\t")
+    assert _no_control(visible(text, limit), "\n\t") and len(visible(text, limit)) <= limit
+    assert _no_control(one_line(text, limit)) and len(one_line(text, limit)) <= limit
 
 
 # ----- the board's reader and the agent's request loop -------------------------------------------------------

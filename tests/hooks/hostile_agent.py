@@ -21,8 +21,8 @@ if MYPY:  # type comments: this file runs on the boards' Python
 
 # Clear the screen, retitle the window (ended by a bell), an 8-bit CSI: what must never reach a terminal raw.
 ESC = "\x1b[2J\x1b]0;owned\x07\x9b31m"
-CASES = ("paths", "fingerprint", "escapes", "oversize", "sizes", "truncated", "malformed", "not_object",
-         "unasked", "flood", "hello", "error_text", "pull")
+CASES = ("paths", "fingerprint", "escapes", "keys", "manifest", "oversize", "sizes", "truncated", "malformed",
+         "not_object", "unasked", "flood", "hello", "error_text", "pull")
 FLOOD_BYTES = 400 * 1000 * 1000  # more than a controller holding it would survive the test's memory bound
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -193,10 +193,11 @@ def lie_escapes(request):
     elif op == "fingerprint":
         send({"ok": True, "fingerprint": fingerprint(ESC)})
     elif op == "build":
-        programs = [{"key": key, "ok": False, "build_ms": 1, "binary_size": 0, "sha256": ESC, "reused": False,
-                     "log": (ESC + "error: " + ESC + "\n") * 2000}
-                    for key in [p.get("key") for p in request.get("programs") or []] + [ESC, "../../../" + ESC]]
-        send({"ok": True, "cache_file": ESC, "manifest_file": ESC, "cache_sha256": ESC, "programs": programs})
+        programs = [{"key": p.get("key"), "ok": False, "build_ms": 1, "binary_size": 0, "sha256": ESC,
+                     "reused": False, "log": (ESC + "error: " + ESC + "\n") * 2000}
+                    for p in request.get("programs") or []]
+        send({"ok": True, "cache_file": ESC, "manifest_file": "build/manifest.json", "cache_sha256": "0" * 64,
+              "programs": programs})
     elif op == "find":
         data = container()
         send({"ok": True, "truncated": False, "files": [
@@ -294,19 +295,46 @@ def lie_error_text(request):
         fail("io", ESC * 10000)
 
 
+def built(request, **fields):
+    # type: (Dict[str, Any], Any) -> None
+    """A build reply that says every program asked for was built, `fields` changing it."""
+    reply = {"ok": True, "cache_file": "build/mace_cl_compiled_program.bin", "manifest_file": "build/manifest.json",
+             "cache_sha256": hashlib.sha256(b"").hexdigest(), "programs": [
+                 {"key": p.get("key"), "ok": True, "build_ms": 1, "binary_size": 4, "sha256": "d" * 64,
+                  "reused": False, "log": ""} for p in request.get("programs") or []]}  # type: Dict[str, Any]
+    reply.update(fields)
+    send(reply)
+
+
+def lie_keys(request):
+    # type: (Dict[str, Any]) -> None
+    """A build that reports a program it was not asked for, its key escape sequences climbing out."""
+    if request.get("op") == "build":
+        built(request, programs=[{"key": "../../" + ESC, "ok": True, "build_ms": 1, "binary_size": 4,
+                                  "sha256": "d" * 64, "reused": False, "log": ESC}])
+    else:
+        plausible(request)
+
+
+def lie_manifest(request):
+    # type: (Dict[str, Any]) -> None
+    """A build whose manifest file climbs out of the release."""
+    if request.get("op") == "build":
+        built(request, manifest_file="../../../etc/" + ESC)
+    else:
+        plausible(request)
+
+
 def lie_pull(request):
     # type: (Dict[str, Any]) -> None
-    """A build that says it worked, then a cache file that is not a MACE container (its hash true), a manifest
-    path that climbs out of the release; for rollback the same file."""
+    """A build that says it worked, then a cache file that is not a MACE container (its hash true); for
+    rollback the same file."""
     op = request.get("op")
     junk = (ESC * 100).encode("utf-8")
     if op == "build":
-        send({"ok": True, "cache_file": "../../../etc/passwd", "manifest_file": "../../../etc/" + ESC,
-              "cache_sha256": hashlib.sha256(junk).hexdigest(), "programs": [
-                  {"key": p.get("key"), "ok": True, "build_ms": 1, "binary_size": 4, "sha256": "d" * 64,
-                   "reused": False, "log": ""} for p in request.get("programs") or []]})
+        built(request, cache_sha256=hashlib.sha256(junk).hexdigest())
     elif op == "get":
-        if "manifest" in str(request.get("path")) or ESC in str(request.get("path")):
+        if "manifest" in str(request.get("path")):
             send({"ok": True, "size": 16}, b'{"programs": []}')
         else:
             send({"ok": True, "size": len(junk), "sha256": hashlib.sha256(junk).hexdigest()}, junk)
