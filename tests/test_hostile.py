@@ -6,9 +6,9 @@ payloads far larger than announced, `..`/absolute/symlinked paths, escape sequen
 fingerprint that is not one, malformed and truncated frames, a reply to a question it was not asked, a flood
 on stdout. The whole fleet goes through what consumes a board's answers: `push` (three times: table, JSON,
 JSON), `collect` and `rollback` (twice each), `cache install` (twice), then `cache ls`, `show` and `verify`,
-which show again what boards sent; each a `deploy` subprocess. For every run: each
-lying device fails with a clear message, the honest device passes, the controller's peak RSS and time stay
-bounded, nothing is written outside the cache, and no raw escape byte reaches stdout, stderr or the JSON.
+which show again what boards sent; each a `deploy` subprocess. For every run: each lying device fails with
+a clear message, the honest device passes, the controller's peak RSS and time stay bounded, nothing is
+written outside the cache, and no raw escape byte reaches stdout, stderr or the JSON.
 
 Trickling and silent boards and a flood on stderr are in tests/test_faults.py
 (`test_a_trickling_or_silent_board_costs_one_timeout`, `test_a_flood_on_stderr_*`), as are the single cases
