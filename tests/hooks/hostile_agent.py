@@ -5,8 +5,8 @@ the real sshd runs it in place of the agent: it says hello with this controller'
 then reads framed requests as the agent does (docs/design.md, section 1) and answers each as CASE says: sizes
 that do not match, payloads far larger than announced, `..`, absolute and symlinked paths, escape sequences in
 every string, a fingerprint that is not one, malformed and truncated frames, replies to questions not asked,
-floods on stdout. An op CASE does not lie about gets a plausible answer (a build that fails, nothing found),
-so every case ends in a failure the controller must explain. `container.bin` beside this file, when present,
+floods on stdout. An op CASE does not lie about gets a plausible answer (a build that fails, nothing found,
+no older release), so what the controller meets in each case is its lie. `container.bin` beside this file, when present,
 is the MACE container the `escapes` case serves to `collect`. Python >= 3.6, standard library only.
 """
 
