@@ -5,10 +5,11 @@ wrapper that starts it, so the real sshd runs it) and lies in one way (its case)
 payloads far larger than announced, `..`/absolute/symlinked paths, escape sequences in every string, a
 fingerprint that is not one, malformed and truncated frames, a reply to a question it was not asked, a flood
 on stdout. The whole fleet goes through what consumes a board's answers: `push` (three times: table, JSON,
-JSON), `collect` and `rollback` (twice each), `cache install` (twice), then `cache ls`, `show` and `verify`,
-which show again what boards sent; each a `deploy` subprocess. For every run: each lying device fails with
-a clear message, the honest device passes, the controller's peak RSS and time stay bounded, nothing is
-written outside the cache, and no raw escape byte reaches stdout, stderr or the JSON.
+JSON), `collect` and `rollback` (twice each), `cache install` (twice), a nightly `run` (a shell step, its
+reports), then `cache ls`, `show` and `verify`, which show again what boards sent; each a `deploy`
+subprocess. For every run: each lying device fails with a clear message, the honest device passes, the
+controller's peak RSS and time stay bounded, nothing is written outside the cache (and the run's history,
+reports and lock), and no raw escape byte reaches stdout, stderr, the JSON or the reports.
 
 Trickling and silent boards and a flood on stderr are in tests/test_faults.py
 (`test_a_trickling_or_silent_board_costs_one_timeout`, `test_a_flood_on_stderr_*`), as are the single cases
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -134,6 +136,13 @@ def _deploy(root: Path, fleet: Fleet, name: str, *args: str | Path) -> Run:
     return Run(name, process.returncode, stdout, stderr, usage.ru_maxrss, elapsed, written)
 
 
+def _playbook(root: Path) -> Path:
+    path = root / "night.yml"
+    path.write_text("name: hostile\nsteps:\n  - name: probe\n    shell:\n      command: 'echo {\\\"speed\\\": 2.5}'\n"
+                    "      metrics:\n        json: true\n")
+    return path
+
+
 def _seed_install(cache: Path) -> None:
     """Give each lying device a pushed cache (the honest device's file) recorded under the fingerprint it
     will show, so `cache install` goes as far as asking it: a board pushed once, hostile since."""
@@ -150,7 +159,7 @@ def _seed_install(cache: Path) -> None:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory, pocl_cache: Path) -> Iterator[Hostile]:
     root = tmp_path_factory.mktemp("hostile")
-    for folder in ("home", "tmp", "state", "work", "libs"):
+    for folder in ("home", "tmp", "state", "work", "libs", "night"):
         (root / folder).mkdir()
     fleet = start_fleet(root / "fleet", [DeviceSpec(HONEST), *(DeviceSpec(c) for c in CASES)], pocl_cache=pocl_cache)
     try:
@@ -172,6 +181,9 @@ def hostile(tmp_path_factory: pytest.TempPathFactory, pocl_cache: Path) -> Itera
         runs += [
             _deploy(root, fleet, "cache install", "cache", "install", *fleet_args, "--to", INSTALL_TO, "--json"),
             _deploy(root, fleet, "cache install (table)", "cache", "install", *fleet_args, "--to", INSTALL_TO),
+            # A nightly run: a shell step's output and metrics, its reports, its history.
+            _deploy(root, fleet, "run", "run", _playbook(root), *fleet_args, "--history", root / "night" / "h.db",
+                    "--report", root / "night" / "reports", "--json"),
             # What the boards sent, shown again later from the cache alone.
             _deploy(root, fleet, "cache ls (table)", "cache", "ls", "--cache", cache),
             _deploy(root, fleet, "cache show", "cache", "show", "escapes", "--cache", cache),
@@ -278,7 +290,7 @@ def test_a_lying_find_is_refused_entry_by_entry(hostile: Hostile) -> None:
 
 
 @pytest.mark.parametrize("name", ["push (table)", "push", "push --smoke never", "collect", "collect (table)",
-                                  "rollback (table)", "rollback", "cache install", "cache install (table)",
+                                  "rollback (table)", "rollback", "cache install", "cache install (table)", "run",
                                   "cache ls (table)", "cache show", "cache verify (table)"])
 def test_a_hostile_fleet_costs_bounded_memory_and_time_and_shows_no_raw_escape(hostile: Hostile, name: str) -> None:
     """Every run: exit 1 (not 70), the honest device named as done, peak RSS under 300 MiB although boards
@@ -286,7 +298,8 @@ def test_a_hostile_fleet_costs_bounded_memory_and_time_and_shows_no_raw_escape(h
     CSI on stdout or stderr (JSON escapes C0 controls; the collected file's own strings brought a raw
     U+009B to `collect --json` before `emit_json` wrote ASCII)."""
     run = hostile.runs[name]
-    expected_code = 0 if name in ("cache ls (table)", "cache show") else 1  # verify: the seeded, manifest-less
+    # run: 0, a board's error is no new failure; verify: 1, the seeded devices have no manifest
+    expected_code = 0 if name in ("run", "cache ls (table)", "cache show") else 1
     assert run.code == expected_code, (run.code, run.err[-2000:])
     assert b"Traceback" not in run.err and b"internal error" not in run.err
     assert run.maxrss_kib < RSS_LIMIT_KIB, run.maxrss_kib
@@ -303,7 +316,8 @@ def test_nothing_is_written_outside_the_cache(hostile: Hostile) -> None:
     but into the cache (the boards' homes aside); no crash file; every file in the cache is a plain file or
     folder inside it, under a name the controller chose."""
     for run in hostile.runs.values():
-        assert all(p.startswith("cache/") for p in run.written), (run.name, run.written)
+        allowed = ("cache/",) + (("night/", "state/deployer/locks/") if run.name == "run" else ())
+        assert all(p.startswith(allowed) for p in run.written), (run.name, run.written)
     assert "cache/honest/mace_cl_compiled_program.bin" in hostile.runs["push"].written  # the snapshot sees writes
     assert not list((hostile.root / "tmp").iterdir())
     cache = hostile.cache.resolve()
@@ -311,3 +325,25 @@ def test_nothing_is_written_outside_the_cache(hostile: Hostile) -> None:
         assert not path.is_symlink() and path.resolve().is_relative_to(cache), path
         assert path.name.isprintable() and ".." not in path.name.split("/"), path
     assert not (hostile.root / "home" / "app").exists()  # `cache install` wrote on the boards, not here
+
+
+
+def test_a_nightly_run_keeps_and_reports_board_text_printable(hostile: Hostile) -> None:
+    """A `shell` step on every board: the honest one passes with its metric; the escape-named metrics of
+    `escapes` are kept and reported made visible; every other lie is that board's error with a printable
+    reason; report.json, report.html and junit.xml (parsed as XML) hold no raw control character."""
+    devices = hostile.runs["run"].devices()
+    results = {name: device["results"] for name, device in devices.items()}
+    assert [(r["status"], [m["name"] for m in r["metrics"]]) for r in results[HONEST]] == [("pass", ["speed"])]
+    (escaped,) = results["escapes"]
+    assert escaped["status"] == "pass" and {m["name"] for m in escaped["metrics"]} == {
+        "\\x1b[2J\\x1b]0;owned\\x07\\x9b31m", "speed\\x1b[2J\\x1b]0;owned\\x07\\x9b31m"}
+    for case in set(CASES) - {"escapes"}:
+        assert [r["status"] for r in results[case]] == ["error"] and results[case][0]["reason"], case
+    for result in (r for rs in results.values() for r in rs):
+        assert not [c for c in RAW_ESCAPES if c in result["reason"] + "".join(m["name"] for m in result["metrics"])]
+    reports = hostile.root / "night" / "reports"
+    ElementTree.parse(reports / "junit.xml")  # XML 1.0 cannot hold ESC even escaped: a raw one breaks it
+    for name in ("junit.xml", "report.html", "report.json"):
+        text = (reports / name).read_text("utf-8")
+        assert not [c for c in RAW_ESCAPES if c in text], name

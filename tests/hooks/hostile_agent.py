@@ -212,6 +212,10 @@ def lie_escapes(request):
               "manifest": {"programs": [{"key": ESC}], "fingerprint": fingerprint(ESC), "note": ESC}}, data)
     elif op == "install":
         fail(ESC, ESC + "disk on fire" + ESC)
+    elif op == "shell":  # a nightly shell step: the names of the metrics in its JSON output
+        out, err = json.dumps({ESC: 1.5, "speed" + ESC: 2.5}).encode("utf-8"), (ESC * 100 + "\n").encode("utf-8")
+        send({"ok": True, "exit": 0, "signal": None, "timed_out": False, "stdout_size": len(out),
+              "stderr_size": len(err), "truncated": False}, out + err)
     else:
         plausible(request)
 
