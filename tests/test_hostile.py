@@ -5,9 +5,9 @@ wrapper that starts it, so the real sshd runs it) and lies in one way (its case)
 payloads far larger than announced, `..`/absolute/symlinked paths, escape sequences in every string, a
 fingerprint that is not one, malformed and truncated frames, a reply to a question it was not asked, a flood
 on stdout. The whole fleet goes through what consumes a board's answers: `push` (three times: table, JSON,
-JSON), `collect` and `rollback` (twice each), `cache install` (twice), a nightly `run` (a shell step, its
-reports), then `cache ls`, `show` and `verify`, which show again what boards sent; each a `deploy`
-subprocess. For every run: each lying device fails with a clear message, the honest device passes, the
+JSON) and `push --check`, `collect` and `rollback` (twice each), `cache install` (twice), a nightly `run`
+(a shell step, its reports), then `cache ls`, `show` and `verify`, which show again what boards sent; each
+a `deploy` subprocess. For every run: each lying device fails with a clear message, the honest device passes, the
 controller's peak RSS and time stay bounded, nothing is written outside the cache (and the run's history,
 reports and lock), and no raw escape byte reaches stdout, stderr, the JSON or the reports.
 
@@ -172,6 +172,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory, pocl_cache: Path) -> Itera
             _deploy(root, fleet, "push", "push", *fleet_args, "--kernels", libs[1], "--json"),
             _deploy(root, fleet, "push --smoke never", "push", *fleet_args, "--kernels", libs[2], "--json",
                     "--smoke", "never"),
+            _deploy(root, fleet, "push --check (table)", "push", *fleet_args, "--kernels", libs[0], "--check"),
             _deploy(root, fleet, "collect", "collect", *fleet_args, "--path", "/data/*", "--json"),
             _deploy(root, fleet, "collect (table)", "collect", *fleet_args, "--path", "/data/*"),
             _deploy(root, fleet, "rollback (table)", "rollback", *fleet_args),
@@ -289,7 +290,8 @@ def test_a_lying_find_is_refused_entry_by_entry(hostile: Hostile) -> None:
     assert kept.name.startswith("data_") and kept.name.isprintable()
 
 
-@pytest.mark.parametrize("name", ["push (table)", "push", "push --smoke never", "collect", "collect (table)",
+@pytest.mark.parametrize("name", ["push (table)", "push", "push --smoke never", "push --check (table)",
+                                  "collect", "collect (table)",
                                   "rollback (table)", "rollback", "cache install", "cache install (table)", "run",
                                   "cache ls (table)", "cache show", "cache verify (table)"])
 def test_a_hostile_fleet_costs_bounded_memory_and_time_and_shows_no_raw_escape(hostile: Hostile, name: str) -> None:
@@ -307,7 +309,7 @@ def test_a_hostile_fleet_costs_bounded_memory_and_time_and_shows_no_raw_escape(h
     for stream in (run.out, run.err):
         text = stream.decode("utf-8")  # strict: no stray bytes either
         assert not [c for c in RAW_ESCAPES if c in text], (name, [c for c in RAW_ESCAPES if c in text])
-    if name in ("push (table)", "rollback (table)", "cache install (table)"):  # a line per device
+    if name in ("push (table)", "push --check (table)", "rollback (table)", "cache install (table)"):
         assert any(line.startswith(HONEST) or f"{HONEST} " in line for line in run.out.decode().splitlines())
 
 
