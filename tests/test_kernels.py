@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deployer.cache.mace import parse_cache
 from deployer.config.kernels import Library, load_library, unmet_requirement
@@ -325,3 +327,53 @@ def test_manifest_that_yaml_cannot_construct_is_an_input_error(tmp_path: Path, t
     with pytest.raises(InputError) as caught:
         load_library(tmp_path)
     assert str(caught.value).startswith(str(tmp_path / "kernels.yml"))
+
+
+# ----- any kernels.yml is a library or an input error naming it (issue 21: every parser of outside input) -----
+
+MANIFEST_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 1 << 40) | st.floats(allow_nan=True) | st.text(max_size=12)
+    | st.sampled_from(["saxpy", "saxpy.cl", "float16", "n", "x", "../etc/passwd", "-DX=1", "cl_khr_fp16"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8)
+
+
+def _paths(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every path into the parsed manifest (keys of mappings, indexes of lists)."""
+    yield path
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        yield from _paths(child, (*path, key))
+
+
+@pytest.fixture(scope="module")
+def library_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("library") / "kernels"
+    shutil.copytree(KERNELS, folder)
+    return folder
+
+
+@settings(max_examples=100, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.booleans(), MANIFEST_VALUES), min_size=1, max_size=4))
+def test_any_edit_of_the_manifest_is_a_library_or_an_input_error(library_copy: Path,
+                                                                   edits: list[tuple[int, bool, Any]]) -> None:
+    """The real kernels.yml with values replaced or keys dropped anywhere: never a traceback, and an error
+    names the manifest (numpy references run only at push time, not here)."""
+    document = yaml.safe_load((KERNELS / "kernels.yml").read_text())
+    for index, drop, value in edits:
+        paths = list(_paths(document))[1:]
+        if not paths:
+            break
+        *parents, last = paths[index % len(paths)]
+        node = document
+        for key in parents:
+            node = node[key]
+        if drop and isinstance(node, dict):
+            del node[last]
+        else:
+            node[last] = value
+    (library_copy / "kernels.yml").write_text(yaml.safe_dump(document))
+    try:
+        assert isinstance(load_library(library_copy), Library)
+    except InputError as exc:
+        assert "kernels.yml" in str(exc) and str(exc).isprintable()

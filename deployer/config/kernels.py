@@ -184,7 +184,7 @@ def _strings(reader: _Reader, key: str) -> tuple[str, ...]:
 def _dims(reader: _Reader, key: str, sizes: Mapping[str, int], *, required: bool = True) -> tuple[str | int, ...]:
     dims = reader.get(key, list, None, required=required) or []
     for dim in dims:
-        if isinstance(dim, bool) or not (isinstance(dim, int) and dim > 0 or dim in sizes):
+        if isinstance(dim, bool) or not (isinstance(dim, int) and dim > 0 or isinstance(dim, str) and dim in sizes):
             raise reader.error(key, f"{dim!r} is neither a positive integer nor a name in sizes")
     return tuple(dims)
 
