@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -98,6 +99,22 @@ def _install_liars(fleet: Fleet) -> Path:
     return path
 
 
+# Starts `deploy` and writes its peak RSS (os.wait4's ru_maxrss) to argv[1]. A small launcher of its own,
+# because a child's ru_maxrss counts the copy of its parent it was between fork and exec: started from the
+# test process (several hundred MiB late in the suite), every run measured the suite, not deploy.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+os._exit(code if code >= 0 else 128 - code)
+"""
+
+
 def _snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in root.rglob("*") if p.is_file() and skip not in p.parents}
@@ -110,30 +127,29 @@ def _deploy(root: Path, fleet: Fleet, name: str, *args: str | Path) -> Run:
                XDG_STATE_HOME=str(root / "state"), PYTHONDONTWRITEBYTECODE="1", COLUMNS="200")
     before = _snapshot(root, fleet.folder)
     start = time.monotonic()
+    rss_file = root / "maxrss"
     with open(root / "out", "w+b") as out, open(root / "err", "w+b") as err:
-        process = subprocess.Popen([sys.executable, "-m", "deployer", *map(str, args)], stdout=out, stderr=err,
-                                   env=env, cwd=root / "work")
-        try:
-            while True:  # wait4 for its rusage; bounded, so a hung run fails the test rather than the suite
-                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-                if pid:
-                    break
-                assert time.monotonic() - start < 2 * RUN_LIMIT_S, f"deploy {name} still running"
-                time.sleep(0.05)
+        command = [sys.executable, "-S", "-c", LAUNCHER, str(rss_file), sys.executable, "-m", "deployer",
+                   *map(str, args)]
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=root / "work",
+                                   start_new_session=True)
+        try:  # bounded, so a hung run fails the test rather than the suite
+            process.wait(timeout=2 * RUN_LIMIT_S)
         except BaseException:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             raise
-        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
         elapsed = time.monotonic() - start
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     (root / "out").unlink()
     (root / "err").unlink()
+    maxrss = int(rss_file.read_text())
+    rss_file.unlink()
     after = _snapshot(root, fleet.folder)
     written = sorted(p for p, stat in after.items() if before.get(p) != stat)
-    return Run(name, process.returncode, stdout, stderr, usage.ru_maxrss, elapsed, written)
+    return Run(name, process.returncode, stdout, stderr, maxrss, elapsed, written)
 
 
 def _playbook(root: Path) -> Path:
