@@ -84,21 +84,106 @@ def _sessions(log: str) -> tuple[int, int]:
     return log.count("Accepted publickey"), len(re.findall(r"Starting session: command", log))
 
 
-def test_noop_push_is_one_connection_one_command_and_no_release(deployed: Deployed) -> None:
-    before, releases, log_before = deployed.current(), deployed.releases(), deployed.sshd_log()
-    code, device = _push(deployed)
-    assert code == 0 and device["ok"], device
-    assert device["changed"] is False and device["pulled"] is False
+def _assert_noop(deployed: Deployed, device: dict[str, Any], before: str, releases: list[str]) -> None:
+    assert device["ok"] and device["changed"] is False and device["pulled"] is False, device
     assert device["plan"]["new_release"] is False and device["plan"]["upload"] == []
     assert device["plan"]["rebuild"] == [] and device["plan"]["reuse"] == 16
-    assert set(device["stages"]) == {"connect", "state", "pull", "smoke"}  # no fingerprint: the stamp held
     assert deployed.current() == before and deployed.releases() == releases
-    assert device["release"] == before
+    assert device["release"] == before and device["plan"]["current"] == before
     assert {k["smoke"] for k in device["kernels"]} == {"unchanged", "skipped"}
     assert device["startup"] is None and device["models"][0]["ok"] is None
-    new_log = deployed.sshd_log()[len(log_before):]
-    assert _sessions(new_log) == (1, 1)
-    assert device["bytes_sent"] < 512  # the state request and bye
+    assert set(device["origin"].values()) == {"reused"} and len(device["origin"]) == 16
+    assert device["fingerprint"]["id"] and device["cache_file"]
+
+
+def test_noop_push_is_answered_by_the_boards_shell(deployed: Deployed) -> None:
+    before, releases, log_before = deployed.current(), deployed.releases(), deployed.sshd_log()
+    code, device = _push(deployed)
+    assert code == 0
+    _assert_noop(deployed, device, before, releases)
+    assert device["shell_noop"] is True  # the push before armed the board: no agent started
+    assert set(device["stages"]) == {"connect", "pull", "smoke"}  # no `state`: pull and smoke found nothing to do
+    assert _sessions(deployed.sshd_log()[len(log_before):]) == (1, 1)
+    assert device["bytes_sent"] < 1024 and device["bytes_received"] < 256  # a command and the release's id
+
+
+def test_noop_push_through_the_agent_is_one_command_then_arms_the_shell(deployed: Deployed) -> None:
+    (deployed.rd / "noop").unlink()  # as a board armed by no deploy (or by another version) is
+    before, releases, log_before = deployed.current(), deployed.releases(), deployed.sshd_log()
+    code, device = _push(deployed)
+    assert code == 0 and device["shell_noop"] is False
+    _assert_noop(deployed, device, before, releases)
+    assert set(device["stages"]) == {"connect", "state", "pull", "smoke", "arm"}  # no fingerprint: the stamp held
+    assert _sessions(deployed.sshd_log()[len(log_before):]) == (1, 1)
+    assert device["bytes_sent"] < 1024  # the state, noop and bye requests
+    code, device = _push(deployed)
+    assert code == 0 and device["shell_noop"] is True  # armed again
+
+
+def test_the_shells_noop_starts_no_python(deployed: Deployed) -> None:
+    import yaml
+
+    document = yaml.safe_load(deployed.fleet.inventory.read_text())
+    document["defaults"]["python"] = "/nonexistent/python3"
+    inventory = deployed.fleet.folder / "no-python.yml"
+    inventory.write_text(yaml.safe_dump(document))
+    code, device = _run(deployed, inventory)
+    assert code == 0 and device["shell_noop"] is True, device
+    (deployed.kernels / "relu.cl").touch()  # same content: still a no-op, still the shell's
+    code, device = _run(deployed, inventory)
+    assert code == 0 and device["shell_noop"] is True, device
+
+
+@pytest.mark.parametrize("change", ["driver", "current", "cache file", "token", "local record"])
+def test_any_change_the_shell_cannot_vouch_for_goes_to_the_agent(deployed: Deployed, change: str) -> None:
+    """The shell answers only for the release, driver and files it was armed with; anything else is the
+    agent's to judge (and the push through it arms the board again)."""
+    before = deployed.current()
+    probe = (deployed.rd / "noop.probe").read_text()
+    if change == "driver":  # the size, mtime or inode of an ICD file or a library: here a new mtime second
+        icd = next(p for p in re.findall(r"'([^']+\.icd)'", probe))
+        os.utime(icd, (os.stat(icd).st_atime, os.stat(icd).st_mtime + 5))
+    elif change == "current":  # another deploy (or a hand) moved `current`, even to the same content
+        shutil.copytree(deployed.rd / "releases" / before, deployed.rd / "releases" / COPY, symlinks=True)
+        (deployed.rd / "current.tmp").symlink_to(f"releases/{COPY}")
+        os.rename(deployed.rd / "current.tmp", deployed.rd / "current")
+    elif change == "cache file":  # rewritten on the board: a new inode
+        cache = deployed.rd / "current" / "build" / "mace_cl_compiled_program.bin"
+        data = cache.read_bytes()
+        cache.unlink()
+        cache.write_bytes(data)
+    elif change == "token":
+        line = (deployed.rd / "noop").read_text()
+        (deployed.rd / "noop").write_text(("0" if line[0] != "0" else "1") + line[1:])
+    else:  # this controller's record of what it armed: a push from a fresh cache offers nothing
+        (deployed.cache / "inc-01" / "noop.json").unlink()
+    try:
+        code, device = _push(deployed)
+        assert code == 0 and device["ok"] and device["shell_noop"] is False, device
+        assert "state" in device["stages"] and "arm" in device["stages"]
+        code, device = _push(deployed)
+        assert code == 0 and device["shell_noop"] is True, device
+    finally:
+        if deployed.current() != before:
+            (deployed.rd / "current.tmp").symlink_to(f"releases/{before}")
+            os.rename(deployed.rd / "current.tmp", deployed.rd / "current")
+            shutil.rmtree(deployed.rd / "releases" / COPY)
+            assert _push(deployed)[0] == 0
+
+
+COPY = "20000101T000000-c0ffee"  # a release id older than any push's
+
+
+def test_a_shell_answer_naming_no_release_fails_that_device(deployed: Deployed) -> None:
+    answer = deployed.rd / "noop.json"
+    saved = answer.read_text()
+    try:
+        answer.write_text('{"op": "noop", "current": "../../etc"}\n')  # a board's word is checked as any reply
+        code, device = _push(deployed)
+        assert code == 1 and not device["ok"] and device["failed_stage"] == "connect", device
+        assert "no id" in device["error"]
+    finally:
+        answer.write_text(saved)
 
 
 def test_one_kernel_changed_moves_one_file_and_rebuilds_one_program(deployed: Deployed) -> None:

@@ -16,7 +16,7 @@ from deployer import remote
 from deployer.config.inventory import Device
 from deployer.remote.boot import BOOTSTRAP, LAUNCH
 from deployer.remote.bundle import PACKAGE, bundle_files, bundle_id
-from deployer.remote.layout import AGENT_DIR, READONLY_ENV
+from deployer.remote.layout import AGENT_DIR, NOOP_ANSWER, NOOP_LINE, NOOP_PROBE, READONLY_ENV
 
 NO_REMOTE_DIR = 73  # the bootstrap's exit status when it cannot create the remote dir (EX_CANTCREAT)
 NEED_AGENT = 75  # the run command's exit status when this agent is not on the device yet (EX_TEMPFAIL)
@@ -75,12 +75,20 @@ def _runner(device: Device, check: bool) -> tuple[str, str, str]:
     return remote_path(device.remote_dir), agent_bundle().id12, run
 
 
-def run_command(device: Device, *, check: bool = False) -> str:
+def run_command(device: Device, *, check: bool = False, noop_token: str | None = None) -> str:
     """A session's remote command: run the stored bundle, or exit NEED_AGENT when it is not there yet.
-    Short on purpose (it travels with every push); the bootstrap comes only when needed."""
+    Short on purpose (it travels with every push); the bootstrap comes only when needed. `noop_token`: the
+    shell's no-op first (docs/design.md section 11): when RD/noop holds this token, `current`'s target and
+    the probe's checksum as it is now, the shell prints RD/noop.json and no Python starts."""
     root, id12, run = _runner(device, check)
     where = f"{root}/{AGENT_DIR}/{id12}"
-    return (f'[ -d {where}/{PACKAGE} ] || exit {NEED_AGENT}; '
+    first = ""
+    if noop_token is not None:
+        assert all(c in "0123456789abcdef" for c in noop_token)  # it goes on a command line as is
+        first = (f'[ -f {root}/{NOOP_LINE} ] && [ "$(cat {root}/{NOOP_LINE})" = "{noop_token} '
+                 f'$(readlink {root}/current) $(sh {root}/{NOOP_PROBE} 2>&1 | cksum)" ] && '
+                 f"exec cat {root}/{NOOP_ANSWER}; ")
+    return (f'{first}[ -d {where}/{PACKAGE} ] || exit {NEED_AGENT}; '
             f"{run} -c {shlex.quote(LAUNCH)} {where} {PACKAGE}.main serve {root}")
 
 

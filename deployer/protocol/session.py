@@ -20,6 +20,7 @@ from deployer.protocol.bundle import NEED_AGENT, NO_REMOTE_DIR, agent_bundle, bo
 from deployer.protocol.reply import Reply, show
 from deployer.protocol.spool import Spool
 from deployer.remote.kinds import AGENT as AGENT_KINDS
+from deployer.remote.layout import RELEASE_ID_RE
 from deployer.text import one_line, visible
 
 MAX_HEADER = 1 << 20
@@ -58,11 +59,16 @@ class AgentSession:
         self.hello: Reply | None = None
         self._broken = False
         self.agent_uploaded = False
+        self.noop_offered = False
+        self.shell_noop: str | None = None  # the release the board's shell answered for: no agent runs
 
     @classmethod
-    def start(cls, transport: Transport, device: Device, *, check: bool = False) -> AgentSession:
-        """One remote command when the device has this agent; two (run, then bootstrap) when it has not."""
-        session = cls(transport.exec(run_command(device, check=check)), device)
+    def start(cls, transport: Transport, device: Device, *, check: bool = False,
+              noop_token: str | None = None) -> AgentSession:
+        """One remote command when the device has this agent; two (run, then bootstrap) when it has not.
+        `noop_token`: the shell may answer instead of the agent (`shell_noop` then says for which release)."""
+        session = cls(transport.exec(run_command(device, check=check, noop_token=noop_token)), device)
+        session.noop_offered = noop_token is not None
         try:
             try:
                 session._handshake()
@@ -85,6 +91,9 @@ class AgentSession:
 
     def _handshake(self) -> None:
         first = self._read()
+        if first.fields.get("op") == "noop" and self.noop_offered:
+            self.shell_noop = self._shell_answer(first)
+            return
         if first.fields.get("op") == "need_agent":
             self._write(*agent_bundle().message())
             self.agent_uploaded = True
@@ -103,6 +112,15 @@ class AgentSession:
         self.hello = first
         if self._device.env:  # secrets travel over the channel, never on the remote command line
             self.request("env", env=dict(self._device.env))
+
+    def _shell_answer(self, answer: Reply) -> str:
+        """The release RD/noop.json names: the board's word, checked like any reply."""
+        current = answer.fields.get("current")
+        if not isinstance(current, str) or not RELEASE_ID_RE.fullmatch(current) or len(current) > 200:
+            raise AgentError(f"the board's shell answered a no-op for a release that is no id: {show(current)}",
+                             kind="bad_reply")
+        self._broken = True  # the command has ended: there is no agent to say goodbye to
+        return current
 
     def _write(self, header: Mapping[str, Any], payload: bytes = b"") -> None:
         fields = dict(header)
@@ -164,6 +182,8 @@ class AgentSession:
         """Send one request and read its reply; `max_reply`: the most payload that reply may carry (default:
         REPLY_LIMITS for the op); `spool`: where the reply's payload goes instead of `Reply.payload`."""
         limit = max_reply if max_reply is not None else REPLY_LIMITS.get(op, SMALL_REPLY)
+        if self.shell_noop is not None:  # a caller's bug: the shell answered, no agent runs on this session
+            raise RuntimeError(f"{op!r} sent on a session the board's shell answered")
         if self._broken:
             raise AgentError(f"no {op!r}: the exchange with the agent broke off earlier", kind="bad_reply")
         try:
@@ -198,12 +218,12 @@ class AgentSession:
 
 
 @contextmanager
-def open_session(device: Device, *, accept_new_host_keys: bool = False,
-                 check: bool = False) -> Iterator[AgentSession]:
+def open_session(device: Device, *, accept_new_host_keys: bool = False, check: bool = False,
+                 noop_token: str | None = None) -> Iterator[AgentSession]:
     """One connection and one agent session on a device, closed (with a `bye`) however the block ends."""
     transport = open_transport(device, accept_new_host_keys=accept_new_host_keys)
     try:
-        session = AgentSession.start(transport, device, check=check)
+        session = AgentSession.start(transport, device, check=check, noop_token=noop_token)
         try:
             yield session
         finally:

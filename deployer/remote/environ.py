@@ -10,6 +10,9 @@ import re
 
 from .framing import bad_request, show
 
+# The environment the agent started in, before `env`: the shell's no-op check (remote/noop.py) runs its probe
+# in the login environment, so the agent runs it there too
+LOGIN_ENV = dict(os.environ)
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_VARIABLES = 256
 MAX_VALUE = 1 << 16

@@ -18,6 +18,9 @@ KEEP_BLOBS = 8
 AGENT_DIR = "agent"  # RD/agent/<id12>/deployer_remote/: one folder per agent bundle (bundle.py)
 KEEP_BUNDLES = 3  # the running bundle and the two used last are kept; older ones are pruned at commit
 MAX_INDEX = 16 << 20  # the largest release index or manifest the agent reads back
+NOOP_LINE = "noop"  # RD/noop: token, `current`'s target and the probe's checksum (remote/noop.py)
+NOOP_PROBE = "noop.probe"  # RD/noop.probe: the shell script whose output decides the driver's fingerprint
+NOOP_ANSWER = "noop.json"  # RD/noop.json: what the shell prints for an up-to-date push instead of `hello`
 READONLY_ENV = "DEPLOYER_CHECK"  # set by `deploy push --check`: the agent writes nothing at all
 
 RELEASE_ID_RE = re.compile(r"[A-Za-z0-9._-]+")

@@ -31,6 +31,8 @@ from .layout import (
     RELEASE_INDEX,
     SHA256_RE,
 )
+from .noop import forget as forget_noop
+from .noop import remember as remember_noop
 from .releases import link_build, link_unchanged, parse_file_list, prepare_target, release_index, reusable_programs
 from .selection import parse_selection
 from .shell import op_disk, op_shell
@@ -62,7 +64,7 @@ class signals_deferred:
         signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)  # a held signal is delivered here
         return False
 
-WRITING_OPS = ("begin", "put", "build", "commit", "rollback", "install")
+WRITING_OPS = ("begin", "put", "build", "commit", "rollback", "install", "noop")
 
 
 class Session:
@@ -82,7 +84,7 @@ class Session:
                     "bench": self.op_opencl, "get": self.op_get,
                     "commit": self.op_commit, "bye": self.op_bye,
                     "find": op_find, "read": op_read, "install": op_install, "rollback": self.op_rollback,
-                    "shell": self.op_shell, "disk": self.op_disk, "env": op_env}
+                    "shell": self.op_shell, "disk": self.op_disk, "env": op_env, "noop": self.op_noop}
         self.answered = 0  # requests answered so far: `env` must be the first
 
     # ----- helpers -----
@@ -179,6 +181,7 @@ class Session:
         if self.release_id is not None:
             raise bad_request("release %r is already begun in this session" % self.release_id)
         self.take_lock()
+        forget_noop(self.rd)  # before anything changes: no shell answers for a board being written
         try:
             os.makedirs(os.path.join(self.rd, "releases"), 0o755, exist_ok=True)
             os.mkdir(self.release_dir(release_id), 0o755)
@@ -375,6 +378,7 @@ class Session:
             raise bad_request("cannot roll back while release %r is begun" % self.release_id)
         self.take_lock()
         try:
+            forget_noop(self.rd)
             current = self.previous()
             base = os.path.join(self.rd, "releases")
             names = sorted(n for n in (os.listdir(base) if os.path.isdir(base) else [])
@@ -410,6 +414,26 @@ class Session:
         for name in pruned:
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
         return pruned
+
+    def op_noop(self, req, payload):
+        """Arm the shell's no-op for the current release (remote/noop.py), under the lock; a board where
+        it cannot be armed (the lock held, the driver changed since `state`, no `cksum`) says why and
+        goes on answering through the agent."""
+        if self.release_id is not None:
+            raise bad_request("noop: release %r is begun and not committed" % self.release_id)
+        try:
+            self.take_lock()
+        except AgentFailure:
+            return {"armed": False, "why": "another deploy is writing this device"}, b""
+        try:
+            selection = req.get("opencl")
+            parse_selection(selection)
+            cached = read_json_file(os.path.join(self.rd, FINGERPRINT_CACHE), 1 << 20) or {}
+            why = remember_noop(self.rd, req, self.previous()) if cached.get("stamp") == driver_stamp(selection) \
+                else "the driver changed since this push fingerprinted it"
+        finally:
+            self.unlock()
+        return {"armed": why is None, "why": why}, b""
 
     def op_shell(self, req, payload):
         return op_shell(req, payload, watch_fd=self.input_fd)

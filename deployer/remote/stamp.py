@@ -9,7 +9,15 @@ import re
 from .layout import AGENT_VERSION
 from .selection import icd_files, icd_library
 
+MYPY = False
+if MYPY:  # type comments only: typing is not imported on the board
+    from typing import List  # noqa: F401
+
 DRIVER_ENV_RE = re.compile(r"(OCL_|POCL_|CUDA_|OPENCL|CL_|GPU_|HSA_|ROC|MALI|ADRENO|LD_LIBRARY_PATH$|LD_PRELOAD$)")
+# The same variables as `env` prints them (NAME=value), for the shell's probe (remote/noop.py); and the
+# agent's own choice of library
+DRIVER_ENV_GREP = "^(OCL_|POCL_|CUDA_|OPENCL|CL_|GPU_|HSA_|ROC|MALI|ADRENO|LD_LIBRARY_PATH=|LD_PRELOAD=" \
+                  "|DEPLOYER_OPENCL_LIBRARY=)"
 
 LIBRARY_GLOBS = ("/usr/lib", "/usr/lib/*-linux-*", "/usr/lib64", "/lib", "/lib/*-linux-*", "/lib64",
                  "/usr/local/lib", "/vendor/lib64", "/vendor/lib", "/system/vendor/lib64", "/system/lib64")
@@ -25,16 +33,25 @@ def _stat_record(path):
 
 def _find_library(name):
     """Where the dynamic loader would most likely find `name`: a path as is, else the usual folders."""
+    return _search_trail(name)[-1]
+
+
+def _search_trail(name):
+    """The folders searched for `name` before it was found, then where it was found (`name` itself when it
+    is a path or was found nowhere): a library that appears earlier in the search changes a folder's mtime."""
     if "/" in name:
-        return name
+        return [name]
     folders = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
     for pattern in LIBRARY_GLOBS:
         folders += sorted(glob.glob(pattern))
+    trail = []  # type: List[str]
     for folder in folders:
         candidate = os.path.join(folder, name)
         if os.path.exists(candidate):
-            return candidate
-    return name
+            return trail + [candidate]
+        if os.path.isdir(folder):
+            trail.append(folder)
+    return [name]
 
 
 def _library(selection):
@@ -62,3 +79,25 @@ def driver_stamp(selection):
              "env": sorted((k, v) for k, v in os.environ.items() if DRIVER_ENV_RE.match(k)),
              "selection": selection, "agent": AGENT_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def probe_paths(selection):
+    """What the shell's probe stats (remote/noop.py): the ICD folder (or file) and each ICD file, then for
+    each library they name and for the loader, the folders searched before it and the library itself."""
+    where = os.environ.get("OCL_ICD_VENDORS") or "/etc/OpenCL/vendors"
+    paths = [where]
+    _, files = icd_files()
+    for path in files:
+        paths.append(path)
+        try:
+            library = icd_library(path)
+        except OSError:
+            continue  # the stat of the ICD file itself sees it change
+        if library:
+            paths += _search_trail(library)
+    paths += _search_trail(_library(selection))
+    unique = []  # type: List[str]
+    for path in paths:
+        if path not in unique:
+            unique.append(path)
+    return unique

@@ -35,7 +35,7 @@ from deployer.protocol.reply import Reply
 from deployer.protocol.reply import field as reply_field
 from deployer.protocol.session import AgentSession
 from deployer.protocol.spool import Spool
-from deployer.tasks import runner
+from deployer.tasks import noop, runner
 from deployer.tasks.bench import BenchItem, BenchPlan, batches, parse_bench, parse_create_ms
 from deployer.tasks.fleet import fail_limit
 from deployer.tasks.models import ModelPlan, ModelResult, check_models, skipped_model, wire_models
@@ -138,6 +138,7 @@ class DeviceOutcome(Outcome):
     create_ms: dict[str, float] = field(default_factory=dict)  # a bench step's program creation, by key
     warnings: list[str] = field(default_factory=list)  # why MACE will not use this device's cache file
     origin: dict[str, str] = field(default_factory=dict)  # program key -> where its binary came from (json.md)
+    shell_noop: bool = False  # the board's shell answered that nothing changed: no agent started there
 
     @property
     def built(self) -> int:
@@ -153,7 +154,7 @@ class DeviceOutcome(Outcome):
             "kernels": [k.to_json() for k in self.kernels], "models": [m.to_json() for m in self.models],
             "startup": self.startup.to_json() if self.startup else None, "release": self.release,
             "plan": self.plan.to_json() if self.plan else None, "changed": self.changed, "pulled": self.pulled,
-            "warnings": self.warnings, "origin": self.origin,
+            "warnings": self.warnings, "origin": self.origin, "shell_noop": self.shell_noop,
         }
 
 
@@ -231,8 +232,14 @@ class PushContext:
 def push_stages(context: PushContext) -> None:
     """One device's push, stage by stage; an error raised in a stage is that device's failure there."""
     job, work, outcome = context.job, context.work, context.outcome
-    session = work.session()
-    planned = plan_stage(context, session)
+    offer = noop_offer(context) if not work.opened else None
+    session = work.session(offer.token if offer else None)
+    if offer is not None and session.shell_noop is not None:  # the board's shell: nothing changed
+        planned = shown(context, settle(context, noop.as_state(offer.records, job.files, session.shell_noop),
+                                        offer.records.fingerprint))
+        outcome.shell_noop = True
+    else:
+        planned = plan_stage(context, session)
     if job.check:
         return
     if job.smoke_only and planned.plan.new_release:
@@ -262,6 +269,9 @@ def push_stages(context: PushContext) -> None:
         with work.stage("store"):
             store_stage(context, pulled.cache_bytes, pulled.manifest)
     outcome.cache_file = str(device_dir(job.cache, context.device.name) / CACHE_FILE)
+    if noop_allowed(job) and not outcome.shell_noop:
+        with work.stage("arm"):
+            arm_stage(context, session, planned, built)
 
 
 def record_failure(context: PushContext, exc: DeviceError) -> None:
@@ -279,7 +289,7 @@ def record_failure(context: PushContext, exc: DeviceError) -> None:
 
 
 def plan_stage(context: PushContext, session: AgentSession) -> Planned:
-    device, job, outcome = context.device, context.job, context.outcome
+    device, job = context.device, context.job
     with context.work.stage("state"):
         state = parse_state(session.request("state", opencl=device.opencl.as_request()))
     raw = state.fingerprint
@@ -289,17 +299,78 @@ def plan_stage(context: PushContext, session: AgentSession) -> Planned:
                                           timeout_s=device.timeouts.command)
     else:
         fingerprint = parse_fingerprint(raw)
-    outcome.fingerprint = fingerprint
+    context.outcome.fingerprint = fingerprint
+    return shown(context, settle(context, state, fingerprint))
+
+
+def shown(context: PushContext, planned: Planned) -> Planned:
+    """The device's outcome says what the plan found: fingerprint, MACE's warnings, the plan, the release."""
+    outcome = context.outcome
+    outcome.fingerprint, outcome.plan, outcome.release = planned.fingerprint, planned.plan, planned.state.current
+    outcome.warnings = mace_warnings(planned.fingerprint, mace_format=context.job.mace_format,
+                                     mace_version=planned.mace_version)
+    return planned
+
+
+def settle(context: PushContext, state: RemoteState, fingerprint: dict[str, Any]) -> Planned:
+    """The plan for a device in this state with this fingerprint."""
+    job = context.job
     mace_version = context.mace_version()
-    outcome.warnings = mace_warnings(fingerprint, mace_format=job.mace_format, mace_version=mace_version)
     skipped = job.library.skipped(fingerprint)
     build_keys = {
         spec["key"]: build_key(spec, job.shas, mace_version=mace_version, mace_format=job.mace_format,
                                fingerprint_id=str(fingerprint.get("id", "")))
         for spec in program_specs(job.library, skipped)}
     plan = plan_device(job.files, build_keys, state, mace_version=mace_version, mace_format=job.mace_format)
-    outcome.plan, outcome.release = plan, state.current
     return Planned(state, plan, fingerprint, mace_version, skipped, build_keys)
+
+
+# ----- the shell's no-op: offered from the local records, armed after a push through the agent -----
+
+
+@dataclass(frozen=True, slots=True)
+class NoopOffer:
+    token: str
+    records: noop.Records
+
+
+def noop_allowed(job: PushJob) -> bool:
+    """A push whose no-op runs nothing on the board: smoke `changed` or `never`, no check, bench or smoke step."""
+    return not (job.check or job.smoke_only or job.bench is not None) and job.smoke_mode in ("changed", "never")
+
+
+def _planned_from_records(context: PushContext, records: noop.Records, current: str) -> Planned | None:
+    """The plan the records make, when it is a no-op whose cache file the local cache holds; else None."""
+    planned = settle(context, noop.as_state(records, context.job.files, current), records.fingerprint)
+    if planned.plan.new_release or planned.state.cache_sha256 != records.cache_sha256:
+        return None
+    return planned
+
+
+def noop_offer(context: PushContext) -> NoopOffer | None:
+    """The token to offer the board's shell: the one it was armed with, when the local records of the device
+    still make a no-op of this push."""
+    job, device = context.job, context.device
+    armed = noop.armed_token(job.cache, device) if noop_allowed(job) else None
+    records = noop.local_records(job.cache, device.name) if armed else None
+    planned = _planned_from_records(context, records, "?") if records else None
+    if records is None or planned is None or noop.token(device, job.files, planned.build_keys, records) != armed:
+        return None
+    return NoopOffer(armed, records) if armed else None
+
+
+def arm_stage(context: PushContext, session: AgentSession, planned: Planned, built: Built) -> None:
+    """After a push through the agent: arm the board when the local records now describe it (their plan is
+    a no-op for this push, their cache file is the board's), so the next no-op is the shell's."""
+    job, device, outcome = context.job, context.device, context.outcome
+    records = noop.local_records(job.cache, device.name)
+    current = outcome.release
+    replanned = _planned_from_records(context, records, current) if records is not None and current else None
+    if records is None or replanned is None or current is None or records.cache_sha256 != built.cache_sha256 \
+            or records.fingerprint.get("id") != planned.fingerprint.get("id"):
+        noop.forget(job.cache, device.name)
+        return
+    noop.arm(session, job.cache, device, noop.token(device, job.files, replanned.build_keys, records), current)
 
 
 # ----- upload: only what the current release does not hold -----

@@ -97,11 +97,17 @@ class DeviceWork(Generic[OutcomeT]):
             stages = self.outcome.stages
             stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
 
-    def session(self) -> AgentSession:
+    @property
+    def opened(self) -> bool:
+        return self._session is not None
+
+    def session(self, noop_token: str | None = None) -> AgentSession:
+        """The device's session, opened on the first call; `noop_token`: its shell may answer a no-op."""
         if self._session is None:
             with self.stage("connect"):
                 self._session = self._stack.enter_context(open_session(
-                    self.device, accept_new_host_keys=self.connect.accept_new_host_keys, check=self.connect.check))
+                    self.device, accept_new_host_keys=self.connect.accept_new_host_keys, check=self.connect.check,
+                    noop_token=noop_token))
             session = self._session
             self.progress.traffic(self.device.name, lambda: (session.bytes_sent, session.bytes_received))
         return self._session
