@@ -135,13 +135,8 @@ def run_device(device: Device, outcome: OutcomeT, work: Work[OutcomeT], *, progr
             finally:
                 context.count_traffic()
         outcome.ok = outcome.passed()
-    except DeviceError as exc:
-        exc.for_device(device.name, context.current)
-        outcome.fail(exc.stage, exc.reason)
-        if on_failure is not None:
-            on_failure(context, exc)
-    except LocalStateError as exc:
-        outcome.fail(context.current, f"local cache: {exc}")
+    except (DeviceError, LocalStateError) as exc:
+        _fail(context, exc, on_failure)
     except Exception:
         outcome.fail(INTERNAL, bug_report(device.name))
     progress.finished(device.name, outcome.ok, outcome.error)
@@ -156,19 +151,27 @@ def run_on(session: AgentSession, device: Device, outcome: OutcomeT, work: Work[
         context = DeviceWork(device, outcome, Progress(), Connect(), stack, session)
         try:
             work(context)
-        except DeviceError as exc:
-            exc.for_device(device.name, context.current)
-            outcome.fail(exc.stage, exc.reason)
-            if on_failure is not None:
-                on_failure(context, exc)
-            return outcome, exc
-        except LocalStateError as exc:
-            outcome.fail(context.current, f"local cache: {exc}")
-            return outcome, None
+        except (DeviceError, LocalStateError) as exc:
+            return outcome, _fail(context, exc, on_failure)
         finally:
             context.count_traffic()
     outcome.ok = outcome.passed()
     return outcome, None
+
+
+def _fail(context: DeviceWork[OutcomeT], exc: DeviceError | LocalStateError,
+          on_failure: OnFailure[OutcomeT] | None) -> DeviceError | None:
+    """Fail the outcome with `exc`, the one mapping both runners share: a device's error names its device and
+    stage (where it was caught, unless it knew better) and goes to `on_failure`; a local-state error names the
+    stage under way. Returns the device's error, for `run_on`'s caller to grade."""
+    if isinstance(exc, LocalStateError):
+        context.outcome.fail(context.current, f"local cache: {exc}")
+        return None
+    exc.for_device(context.device.name, context.current)
+    context.outcome.fail(exc.stage, exc.reason)
+    if on_failure is not None:
+        on_failure(context, exc)
+    return exc
 
 
 def bug_report(device: str) -> str:
