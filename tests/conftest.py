@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +42,21 @@ def private_home(folder: Path, **extra: str) -> Iterator[Path]:
         for name, value in {"HOME": str(folder), "USER": "tester", "LOGNAME": "tester", **extra}.items():
             patch.setenv(name, value)
         yield folder
+
+
+def start_ssh_agent(sock: Path) -> subprocess.Popen[bytes]:
+    """A real ssh-agent listening on `sock`, returned once the socket is there; the caller stops it by PID
+    (`terminate`, `wait`). If the socket never comes, the agent is stopped here and the test fails."""
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 10
+    while not sock.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    if not sock.exists():
+        agent.terminate()
+        agent.wait(timeout=10)
+        pytest.fail("ssh-agent did not start")
+    return agent
 
 
 class StageHook(Progress):

@@ -24,7 +24,7 @@ from deployer.connect.transport import open_transport
 from deployer.errors import AgentError, AuthError, ConnectError, HostKeyError
 from deployer.protocol.session import open_session
 from deployer.sim.fleet import DeviceSpec, Fleet
-from tests.conftest import Cli
+from tests.conftest import Cli, start_ssh_agent
 from tests.test_faults import _saxpy_only, device_entry, edit_inventory
 
 MakeFleet = Callable[[Sequence[DeviceSpec]], Fleet]
@@ -328,13 +328,8 @@ def test_proxy_jump_failures_name_the_jump_host(two: Fleet, tmp_path: Path) -> N
 def ssh_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A real ssh-agent on a socket of the test's own, in SSH_AUTH_SOCK; HOME has no keys. Stopped by PID."""
     sock = tmp_path / "agent.sock"
-    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    agent = start_ssh_agent(sock)
     try:
-        end = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < end:
-            time.sleep(0.02)
-        assert sock.exists(), "ssh-agent did not start"
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
         monkeypatch.setenv("HOME", str(tmp_path / "home"))
         yield sock

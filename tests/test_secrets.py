@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from deployer.sim.fleet import DeviceSpec
-from tests.conftest import Cli
+from tests.conftest import Cli, start_ssh_agent
 from tests.test_faults import MakeFleet, device_entry, edit_inventory
 from tests.test_run import small_kernels, write_playbook
 
@@ -48,13 +47,8 @@ def ssh_agent_holding(key: Path, folder: Path) -> Iterator[Path]:
     sock, askpass = folder / "agent.sock", folder / "askpass.sh"
     askpass.write_text(f"#!/bin/sh\necho '{KEY_MARKER}'\n")
     askpass.chmod(0o700)
-    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    agent = start_ssh_agent(sock)
     try:
-        end = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < end:
-            time.sleep(0.02)
-        assert sock.exists(), "ssh-agent did not start"
         subprocess.run(["ssh-add", "-q", str(key)], check=True, stdin=subprocess.DEVNULL, timeout=20, env={
             **os.environ, "SSH_AUTH_SOCK": str(sock), "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
             "DISPLAY": ":0"})
