@@ -221,7 +221,7 @@ EXPECTED: dict[str, Expect] = {
               "cache install": (False, "this board refuses install [io]")},
     "fingerprint": {"push": (False, "is not the hash of the platform and device it describes"),
                     "collect": None,  # collected from without a fingerprint, as from a board without OpenCL
-                    "rollback": (False, "expected an object around 'platform'"),
+                    "rollback": (False, "fingerprint: expected an object"),
                     "cache install": (False, "is not the hash of the platform and device it describes")},
     "escapes": {"push": (False, "program(s) failed to build"),
                 "collect": (False, "permission denied"),
@@ -251,7 +251,7 @@ EXPECTED: dict[str, Expect] = {
     "unasked": {"push": (False, "the device's state is not JSON"),
                 "collect": (False, "neither ok nor a well-formed error"),
                 "rollback": (False, "rollback reply field 'previous'"),
-                "cache install": (False, "expected an object around 'platform', got None")},  # commit's reply
+                "cache install": (False, "fingerprint: expected an object, got None")},  # commit's reply
     "error_text": {"push": (False, "[io]"), "collect": (False, "unknown error kind"), "rollback": (False, "[io]"),
                    "cache install": (False, "[io]")},
     "pull": {"push": (False, "the pulled cache file is not a valid MACE pb container: crc mismatch [bad_cache]"),

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from deployer.errors import AgentError, CompileError
 from deployer.protocol.fingerprint import fingerprint_id, parse_fingerprint
 from deployer.protocol.ops import Found, Refused, check_found, parse_build
-from deployer.protocol.reply import Reply
+from deployer.protocol.reply import Fields, Reply
 from deployer.tasks.plan import parse_state
 from deployer.text import one_line, visible
 
@@ -105,6 +105,28 @@ def test_a_failed_programs_log_is_printable_and_bounded() -> None:
     assert "\x1b" not in built.programs[0].log and len(built.programs[0].log) <= 1 << 16
     with pytest.raises(CompileError, match="1 program"):
         built.raise_for_failed()
+
+
+@pytest.mark.parametrize(("value", "ok"), [(0, True), (12.5, True), (None, True), (-1, False), (1e9, False),
+                                           (float("nan"), False), (True, False), ("3", False)])
+def test_a_duration_is_ms_or_a_bad_reply_naming_record_and_field(value: Any, ok: bool) -> None:
+    fields = Fields({"steady_ms": value, "wall_ms": [value]}, "startup reply model 'm'")
+    if not ok:
+        for read in (lambda: fields.optional_ms("steady_ms"), lambda: fields.ms_list("wall_ms", 1)):
+            with pytest.raises(AgentError, match="startup reply model 'm' field '(steady|wall)_ms'") as caught:
+                read()
+            assert caught.value.kind == "bad_reply"
+    elif value is None:
+        assert fields.optional_ms("steady_ms") is None
+    else:
+        assert fields.optional_ms("steady_ms") == fields.ms_list("wall_ms", 1)[0] == float(value)
+
+
+def test_a_nested_record_is_named_with_its_parent() -> None:
+    with pytest.raises(AgentError, match="fingerprint platform field 'name': expected a string"):
+        Fields({"platform": {"name": 3}}, "fingerprint").nested("platform").text("name")
+    with pytest.raises(AgentError, match="bench reply case field 'wall_ms': expected a list of at most 2"):
+        Fields({"wall_ms": [1, 2, 3]}, "bench reply case").ms_list("wall_ms", 2)
 
 
 values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),

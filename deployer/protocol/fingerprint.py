@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from deployer.errors import AgentError
-from deployer.protocol.reply import field
+from deployer.protocol.reply import Fields
 from deployer.text import visible
 
 MAX_TEXT = 512
@@ -26,11 +26,11 @@ def fingerprint_id(platform_name: str, platform_version: str, device_name: str, 
 
 def parse_fingerprint(raw: Any) -> dict[str, Any]:
     """The fingerprint a board sent, checked (`AgentError`, kind `bad_reply`) and made printable."""
-    platform, device = field(raw, "platform", dict), field(raw, "device", dict)
-    names = [field(platform, "name", str), field(platform, "version", str), field(device, "name", str),
-             field(device, "driver_version", str)]
-    field(raw, "cpu_only", bool)
-    sent = field(raw, "id", str)
+    fields = Fields(raw, "fingerprint")
+    platform, device = fields.nested("platform"), fields.nested("device")
+    names = [platform.text("name"), platform.text("version"), device.text("name"), device.text("driver_version")]
+    fields.flag("cpu_only")
+    sent = fields.text("id")
     expected = fingerprint_id(*names)
     if sent != expected:
         raise AgentError(f"the device's fingerprint id {visible(repr(sent), 40)} is not the hash of the platform "

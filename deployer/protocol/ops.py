@@ -12,83 +12,18 @@ or on the `Reply` the session returns.
 from __future__ import annotations
 
 import posixpath
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from deployer.errors import AgentError, CompileError
 from deployer.protocol.fingerprint import parse_fingerprint
-from deployer.protocol.reply import Reply, show
+from deployer.protocol.reply import MAX_TEXT, SHA256, Fields, Reply, show
 from deployer.protocol.session import AgentSession
 from deployer.protocol.spool import Spool
 from deployer.text import one_line, visible
 
-SHA256 = re.compile(r"[0-9a-f]{64}")
-MAX_TEXT = 4096  # a name, key or path a board sends
 MAX_LOG = 1 << 16  # a build log kept per program
-MAX_ITEMS = 100_000  # entries in one reply's list
-
-
-class Fields:
-    """A record of a board's reply, read field by field with its type and bounds checked."""
-
-    def __init__(self, record: object, where: str) -> None:
-        if not isinstance(record, Mapping):
-            raise AgentError(f"{where}: expected an object, got {show(record)}", kind="bad_reply")
-        self.record: Mapping[str, Any] = record
-        self.where = where
-
-    def _bad(self, key: str, what: str) -> AgentError:
-        return AgentError(f"{self.where} field {key!r}: {what}, got {show(self.record.get(key))}", kind="bad_reply")
-
-    def text(self, key: str, limit: int = MAX_TEXT) -> str:
-        value = self.record.get(key)
-        if not isinstance(value, str) or len(value) > limit:
-            raise self._bad(key, f"expected a string of at most {limit} characters")
-        return value
-
-    def optional_text(self, key: str, limit: int = MAX_TEXT) -> str | None:
-        return None if self.record.get(key) is None else self.text(key, limit)
-
-    def sha256(self, key: str) -> str:
-        value = self.record.get(key)
-        if not isinstance(value, str) or not SHA256.fullmatch(value):
-            raise self._bad(key, "expected a sha256 (64 lowercase hex digits)")
-        return value
-
-    def integer(self, key: str, low: int = 0, high: int = 1 << 62) -> int:
-        value = self.record.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise self._bad(key, f"expected an integer in {low}..{high}")
-        return value
-
-    def optional_integer(self, key: str, low: int = 0, high: int = 1 << 62) -> int | None:
-        return None if self.record.get(key) is None else self.integer(key, low, high)
-
-    def flag(self, key: str) -> bool:
-        value = self.record.get(key)
-        if not isinstance(value, bool):
-            raise self._bad(key, "expected true or false")
-        return value
-
-    def items(self, key: str, limit: int = MAX_ITEMS) -> list[Any]:
-        value = self.record.get(key)
-        if not isinstance(value, list) or len(value) > limit:
-            raise self._bad(key, f"expected a list of at most {limit} items")
-        return value
-
-    def relative_path(self, key: str) -> str:
-        """A plain relative path (no `..`, not absolute, normalised): the controller names files by it."""
-        value = self.text(key)
-        if not plain_relative(value):
-            raise self._bad(key, "expected a plain relative path")
-        return value
-
-
-def plain_relative(path: str) -> bool:
-    return bool(path) and not path.startswith("/") and "\0" not in path and posixpath.normpath(path) == path \
-        and ".." not in path.split("/")
 
 
 # ----- begin: which files of the release the device lacks -----

@@ -17,7 +17,7 @@ from deployer.connect.channel import Channel, Transport
 from deployer.connect.transport import open_transport
 from deployer.errors import AgentError, TransportError
 from deployer.protocol.bundle import NEED_AGENT, NO_REMOTE_DIR, agent_bundle, bootstrap_command, run_command
-from deployer.protocol.reply import Reply, show
+from deployer.protocol.reply import Fields, Reply, show
 from deployer.protocol.spool import Spool
 from deployer.remote.kinds import AGENT as AGENT_KINDS
 from deployer.remote.layout import RELEASE_ID_RE
@@ -103,8 +103,9 @@ class AgentSession:
             raise failure
         if first.fields.get("op") != "hello":
             raise AgentError(f"agent did not say hello (got {show(dict(first.fields))})")
-        first.get("python", str)
-        running = first.get("agent", str)
+        hello = Fields(first.fields, "hello")
+        hello.text("python")
+        running = hello.text("agent")
         if running != agent_bundle().id:  # never talk to a stale or altered agent as if it were this one
             raise AgentError(f"the device runs agent {one_line(running, 80)}, not this controller's "
                              f"{agent_bundle().id12}: its bundle folder was changed on the device; delete "

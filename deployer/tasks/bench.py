@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from deployer.config.kernels import KernelSpec, Library, Program, Variant
-from deployer.errors import AgentError, InputError
-from deployer.protocol.reply import Reply
-from deployer.protocol.reply import field as reply_field
+from deployer.errors import InputError
+from deployer.protocol.reply import MAX_ERROR, Fields, Reply
 from deployer.tasks.smoke import case_name, dim, rounded_global
 from deployer.text import one_line
 
@@ -106,42 +105,38 @@ def batches(cases: Sequence[BenchCase], max_repeats: int) -> list[list[BenchCase
     return [list(cases[i:i + per]) for i in range(0, len(cases), per)]
 
 
-def _times(record: Mapping[str, Any], name: str, limit: int) -> tuple[float, ...]:
-    values = reply_field(record, name, list)
-    if len(values) > limit or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1e9
-                                      for v in values):
-        raise AgentError(f"bench reply: {name} is not a list of at most {limit} times", kind="bad_reply")
-    return tuple(float(v) for v in values)
-
-
 def parse_bench(reply: Reply, asked: Sequence[str], models: Sequence[str], max_repeats: int) -> list[BenchItem]:
     """The items the board timed, in the order asked; an item it does not report is an error."""
-    items = []
-    cases = {str(reply_field(r, "id", str)): r for r in reply.get("cases", list)}
+    fields, items = Fields(reply.fields, "bench reply"), []
+    cases = _by(fields.items("cases"), "id", "bench reply case")
     for name in asked:
         record = cases.get(name)
         if record is None:
             items.append(BenchItem(name, "case", False, "no result from the device", (), ()))
             continue
-        error = reply_field(record, "error", str, optional=True)
-        items.append(BenchItem(name, "case", bool(reply_field(record, "ok", bool)),
-                               one_line(error, 300) if error else None,
-                               _times(record, "device_ms", max_repeats), _times(record, "wall_ms", max_repeats)))
-    timed = {str(reply_field(r, "name", str)): r for r in reply.get("models", list)}
+        error = record.optional_text("error", MAX_ERROR)
+        items.append(BenchItem(name, "case", record.flag("ok"), one_line(error, 300) if error else None,
+                               record.ms_list("device_ms", max_repeats), record.ms_list("wall_ms", max_repeats)))
+    timed = _by(fields.items("models"), "name", "bench reply model")
     for name in models:
         record = timed.get(name)
         if record is None:
             items.append(BenchItem(name, "model", False, "no result from the device", (), ()))
             continue
-        error = reply_field(record, "error", str, optional=True)
-        items.append(BenchItem(name, "model", bool(reply_field(record, "ok", bool)),
-                               one_line(error, 300) if error else None, (),
-                               _times(record, "wall_ms", max_repeats)))
+        error = record.optional_text("error", MAX_ERROR)
+        items.append(BenchItem(name, "model", record.flag("ok"), one_line(error, 300) if error else None, (),
+                               record.ms_list("wall_ms", max_repeats)))
     return items
+
+
+def _by(records: Sequence[object], key: str, where: str) -> dict[str, Fields]:
+    """The records of a list, each by its name (`key`); only the names are checked here."""
+    named = (Fields(record, where) for record in records)
+    return {fields.text(key): fields for fields in named}
 
 
 def parse_create_ms(reply: Reply, keys: Mapping[str, object]) -> dict[str, float]:
     """Each program's creation from its binary (ms), for the programs this device builds."""
-    timed = reply.get("create_ms", dict)
+    timed = Fields(reply.fields, "bench reply").nested("create_ms").record
     return {key: float(value) for key, value in timed.items() if key in keys
             and isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e9}

@@ -16,8 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from deployer.config.kernels import Library
 from deployer.config.models import Model, Node
 from deployer.errors import AgentError, InputError, Where
-from deployer.protocol.reply import Reply
-from deployer.protocol.reply import field as reply_field
+from deployer.protocol.reply import MAX_ERROR, Fields, Reply, output_sizes
 from deployer.tasks.smoke import check_output
 from deployer.text import visible
 
@@ -233,29 +232,23 @@ def skipped_model(plan: ModelPlan, skipped: Mapping[str, str]) -> ModelResult | 
     return None
 
 
-def _ms(record: Mapping[str, Any], key: str) -> float | None:
-    value = reply_field(record, key, (int, float), optional=True)
-    if value is not None and not 0 <= value < 1e9:
-        raise AgentError(f"agent reply field {key!r}: {value!r} is not a duration in ms")
-    return None if value is None else float(value)
-
-
 def check_models(plans: Sequence[ModelPlan], reply: Reply) -> list[ModelResult]:
     """Each model's verdict: the device ran it, its output has the right size, and it matches numpy within
     the graph's tolerance (|out - ref| <= tol * (1 + |ref|))."""
-    records = reply.get("models", list)
+    records = Fields(reply.fields, "startup reply").items("models")
     if len(records) != len(plans):
         raise AgentError(f"startup reply has {len(records)} model result(s), expected {len(plans)}", kind="bad_reply")
     payload, offset, results = memoryview(reply.payload), 0, []
     for plan, record in zip(plans, records, strict=True):
         name = plan.model.name
-        sizes = [int(reply_field(o, "size", int)) for o in reply_field(record, "outputs", list)]
-        if any(s < 0 for s in sizes) or offset + sum(sizes) > len(payload):
+        fields = Fields(record, f"startup reply model {name!r}")
+        sizes = output_sizes(fields, len(payload))
+        if offset + sum(sizes) > len(payload):
             raise AgentError(f"startup reply for model {name!r}: output sizes exceed the payload", kind="bad_reply")
         chunk, offset = payload[offset: offset + sum(sizes)], offset + sum(sizes)
-        first, steady = _ms(record, "first_inference_ms"), _ms(record, "steady_ms")
-        if not reply_field(record, "ok", bool):
-            error = visible(str(reply_field(record, "error", str, optional=True) or "failed"), 500)
+        first, steady = fields.optional_ms("first_inference_ms"), fields.optional_ms("steady_ms")
+        if not fields.flag("ok"):
+            error = visible(fields.optional_text("error", MAX_ERROR) or "failed", 500)
             results.append(ModelResult(name, False, detail=error))
             continue
         want = plan.expected.size * 4

@@ -31,8 +31,7 @@ from deployer.connect.deadline import current_deadline
 from deployer.errors import AgentError, DeviceError, LocalStateError, SmokeMismatch
 from deployer.protocol import ops
 from deployer.protocol.fingerprint import parse_fingerprint
-from deployer.protocol.reply import Reply
-from deployer.protocol.reply import field as reply_field
+from deployer.protocol.reply import MAX_ERROR, Fields, Reply, output_sizes
 from deployer.protocol.session import AgentSession
 from deployer.protocol.spool import Spool
 from deployer.tasks import noop, runner
@@ -700,9 +699,8 @@ def check_cases(plan: SmokePlan, reply: Reply, skipped: Mapping[str, str] | None
     """Each case's verdict from the agent's reply: device errors, output sizes, numpy comparison. Cases of
     the programs in `skipped` (key -> why) were not sent: they are skipped, not built, with the reason."""
     skipped = skipped or {}
-    results_by_id = {}
-    for record in reply.get("cases", list):
-        results_by_id[str(reply_field(record, "id", str))] = record
+    results_by_id = {Fields(record, "smoke reply case").text("id"): record
+                     for record in Fields(reply.fields, "smoke reply").items("cases")}
     payload, offset = memoryview(reply.payload), 0
     verdicts = []
     for case in plan.cases:
@@ -712,12 +710,13 @@ def check_cases(plan: SmokePlan, reply: Reply, skipped: Mapping[str, str] | None
         if case.program_key in skipped:
             verdicts.append(KernelResult(case.id, case.program_key, False, "skipped", detail=skipped[case.program_key]))
             continue
-        record = results_by_id.get(case.id)
-        if record is None:
+        raw = results_by_id.get(case.id)
+        if raw is None:
             verdicts.append(KernelResult(case.id, case.program_key, True, "failed", detail="no result from device"))
             continue
-        sizes = [int(reply_field(o, "size", int)) for o in reply_field(record, "outputs", list)]
-        if any(s < 0 for s in sizes) or offset + sum(sizes) > len(payload):
+        record = Fields(raw, f"smoke reply case {case.id!r}")
+        sizes = output_sizes(record, len(payload))
+        if offset + sum(sizes) > len(payload):
             raise AgentError(f"smoke reply for {case.id}: output sizes exceed the payload", kind="bad_reply")
         chunk = payload[offset: offset + sum(sizes)]
         offset += sum(sizes)
@@ -725,9 +724,9 @@ def check_cases(plan: SmokePlan, reply: Reply, skipped: Mapping[str, str] | None
     return verdicts
 
 
-def _verdict(case: Any, record: Mapping[str, Any], chunk: memoryview, sizes: Sequence[int]) -> KernelResult:
-    if not reply_field(record, "ok", bool):
-        error = visible(str(reply_field(record, "error", str, optional=True) or "failed"), 500)
+def _verdict(case: Any, record: Fields, chunk: memoryview, sizes: Sequence[int]) -> KernelResult:
+    if not record.flag("ok"):
+        error = visible(record.optional_text("error", MAX_ERROR) or "failed", 500)
         return KernelResult(case.id, case.program_key, True, "failed", detail=error)
     if case.expected is None:
         return KernelResult(case.id, case.program_key, True, "skipped", detail="no numpy reference")

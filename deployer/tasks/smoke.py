@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from deployer.config.kernels import Arg, KernelSpec, Library, Program, Variant
-from deployer.errors import AgentError, InputError, Where
-from deployer.protocol.reply import Reply
-from deployer.protocol.reply import field as reply_field
+from deployer.errors import InputError, Where
+from deployer.protocol.reply import MAX_ERROR, Fields, Reply
 from deployer.text import visible
 
 REFERENCE_MODULE = "reference.py"
@@ -264,27 +263,22 @@ class Startup:
                 "programs": [p.to_json() for p in self.programs]}
 
 
-def _milliseconds(record: Mapping[str, Any], key: str) -> float | None:
-    value = reply_field(record, key, (int, float), optional=True)
-    if value is not None and not 0 <= value < 1e9:
-        raise AgentError(f"agent reply field {key!r}: {value!r} is not a duration in ms")
-    return None if value is None else float(value)
-
-
 def parse_startup(reply: Reply, keys: Sequence[str]) -> Startup:
     """The `startup` reply's figures for the programs asked for (a device-sent record is checked field by
     field; one that lacks a key we asked for counts as not measured)."""
+    fields = Fields(reply.fields, "startup reply")
     by_key = {}
-    for record in reply.get("programs", list):
-        by_key[str(reply_field(record, "key", str))] = record
+    for record in fields.items("programs"):
+        program = Fields(record, "startup reply program")
+        by_key[program.text("key")] = program
     programs = []
     for key in keys:
         record = by_key.get(key)
         if record is None:
             programs.append(ProgramStartup(key, None, None, "not measured by the device"))
             continue
-        error = reply_field(record, "error", str, optional=True)
-        programs.append(ProgramStartup(key, _milliseconds(record, "build_from_source_ms"),
-                                       _milliseconds(record, "load_from_binary_ms"),
+        error = record.optional_text("error", MAX_ERROR)
+        programs.append(ProgramStartup(key, record.optional_ms("build_from_source_ms"),
+                                       record.optional_ms("load_from_binary_ms"),
                                        None if error is None else visible(error, 500)))
-    return Startup(tuple(programs), _milliseconds(reply.fields, "compiler_start_ms"))
+    return Startup(tuple(programs), fields.optional_ms("compiler_start_ms"))
