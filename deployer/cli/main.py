@@ -46,12 +46,20 @@ def _plain_metavars(command: Any, context: Any = None) -> None:
     context = context or command.make_context("deploy", [], resilient_parsing=True)
     for param in command.params:
         if param.param_type_name == "option" and param.metavar is None and not param.is_flag:
-            param.metavar = _metavar_of(param.display_type(context))
+            param.metavar = _metavar_of(_type_shown(param, context))
         elif param.param_type_name == "argument":  # `RUN_A`, not `run_a <int>`: its help says what it is
             param.metavar = param.metavar or param.name.upper()
             param.display_type_rich = lambda ctx: None
     for sub in getattr(command, "commands", {}).values():
         _plain_metavars(sub, context)
+
+
+def _type_shown(param: Any, context: Any) -> str:
+    """Typer's `<type>` (0.26 and later), else Click's type name (`integer`, `path`, `choice`)."""
+    display = getattr(param, "display_type", None)
+    if display is not None:
+        return str(display(context))
+    return "a|b" if getattr(param.type, "choices", None) else str(param.type.name)
 
 
 def _metavar_of(shown: str) -> str | None:
