@@ -64,13 +64,29 @@ def test_layers_contract() -> None:
     assert "2 kept, 0 broken" in result.stdout, result.stdout
 
 
-def test_help_does_not_import_heavy_modules() -> None:
-    """`deploy --help` stays fast: no paramiko, numpy or pyopencl at import time of the CLI."""
-    code = ("import sys, deployer.cli.main; "
-            "print(sorted(m for m in ('paramiko', 'numpy', 'pyopencl') if m in sys.modules))")
+def _imported_by(argv: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """The modules named by `prefixes` that `deploy ARGV` imported, in a fresh interpreter."""
+    code = ("import contextlib, io, sys; from deployer.cli.main import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()): main({argv!r})\n"
+            f"print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.stdout.strip() == "[]", result.stderr
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return list(ast.literal_eval(result.stdout.strip()))
+
+
+def test_help_does_not_import_heavy_modules() -> None:
+    """`deploy --help` stays fast: it lists every command, and imports no paramiko, numpy or pyopencl."""
+    assert _imported_by(["--help"], ("paramiko", "numpy", "pyopencl")) == []
+    assert "deployer.cli.history" in _imported_by(["--help"], ("deployer.cli.",))
+
+
+def test_a_command_imports_only_its_own_module() -> None:
+    """Every start pays for the command modules it imports: `deploy push` imports push's, not the nightly
+    run's, the history's or the sim's (cli/app.py COMMANDS)."""
+    assert _imported_by(["push", "--help"], ("deployer.cli.",)) == \
+        ["deployer.cli.app", "deployer.cli.main", "deployer.cli.push", "deployer.cli.render"]
+    assert "deployer.cli.push" not in _imported_by(["history", "--help"], ("deployer.cli.",))
 
 
 ERROR_CLASSES = {"AgentFailure", "AgentError", "CompileError", "AgentMissing"}

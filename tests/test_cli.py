@@ -256,14 +256,30 @@ def _commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...
         yield from _commands(sub, (*path, name))
 
 
+def test_every_command_is_in_the_table_that_loads_it() -> None:
+    """cli/app.py COMMANDS names each top-level command's module: a command missing there would be listed by
+    `deploy --help` and yet unknown to `deploy <it>`."""
+    import typer
+
+    from deployer.cli.app import COMMANDS, app
+    from deployer.cli.main import load_commands
+
+    load_commands([])
+    group: Any = typer.main.get_command(app)
+    assert sorted(group.commands) == sorted(COMMANDS)
+    assert group.list_commands(None) == list(COMMANDS)  # `deploy --help` lists them in the table's order
+
+
 def test_help_at_80_columns_keeps_every_flag_whole(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     """A terminal of 80 columns cut long flags (`--accept-new-host-k…`) and showed Typer's type placeholders
     (`<bool>`, `<int range>`, `<list[Path]>`): each command's help now fits and names every flag whole."""
     import typer
 
     from deployer.cli.app import app
+    from deployer.cli.main import load_commands
 
     monkeypatch.setenv("COLUMNS", "80")
+    load_commands([])  # every command's module: each adds its commands
     commands = list(_commands(typer.main.get_command(app)))
     assert ("push",) in commands and ("history", "merge") in commands and ("sim", "set") in commands
     for command in commands:
@@ -280,8 +296,10 @@ def test_help_at_80_columns_keeps_every_flag_whole(cli: Cli, monkeypatch: pytest
 def _params(command: tuple[str, ...]) -> list[Any]:
     import typer
 
-    import deployer.cli.main  # noqa: F401  (each command module adds its commands)
     from deployer.cli.app import app
+    from deployer.cli.main import load_commands
+
+    load_commands([])  # every command's module: each adds its commands
 
     node: Any = typer.main.get_command(app)
     for name in command:

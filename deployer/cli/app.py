@@ -10,8 +10,10 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from deployer.config.inventory import Device
@@ -19,7 +21,22 @@ if TYPE_CHECKING:
 
 DEFAULT_SIM_DIR = Path(".deploy-sim")
 
-app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True, pretty_exceptions_enable=False,
+# Each command and the module of deployer.cli that adds it, in the order `deploy --help` lists them. A command
+# imports only its own module (cli/main.py): the others, and what they import, would cost every start.
+COMMANDS = {"push": "push", "rollback": "push", "collect": "collect", "compare": "history", "report": "report",
+            "run": "run", "inventory": "inventory", "sim": "sim", "cache": "cache", "history": "history"}
+
+
+class _Listed(TyperGroup):
+    """Commands in COMMANDS' order, however many modules were imported, in whatever order."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        order = list(COMMANDS)
+        return sorted(self.commands, key=lambda name: order.index(name) if name in order else len(order))
+
+
+app = typer.Typer(cls=_Listed, add_completion=False, rich_markup_mode=None, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Push OpenCL kernels and models to a fleet of boards, compile them there, "
                        "cache the binaries in MACE's format and smoke-test them.")
 

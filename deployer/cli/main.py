@@ -8,6 +8,7 @@ another run; 70 a bug (one line on screen, the traceback saved to a file); 130 i
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import tempfile
@@ -17,8 +18,7 @@ from typing import Any
 
 import typer
 
-from deployer.cli import cache, collect, history, inventory, push, report, run, sim  # noqa: F401  (each adds its commands)
-from deployer.cli.app import app, stderr
+from deployer.cli.app import COMMANDS, app, stderr
 from deployer.cli.render import shown
 from deployer.errors import DeployError, Interrupted
 
@@ -76,6 +76,14 @@ def _metavar_of(shown: str) -> str | None:
     return "TEXT"
 
 
+def load_commands(argv: list[str]) -> None:
+    """Import the module of the command in `argv`, or every command's (`--help`, a typo, no command)."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    modules = [COMMANDS[first]] if first in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(f"deployer.cli.{module}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script passes it to sys.exit).
 
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGINT, _interrupt) if threading.current_thread() is threading.main_thread() \
         else None
     try:
+        load_commands(sys.argv[1:] if argv is None else argv)
         command = typer.main.get_command(app)
         _plain_metavars(command)
         command.main(args=argv, prog_name="deploy")
