@@ -8,6 +8,7 @@ bytes) of the package's modules, so two controllers with the same code agree on 
 from __future__ import annotations
 
 import shlex
+import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,9 +53,18 @@ def build_bundle(folder: Path) -> Bundle:
     return Bundle(files, bundle_id(files), bundle_id(f for f in files if f[0] in wanted))
 
 
-@cache
+_BUNDLE_LOCK = threading.Lock()
+
+
 def agent_bundle() -> Bundle:
-    """This controller's agent (read once per process)."""
+    """This controller's agent, read once per process (under a lock: the devices' threads ask at once, and each
+    would read and hash the package again)."""
+    with _BUNDLE_LOCK:
+        return _read_bundle()
+
+
+@cache
+def _read_bundle() -> Bundle:
     return build_bundle(Path(remote.__file__).parent)
 
 
