@@ -16,7 +16,7 @@ from deployer.config.kernels import load_library
 from deployer.sim.fleet import DeviceSpec, Fleet, fleet_status
 from deployer.tasks.plan import HashIndex, local_files
 from deployer.tasks.push import PushJob, release_paths, run_fleet
-from deployer.tasks.smoke import load_references, plan_smoke
+from deployer.tasks.smoke import Smoke, load_references, plan_smoke
 from tests.conftest import KERNELS, REPO, Cli, StageHook
 from tests.test_faults import MakeFleet
 
@@ -144,7 +144,7 @@ def test_flipped_byte_on_the_device_fails_that_device(make_fleet: MakeFleet, tmp
     program, before any driver sees it; the other device passes."""
     fleet = make_fleet([DeviceSpec("sim-01"), DeviceSpec("sim-02")])
     library = load_library(KERNELS)
-    job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)),
+    job = PushJob(library=library, smoke=Smoke(library, plan_smoke(library, load_references(library))),
                   files=local_files(release_paths(library, []), HashIndex(None)), cache=tmp_path / "cache",
                   mace_version="")
     release_dir = Path(fleet.device("sim-01").folder) / "home" / ".deployer" / "releases"

@@ -25,8 +25,8 @@ from deployer.sim.fleet import DeviceSpec, Fleet, start_fleet
 from deployer.tasks import plan as plan_module
 from deployer.tasks.plan import HashIndex, local_files
 from deployer.tasks.progress import Progress
-from deployer.tasks.push import PushJob, release_paths, run_fleet
-from deployer.tasks.smoke import load_references, plan_smoke
+from deployer.tasks.push import PushJob, prepare_push, release_paths, run_fleet
+from deployer.tasks.smoke import Smoke, load_references, plan_smoke
 from tests.conftest import KERNELS, Cli
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny_cnn.npz"
@@ -333,7 +333,7 @@ def test_a_file_changed_during_the_push_fails_that_device_and_lands_nowhere(depl
         relu.write_text(original + "\n// planned\n")
         files = local_files(release_paths(library, []), HashIndex(None))  # hashed: the plan's content
         relu.write_text(original + "\n// edited after planning\n")  # ... and edited before it is read
-        job = PushJob(library=library, smoke=plan_smoke(library, load_references(library)), files=files,
+        job = PushJob(library=library, smoke=Smoke(library, plan_smoke(library, load_references(library))), files=files,
                       cache=deployed.cache, mace_version="")
         devices = load_inventory(deployed.fleet.inventory).devices
         outcome = run_fleet(devices, job, forks=1, progress=Progress()).outcomes[0]
@@ -375,3 +375,54 @@ def test_a_damaged_manifest_on_the_device_means_rebuild_not_trust(deployed: Depl
     assert len(device["plan"]["rebuild"]) == 16 and device["changed"] is True
     code, device = _push(deployed)
     assert code == 0 and device["plan"]["new_release"] is False  # and the next push is a no-op again
+
+
+def test_references_checked_before_do_not_run_again(deployed: Deployed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's references ran (and passed) on an earlier push of these very files: a no-op neither runs
+    them again nor makes the smoke plan (no numpy for a library without models: tasks/smoke.py)."""
+    references = deployed.kernels / "reference.py"
+    original = references.read_text()
+    mark = deployed.fleet.folder / "references-ran"
+    try:
+        references.write_text("import os as _os\nif _os.environ.get('REF_MARK'):\n"
+                              "    open(_os.environ['REF_MARK'], 'a').write('ran')\n" + original)
+        assert _push(deployed)[0] == 0  # changed: they run before any device, and are remembered
+        monkeypatch.setenv("REF_MARK", str(mark))
+        code, device = _push(deployed)
+        assert code == 0 and device["shell_noop"] is True and not mark.exists()
+        job = prepare_push(deployed.kernels, [], deployed.cache)
+        assert job.smoke.made is False  # and its outline names the cases the plan would make, in its order
+        assert job.smoke.outline == [(c.id, c.program_key) for c in job.smoke.plan().cases]
+        mark.unlink()  # plan() ran them
+        (deployed.cache / ".smoke-checked.json").unlink()  # a cache that never saw them: they run again
+        assert _push(deployed)[0] == 0 and mark.read_text() == "ran"
+    finally:
+        references.write_text(original)
+    assert _push(deployed)[0] == 0
+
+
+def test_a_changed_reference_runs_again_before_any_device_even_on_a_noop(deployed: Deployed) -> None:
+    references = deployed.kernels / "reference.py"
+    original = references.read_text()
+    log_before = deployed.sshd_log()
+    try:
+        references.write_text(original.replace("def relu(x, n):\n", "def relu(x, n):\n    raise ValueError('no')\n"))
+        code, _ = _push_expecting_input_error(deployed)
+        assert code == 2
+        assert _sessions(deployed.sshd_log()[len(log_before):]) == (0, 0)  # no device was touched
+    finally:
+        references.write_text(original)
+    code, device = _push(deployed)  # the file as it was: checked before, so a no-op again
+    assert code == 0 and device["shell_noop"] is True
+
+
+def _push_expecting_input_error(deployed: Deployed) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["push", "--fleet", str(deployed.fleet.inventory), "--kernels", str(deployed.kernels),
+                     "--cache", str(deployed.cache), "--model", str(MODEL), "--json"])
+    assert "relu() raised ValueError: no" in err.getvalue(), err.getvalue()
+    return code, err.getvalue()

@@ -12,11 +12,12 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from deployer.errors import InputError, Where
+
+if TYPE_CHECKING:  # numpy is imported where it is used: a push that runs nothing never loads it
+    import numpy as np
 
 FORMAT = "deployer-cnn/1"
 OPS = ("conv2d", "depthwise_conv2d", "max_pool", "avg_pool", "add", "dense", "softmax")
@@ -56,6 +57,7 @@ class Model:
 
     def input(self) -> np.ndarray:
         """The model's input: uniform in [0, 1) from the graph's seed, the same bytes on every run."""
+        import numpy as np
         return np.random.default_rng(self.seed).random(self.input_shape, dtype=np.float32)
 
 
@@ -169,6 +171,7 @@ def _node(file: str, node: Any, index: int) -> Node:
 
 
 def _load_weights(path: Path) -> dict[str, np.ndarray]:
+    import numpy as np
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}

@@ -10,15 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from deployer.config.kernels import KernelSpec, Library, Program, Variant
 from deployer.errors import InputError
 from deployer.protocol.reply import MAX_ERROR, Fields, Reply
 from deployer.tasks.smoke import case_name, dim, rounded_global
 from deployer.text import one_line
+
+if TYPE_CHECKING:  # numpy is imported where it is used: a push that runs nothing never loads it
+    import numpy as np
 
 TILE_BYTES = 256 << 10
 MAX_NUMBERS_PER_REQUEST = 40_000  # repeats x 2 timings x cases in one reply line (the agent's 1 MiB line)
@@ -57,6 +58,7 @@ def _elements(shape: Sequence[str | int], sizes: Mapping[str, int]) -> int:
 
 def _plan_case(plan: BenchPlan, program: Program, spec: KernelSpec, variant: Variant,
                rng: np.random.Generator) -> None:
+    import numpy as np
     name = case_name(program, spec, variant)
     if any(arg.role == "image" for arg in spec.args):
         plan.skipped[name] = "image arguments are not benchmarked"
@@ -90,6 +92,7 @@ def _plan_case(plan: BenchPlan, program: Program, spec: KernelSpec, variant: Var
 
 def plan_bench(library: Library) -> BenchPlan:
     """Every kernel of every variant at its bench sizes, inputs from the library's seed."""
+    import numpy as np
     plan = BenchPlan()
     rng = np.random.default_rng(library.seed + BENCH_SEED_OFFSET)
     for program in library.programs:

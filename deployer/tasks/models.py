@@ -8,10 +8,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from typing import TYPE_CHECKING, Any
 
 from deployer.config.kernels import Library
 from deployer.config.models import Model, Node
@@ -19,6 +16,9 @@ from deployer.errors import AgentError, InputError, Where
 from deployer.protocol.reply import MAX_ERROR, Fields, Reply, output_sizes
 from deployer.tasks.smoke import check_output
 from deployer.text import visible
+
+if TYPE_CHECKING:  # numpy is imported where it is used: a push that runs nothing never loads it
+    import numpy as np
 
 VARIANT = "f32"  # the model runs on the float32 variants of the library's programs
 STEADY_RUNS = 10
@@ -37,11 +37,14 @@ KERNELS = {
 BIAS_KERNEL = {"none": "none", "relu": "bias_relu", "relu6": "bias_relu6"}
 
 def _windows(x: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
     padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
     return sliding_window_view(padded, (k, k), axis=(1, 2))[:, ::stride, ::stride]
 
 
 def _activate(x: np.ndarray, activation: str) -> np.ndarray:
+    import numpy as np
     if activation == "relu":
         return np.asarray(np.maximum(x, 0))
     if activation == "relu6":
@@ -50,6 +53,7 @@ def _activate(x: np.ndarray, activation: str) -> np.ndarray:
 
 
 def _forward_node(node: Node, inputs: list[np.ndarray], w: np.ndarray | None, b: np.ndarray | None) -> np.ndarray:
+    import numpy as np
     x = inputs[0]
     if node.op == "add":
         return _activate(inputs[0] + inputs[1], node.activation)
@@ -73,6 +77,7 @@ def _forward_node(node: Node, inputs: list[np.ndarray], w: np.ndarray | None, b:
 
 def forward(model: Model, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every node's output for input `x`, computed in float64 from the float32 weights."""
+    import numpy as np
     values = {model.input_name: np.asarray(x, dtype=np.float64)}
     weights = {k: v.astype(np.float64) for k, v in model.weights.items()}
     for node in model.nodes:
@@ -102,6 +107,7 @@ class _Lowering:
         self.tile = 16
 
     def tensor(self, name: str, shape: Sequence[int], data: np.ndarray | None = None) -> str:
+        import numpy as np
         size = math.prod(shape) * 4
         offset = None
         if data is not None:
@@ -114,6 +120,7 @@ class _Lowering:
 
     def step(self, kind: str, index: int, tensors: Sequence[str], scalars: Sequence[int],
              global_size: Sequence[int], local: Sequence[int] | None = None, local_bytes: int = 0) -> None:
+        import numpy as np
         program_name, entry = KERNELS[kind]
         program = self.library.program(program_name)
         variant = program.variant(VARIANT) if program else None
@@ -235,6 +242,7 @@ def skipped_model(plan: ModelPlan, skipped: Mapping[str, str]) -> ModelResult | 
 def check_models(plans: Sequence[ModelPlan], reply: Reply) -> list[ModelResult]:
     """Each model's verdict: the device ran it, its output has the right size, and it matches numpy within
     the graph's tolerance (|out - ref| <= tol * (1 + |ref|))."""
+    import numpy as np
     records = Fields(reply.fields, "startup reply").items("models")
     if len(records) != len(plans):
         raise AgentError(f"startup reply has {len(records)} model result(s), expected {len(plans)}", kind="bad_reply")

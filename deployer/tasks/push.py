@@ -42,11 +42,12 @@ from deployer.tasks.plan import DevicePlan, FileContents, LocalFile, RemoteState
 from deployer.tasks.progress import Progress
 from deployer.tasks.runner import INTERNAL, NOT_STARTED, Connect, DeviceWork, FleetOutcome, OnFailure, Outcome, Work
 from deployer.tasks.share import BuildShare, DeviceShare
-from deployer.tasks.smoke import KernelResult, SmokePlan, Startup, compare, parse_startup, split_outputs
+from deployer.tasks.smoke import KernelResult, Smoke, SmokePlan, Startup, compare, parse_startup, split_outputs
 from deployer.text import visible
 
 STAGES = ("connect", "state", "fingerprint", "upload", "compile", "pull", "smoke", "commit", "store")
 MAX_PULL = 256 << 20
+CHECKED_REFERENCES = ".smoke-checked.json"  # digests of the references that ran without error (tasks/smoke.py)
 MAX_MANIFEST = 16 << 20  # the agent's own limit on a manifest it reads back (remote/layout.py MAX_INDEX)
 
 
@@ -64,7 +65,7 @@ class PushJob:
     """What every device of one `deploy push` gets; built once, shared read-only by the workers."""
 
     library: Library
-    smoke: SmokePlan
+    smoke: Smoke
     files: tuple[LocalFile, ...]  # what the release holds, hashed once; bytes read when a device needs them
     cache: Path
     mace_version: str = ""  # "": each device's vars.mace_version, else DEFAULT_MACE_VERSION
@@ -98,7 +99,7 @@ def prepare_push(kernels: Path, models: Sequence[Path], cache: Path, *, check: b
     from deployer.config.models import load_models
     from deployer.tasks.models import plan_model
     from deployer.tasks.plan import HASH_INDEX, HashIndex, local_files
-    from deployer.tasks.smoke import load_references, plan_smoke
+    from deployer.tasks.smoke import CheckedReferences, prepare_smoke
 
     if mace_programs is not None:
         app = load_mace_programs(*mace_programs)
@@ -108,9 +109,11 @@ def prepare_push(kernels: Path, models: Sequence[Path], cache: Path, *, check: b
     else:
         library = load_library(kernels)
     model_files, loaded = load_models(list(models))  # a model of our format: its graph and weights travel
-    smoke_plan = plan_smoke(library, load_references(library))  # runs the user's references: input errors first
-    files = local_files(release_paths(library, model_files), HashIndex(None if check else cache / HASH_INDEX))
-    return PushJob(library=library, smoke=smoke_plan, files=files, cache=cache, check=check,
+    index = HashIndex(None if check else cache / HASH_INDEX)
+    checked = None if check else CheckedReferences(cache / CHECKED_REFERENCES, library.folder, index.sha256)
+    smoke = prepare_smoke(library, checked)  # runs the user's references unless these ran before: input errors first
+    files = local_files(release_paths(library, model_files), index)
+    return PushJob(library=library, smoke=smoke, files=files, cache=cache, check=check,
                    models=tuple(plan_model(m, library) for m in loaded), **settings)
 
 
@@ -432,9 +435,9 @@ def compile_stage(context: PushContext, session: AgentSession, planned: Planned)
     context.logs.update((p.key, p.log) for p in result.programs)
     built = {p.key for p in result.programs if p.ok}
     context.outcome.kernels = [
-        KernelResult(c.id, c.program_key, c.program_key in built, "skipped",
-                     detail=planned.skipped.get(c.program_key) or (None if c.program_key in built else "build failed"))
-        for c in job.smoke.cases
+        KernelResult(case, key, key in built, "skipped",
+                     detail=planned.skipped.get(key) or (None if key in built else "build failed"))
+        for case, key in job.smoke.outline
     ]
     result.raise_for_failed()
     return Built(result.cache_sha256, result.binaries, result.manifest_file)
@@ -528,15 +531,17 @@ def smoke_stage(context: PushContext, session: AgentSession, planned: Planned, b
     keys = smoke_keys(job, planned, built)
     why_not = _why_not_smoked(job, planned)
     not_smoked = {k: why_not for k in planned.build_keys if k not in keys}
-    smoke, left_out = job.smoke, {**planned.skipped, **not_smoked}
-    run = smoke.requests(left_out)
-    reply = Reply({"cases": []}, b"")  # nothing to run: every case is left out, and says why
-    if run:
+    left_out = {**planned.skipped, **not_smoked}
+    if all(key in left_out for _, key in job.smoke.outline):  # nothing to run (numpy and the plan not needed)
+        kernels = [KernelResult(case, key, False, "skipped", detail=left_out[key]) for case, key in job.smoke.outline]
+    else:
+        smoke = job.smoke.plan()
+        run = smoke.requests(left_out)
         cases = smoke.requests(planned.skipped)  # all of this device's cases travel (once) in the blob
         reply = blob_request(context, session, planned.state, "smoke", {"cases": cases}, bytes(smoke.payload),
                              run=[c["id"] for c in run], cache_file=f"build/{CACHE_FILE}",
                              expected=pulled.expected({c["program_key"] for c in run}))
-    kernels = check_cases(smoke, reply, left_out)
+        kernels = check_cases(smoke, reply, left_out)
     status = "unchanged" if job.smoke_mode == "changed" else "skipped"
     outcome.kernels = [replace(k, built=True, smoke=status) if k.program_key in not_smoked and not k.built
                        else k for k in kernels]

@@ -9,19 +9,26 @@ reason (`Library.skipped`). `parse_startup` reads the start-up figures of the ag
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
+import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from deployer.cache.store import read_json, write_json
 from deployer.config.kernels import Arg, KernelSpec, Library, Program, Variant
-from deployer.errors import InputError, Where
+from deployer.errors import DeviceError, InputError, LocalStateError, Where
 from deployer.protocol.reply import MAX_ERROR, Fields, Reply
 from deployer.text import visible
+
+if TYPE_CHECKING:  # numpy is imported where it is used: a push that runs nothing never loads it
+    import numpy as np
 
 REFERENCE_MODULE = "reference.py"
 
@@ -91,6 +98,7 @@ def dim(value: str | int, sizes: Mapping[str, int]) -> int:
 
 
 def _generate(arg: Arg, dtype: np.dtype[Any], sizes: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
+    import numpy as np
     shape = tuple(dim(d, sizes) for d in arg.shape)
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)  # float16 included: the inputs are exact halves
@@ -108,6 +116,7 @@ def rounded_global(spec: KernelSpec, sizes: Mapping[str, int] | None = None) -> 
 
 def _plan_case(plan: SmokePlan, program: Program, spec: KernelSpec, variant: Variant,
                references: ModuleType | None, rng: np.random.Generator) -> Case:
+    import numpy as np
     dtypes = {a.name: np.dtype(a.dtype or variant.dtype).newbyteorder("<") for a in spec.args}
     values: dict[str, Any] = {}
     wire_args: list[dict[str, int]] = []
@@ -145,6 +154,7 @@ def _plan_case(plan: SmokePlan, program: Program, spec: KernelSpec, variant: Var
 
 def _reference(references: ModuleType | None, spec: KernelSpec, values: dict[str, Any],
                name: str) -> dict[str, np.ndarray] | None:
+    import numpy as np
     if references is None or spec.reference is None:
         return None
     function: Callable[..., Mapping[str, np.ndarray]] | None = getattr(references, spec.reference, None)
@@ -172,6 +182,7 @@ def _user_frame(exc: BaseException, references: ModuleType) -> Where:
 
 def plan_smoke(library: Library, references: ModuleType | None) -> SmokePlan:
     """Every kernel of every variant, with inputs from the library's seed (same bytes on every run)."""
+    import numpy as np
     plan = SmokePlan()
     rng = np.random.default_rng(library.seed)
     for program in library.programs:
@@ -181,9 +192,95 @@ def plan_smoke(library: Library, references: ModuleType | None) -> SmokePlan:
     return plan
 
 
+class Smoke:
+    """A push's smoke plan, made once, when a device first has something to smoke (or up front: `prepare`).
+
+    The cases' ids and programs come from the library alone, so a push whose devices smoke nothing never
+    imports numpy nor runs the user's references. `plan()` is safe from the devices' threads."""
+
+    def __init__(self, library: Library, plan: SmokePlan | None = None) -> None:
+        self.library = library
+        self.outline = [(case_name(program, spec, variant), program.key(variant))
+                        for program in library.programs for variant in program.variants for spec in program.kernels]
+        self._plan = plan
+        self._lock = threading.Lock()
+
+    @property
+    def made(self) -> bool:
+        return self._plan is not None
+
+    def plan(self) -> SmokePlan:
+        with self._lock:
+            if self._plan is None:
+                try:
+                    self._plan = plan_smoke(self.library, load_references(self.library))
+                except InputError as exc:  # they passed when checked: they depend on more than their files
+                    raise DeviceError(f"the smoke references failed though they passed before: {exc}") from exc
+            return self._plan
+
+
+def prepare_smoke(library: Library, checked: CheckedReferences | None) -> Smoke:
+    """The push's smoke plan: made now (the references run: an error in them is bad input, exit 2, before any
+    device is touched) unless these very references were checked before (`checked`), then when needed."""
+    if checked is not None and checked.seen():
+        return Smoke(library)
+    smoke = Smoke(library, plan_smoke(library, load_references(library)))
+    if checked is not None:
+        checked.remember()
+    return smoke
+
+
+class CheckedReferences:
+    """Which libraries' references ran without error, by digest of everything their plan depends on: every
+    file of the library's folder, the planner (this module), numpy's files and Python. Kept in
+    `<cache>/.smoke-checked.json` (the newest 64); a digest there means the same plan, so no run before the
+    devices is needed. A reference that reads files outside its folder is not covered: `--smoke always`
+    runs it anyway on a device that smokes."""
+
+    KEEP = 64
+
+    def __init__(self, path: Path, folder: Path, sha256: Callable[[Path], tuple[int, str]]) -> None:
+        self.path = path
+        parts: list[Any] = [sys.version, _file_stamp(Path(__file__)), _numpy_stamp()]
+        for file in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            parts.append([str(file.relative_to(folder)), *sha256(file)])
+        self.digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def _known(self) -> list[str]:
+        known = read_json(self.path)
+        return [d for d in known if isinstance(d, str)] if isinstance(known, list) else []
+
+    def seen(self) -> bool:
+        return self.digest in self._known()
+
+    def remember(self) -> None:
+        try:
+            write_json(self.path, ([self.digest] + [d for d in self._known() if d != self.digest])[: self.KEEP])
+        except LocalStateError:
+            pass  # only a shortcut: the next push runs them again
+
+
+def _file_stamp(path: Path) -> list[int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return []
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _numpy_stamp() -> list[Any]:
+    """numpy's version, from its files rather than an import (an upgrade rewrites them)."""
+    spec = importlib.util.find_spec("numpy")
+    if spec is None or spec.origin is None:
+        return []
+    folder = Path(spec.origin).parent
+    return [str(folder), _file_stamp(folder / "__init__.py"), _file_stamp(folder / "version.py")]
+
+
 def check_output(name: str, got: np.ndarray, expected: np.ndarray, tolerance: float,
                  what: str) -> tuple[float, str | None]:
     """(max abs error, why not) of one output: every element needs |got - want| <= tol * (1 + |want|)."""
+    import numpy as np
     got = np.asarray(got, dtype=np.float64).reshape(-1)
     want = np.asarray(expected, dtype=np.float64).reshape(-1)
     if got.shape != want.shape:
@@ -219,6 +316,7 @@ def compare(case: Case, outputs: Mapping[str, np.ndarray]) -> tuple[bool, float,
 
 def split_outputs(case: Case, payload: memoryview, sizes: Sequence[int]) -> dict[str, np.ndarray]:
     """The device's output bytes of one case, checked against the sizes the case asked for."""
+    import numpy as np
     if len(sizes) != len(case.outputs):
         raise ValueError(f"{len(sizes)} outputs, expected {len(case.outputs)}")
     arrays, offset = {}, 0
