@@ -38,7 +38,7 @@ MODEL_SIZE = 16 << 20
 SEED = 20261124
 REMOTE = "/home/deploysim/bench"  # the contenders' folder on each device (deploy uses ~/.deployer)
 SCENARIOS = {"rtt0": (0, 0), "rtt40": (40, 0), "rate8000": (0, 8000)}  # name: (rtt_ms, rate_kbit)
-TOOLS = ("floor", "shell", "ansible", "pyinfra", "deploy")
+TOOLS = ("floor", "shell", "ansible", "pyinfra", "deploy", "share")  # share: deploy with share_builds on
 RUN_TIMEOUT_S = 900
 SSH_OPTS = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "KexAlgorithms=curve25519-sha256",
             "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes"]
@@ -277,11 +277,13 @@ for name in {built!r}:
     return folder
 
 
-def deploy_inventory(fleet: Any, work: Path) -> Path:
+def deploy_inventory(fleet: Any, work: Path, *, share: bool = False) -> Path:
     import yaml
     inventory = yaml.safe_load(fleet.inventory.read_text())
     inventory["defaults"]["env"] = {"POCL_KERNEL_CACHE": "0"}  # every compile cold, as for the others
-    path = work / "deploy-inventory.yml"
+    if share:  # one compile per program per fingerprint, its binary given to the others (docs/inventory.md)
+        inventory["defaults"]["share_builds"] = True
+    path = work / f"deploy-inventory{'-share' if share else ''}.yml"
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
     return path
 
@@ -307,6 +309,9 @@ def deploy_figures(result: dict[str, Any], logs: Path) -> None:
     result["rebuilt_per_device"] = [len((d.get("plan") or {}).get("rebuild", [])) for d in devices]
     result["ok"] = report.get("ok")
     result["bytes_sent_json"] = [d.get("bytes_sent") for d in devices]
+    words = [how.split(" ")[0] for d in devices for how in (d.get("origin") or {}).values()]
+    result["origins"] = {w: words.count(w) for w in sorted(set(words))}  # compiled, shared, from, reused
+    result["shell_noop"] = sum(bool(d.get("shell_noop")) for d in devices)
 
 
 # ---------------------------------------------------------------- one scenario
@@ -365,6 +370,18 @@ def run_scenario(name: str, count: int, reps: int, tools: list[str], work: Path,
                 result = measure(fleet, argv, logs, f"pyinfra-{rep}", env=env)
                 result["compile_s"] = remote_compile_s(fleet)
                 record("pyinfra", result)
+            if "share" in tools and cold:
+                argv = deploy_argv(deploy_inventory(fleet, work, share=True), work, payload["model"], count)
+                clear_devices(fleet, deployer=True)
+                relu.write_bytes(relu_original)
+                result = measure(fleet, argv, logs, f"deploy-share-cold-{rep}", env=env)
+                deploy_figures(result, logs)
+                record("deploy_share_cold", result)
+                relu.write_bytes(relu.read_bytes() + f"// bench: changed {rep}\n".encode())
+                result = measure(fleet, argv, logs, f"deploy-share-changed-{rep}", env=env)
+                deploy_figures(result, logs)
+                result["changed_file_bytes"] = relu.stat().st_size
+                record("deploy_share_changed", result)
             if "deploy" in tools:
                 argv = deploy_argv(inventory, work, payload["model"], count)
                 if cold:
@@ -452,6 +469,8 @@ def summarize(scenario: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "rss_mib": median([r["rss_mib"] for r in good]),
         }
         if tool.startswith("deploy"):
+            table[tool]["origins"] = good[-1].get("origins")
+            table[tool]["shell_noop"] = good[-1].get("shell_noop")
             table[tool]["rebuild"] = good[-1].get("rebuild")
             table[tool]["stages_max"] = good[-1].get("stages_max")
             if "changed_file_bytes" in good[-1]:
@@ -516,6 +535,12 @@ def check_targets(results: list[dict[str, Any]], help_: dict[str, Any] | None) -
                 check(targets, f"cold push, compile excluded, <= {limit}x {tool} ({tag})", ratio <= limit,
                       f"{cold['wall_minus_compile_s']:.2f} s vs {other['wall_minus_compile_s']:.2f} s = {ratio:.2f}x "
                       f"(with compile: {cold['wall_s']:.2f} vs {other['wall_s']:.2f} s)")
+        shared, shell = t.get("deploy_share_cold"), t.get("shell")
+        if shared and shell and s["devices"] == 8:
+            check(targets, f"cold push with compile, share_builds on, <= 0.25x shell ({tag})",
+                  shared["wall_s"] <= 0.25 * shell["wall_s"],
+                  f"{shared['wall_s']:.2f} s vs {shell['wall_s']:.2f} s = {shared['wall_s'] / shell['wall_s']:.3f}x "
+                  f"(origins {shared.get('origins')})")
         changed = t.get("deploy_changed")
         if changed and floor:
             allowed = 2 * changed["changed_file_bytes"] + 4096 + floor["sent_max"]
