@@ -56,7 +56,7 @@ def env_with_repo(**extra: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- the fleet and the payload
 
-def start_fleet(folder: Path, count: int, rtt_ms: int, rate_kbit: int) -> Any:
+def start_fleet(folder: Path, count: int, rtt_ms: int, rate_kbit: int, *, mix: bool = False) -> Any:
     """Start the fleet with this process pinned to CPU 1 for the while: every sshd, session and proxy
     inherits that CPU. (Not from a pinned child process: the servers would outlive their parent, and
     stop_fleet, which cannot reap another's zombies, would wait 5 s on each before its SIGKILL.)"""
@@ -64,7 +64,8 @@ def start_fleet(folder: Path, count: int, rtt_ms: int, rate_kbit: int) -> Any:
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {1})
     try:
-        fleet = sim.start_fleet(folder, sim.fleet_specs(count), rtt_ms=rtt_ms, rate_kbit=rate_kbit, proxy=True)
+        fleet = sim.start_fleet(folder, sim.fleet_specs(count, mix=mix), rtt_ms=rtt_ms, rate_kbit=rate_kbit,
+                                proxy=True)
     finally:
         os.sched_setaffinity(0, before)
     for device in fleet.devices:  # check the pinning took: the server and its proxy
@@ -317,7 +318,7 @@ def deploy_figures(result: dict[str, Any], logs: Path) -> None:
 # ---------------------------------------------------------------- one scenario
 
 def run_scenario(name: str, count: int, reps: int, tools: list[str], work: Path, payload: dict[str, Any],
-                 *, cold_reps: int, default_smoke: bool) -> dict[str, Any]:
+                 *, cold_reps: int, default_smoke: bool, mix: bool = False) -> dict[str, Any]:
     from deployer.sim import fleet as sim
     rtt_ms, rate_kbit = SCENARIOS[name]
     folder = work / f"fleet-{name}-{count}"
@@ -326,8 +327,8 @@ def run_scenario(name: str, count: int, reps: int, tools: list[str], work: Path,
     runs: dict[str, list[dict[str, Any]]] = {}
     started = time.monotonic()
     try:
-        fleet = start_fleet(folder, count, rtt_ms, rate_kbit)
-        print(f"[{name} N={count}] fleet up in {time.monotonic() - started:.1f} s", flush=True)
+        fleet = start_fleet(folder, count, rtt_ms, rate_kbit, mix=mix)
+        print(f"[{name} N={count}{' mix' if mix else ''}] fleet up in {time.monotonic() - started:.1f} s", flush=True)
         env = env_with_repo()
         floor = write_floor(fleet, work)
         shell, ansible = write_shell(fleet, work), write_ansible(fleet, work, payload["built"])
@@ -407,7 +408,7 @@ def run_scenario(name: str, count: int, reps: int, tools: list[str], work: Path,
             record("deploy_cold_default_smoke", result)
     finally:
         sim.stop_fleet(folder)
-    return {"scenario": name, "devices": count, "rtt_ms": rtt_ms, "rate_kbit": rate_kbit, "runs": runs,
+    return {"scenario": name, "devices": count, "rtt_ms": rtt_ms, "rate_kbit": rate_kbit, "mix": mix, "runs": runs,
             "elapsed_s": round(time.monotonic() - started, 1)}
 
 
@@ -536,7 +537,11 @@ def check_targets(results: list[dict[str, Any]], help_: dict[str, Any] | None) -
                       f"{cold['wall_minus_compile_s']:.2f} s vs {other['wall_minus_compile_s']:.2f} s = {ratio:.2f}x "
                       f"(with compile: {cold['wall_s']:.2f} vs {other['wall_s']:.2f} s)")
         shared, shell = t.get("deploy_share_cold"), t.get("shell")
-        if shared and shell and s["devices"] == 8:
+        if shared and s.get("mix"):
+            origins = shared.get("origins") or {}
+            check(targets, f"two fingerprints, share_builds on: each program compiled once per fingerprint ({tag})",
+                  origins.get("compiled") == 2 * 16, f"origins {origins} (16 programs, 2 fingerprints)")
+        if shared and shell and s["devices"] == 8 and not s.get("mix"):
             check(targets, f"cold push with compile, share_builds on, <= 0.25x shell ({tag})",
                   shared["wall_s"] <= 0.25 * shell["wall_s"],
                   f"{shared['wall_s']:.2f} s vs {shell['wall_s']:.2f} s = {shared['wall_s'] / shell['wall_s']:.3f}x "
@@ -579,6 +584,8 @@ def main() -> int:
     parser.add_argument("--cold-reps", type=int, default=None, help="Reps of the cold runs (default: --reps).")
     parser.add_argument("--default-smoke", action="store_true", help="Also one cold deploy with --smoke changed.")
     parser.add_argument("--no-help-check", action="store_true")
+    parser.add_argument("--mix", action="store_true",
+                        help="A fleet of two fingerprints (every second device on PoCL's basic device).")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--append", action="store_true", help="Keep the scenarios already in --out (a run in parts).")
     args = parser.parse_args()
@@ -601,7 +608,8 @@ def main() -> int:
         for name in args.scenarios.split(","):
             scenario = run_scenario(name, args.devices, args.reps, tools, work, payload,
                                     cold_reps=args.reps if args.cold_reps is None else args.cold_reps,
-                                    default_smoke=args.default_smoke)
+                                    default_smoke=args.default_smoke, mix=args.mix)
+            scenario["mix"] = args.mix
             scenario["table"] = summarize(scenario)
             results.append(scenario)
             print_table(name, args.devices, scenario["table"])
