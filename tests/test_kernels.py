@@ -32,8 +32,8 @@ from deployer.config.kernels import Library, load_library, unmet_requirement
 from deployer.errors import InputError
 from deployer.protocol.reply import Reply
 from deployer.sim.fleet import DeviceSpec
-from deployer.tasks.push import check_cases
 from deployer.tasks.smoke import SmokePlan, compare, load_references, plan_smoke
+from deployer.tasks.verify import check_cases
 from tests.conftest import KERNELS, Cli
 from tests.test_agent_main import MACE_VERSION, Agent, find_python36
 from tests.test_faults import MakeFleet

@@ -18,13 +18,16 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployer.cache.store import read_json, write_json
 from deployer.errors import AgentError, DeviceError, InputError, LocalStateError, Where
 from deployer.protocol.bundle import agent_bundle
 from deployer.protocol.reply import Reply
 from deployer.text import one_line
+
+if TYPE_CHECKING:
+    from deployer.config.kernels import Library
 
 HASH_INDEX = ".hash-index.json"
 RACY_S = 2.0  # a file modified this recently may change again within its mtime tick: never trust it
@@ -252,3 +255,19 @@ def plan_device(files: Iterable[LocalFile], build_keys: Mapping[str, str], state
         settings_changed=state.current is not None and (
             (state.mace_version, state.mace_format) != (mace_version, mace_format) or state.cache_sha256 is None),
     )
+
+
+def program_specs(library: Library, skipped: Mapping[str, str],
+                  build_keys: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every program variant a device builds (those whose `requires` it meets), with their build keys."""
+    specs: list[dict[str, Any]] = [
+        {"key": program.key(variant), "name": program.name, "source": f"kernels/{program.source}",
+         "headers": [f"kernels/{h}" for h in program.headers], "options": list(variant.options),
+         "compile_options": list(library.compile_options)}
+        for program in library.programs for variant in program.variants
+        if program.key(variant) not in skipped
+    ]
+    if build_keys is not None:
+        for spec in specs:
+            spec["build_key"] = build_keys[spec["key"]]
+    return specs
