@@ -180,7 +180,7 @@ def _changes(o: DeviceOutcome) -> str:
     if o.plan is None:
         return "-"
     if not o.plan.new_release:
-        return "none"
+        return "none (its shell said so)" if o.shell_noop else "none"
     received = [how.split(" ", 1)[0] for how in o.origin.values() if how.startswith(("shared ", "from "))]
     given = f" ({received.count('shared')} shared, {received.count('from')} from store)" if received else ""
     return f"{len(o.plan.upload)} file(s), {len(o.plan.rebuild)} rebuilt{given}"
