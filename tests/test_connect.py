@@ -189,7 +189,8 @@ def test_retries_run_out_and_the_error_says_how_many(two: Fleet, tmp_path: Path,
     start = time.monotonic()
     with pytest.raises(ConnectError) as caught:
         open_transport(through(two, tmp_path, proxy.port, retries=2))
-    assert "SSH handshake failed" in caught.value.message and "(after 3 attempts)" in caught.value.message
+    message = caught.value.message  # the reset lands in the TCP connect or in the handshake, as the load has it
+    assert ("SSH handshake failed" in message or "Connection reset" in message) and "(after 3 attempts)" in message
     assert proxy.accepted == 3
     # two waits: 0.25-0.5 s, then 0.5-1 s (jittered)
     assert 0.75 <= time.monotonic() - start < 5
