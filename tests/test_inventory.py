@@ -163,6 +163,9 @@ ERRORS: list[tuple[str, str, int, str | None, str | None, str]] = [
     ("retries too many", TWO + "    connect_retries: 11\n", 6, "b", "connect_retries", "0-10 (got 11)"),
     ("retries text", TWO + "    connect_retries: '2'\n", 6, "b", "connect_retries", "(got '2')"),
     ("agent text", TWO + "    ssh: {agent: 'yes'}\n", 6, "b", "ssh.agent", "true or false (got 'yes')"),
+    ("persist negative", TWO + "    ssh: {persist: -1}\n", 6, "b", "ssh.persist", "from 0 (off) to 604800 (got -1)"),
+    ("persist text", TWO + "    ssh: {persist: 10m}\n", 6, "b", "ssh.persist", "(got '10m')"),
+    ("persist bool", TWO + "    ssh: {persist: true}\n", 6, "b", "ssh.persist", "(got true)"),
     ("jump no host", TWO + "    proxy_jump: 'u@'\n", 6, "b", "proxy_jump", "expected [user@]host[:port]"),
     ("jump bad port", TWO + "    proxy_jump: 'j:0'\n", 6, "b", "proxy_jump", "expected 1-65535"),
     ("jump cycle", TWO + "    proxy_jump: a\n  - {name: c, host: z, proxy_jump: c}\n", 7, "c", "proxy_jump",
@@ -428,6 +431,7 @@ def test_defaults_and_builtins(home: Path) -> None:
     assert (a.timeouts.connect, a.timeouts.command) == (10.0, 600.0)
     assert (a.identity_file, a.proxy_jump, a.is_local, a.groups) == (None, None, False, ())
     assert (a.connect_retries, a.timeouts.device, a.ssh.agent, a.jumps) == (2, None, True, ())
+    assert a.ssh.persist == 0  # no connection master unless asked for
     assert a.where == Where(FILE, 2)
 
 
@@ -435,14 +439,15 @@ def test_retries_deadline_agent_and_override() -> None:
     from deployer.config.inventory import override
 
     text = """\
-        defaults: {connect_retries: 0, timeouts: {device: 90}, ssh: {agent: false}}
+        defaults: {connect_retries: 0, timeouts: {device: 90}, ssh: {agent: false, persist: 600}}
         devices:
-          - {name: a, host: x, connect_retries: 5, timeouts: {device: 30}}
+          - {name: a, host: x, connect_retries: 5, timeouts: {device: 30}, ssh: {persist: 0}}
           - {name: b, host: y}
         """
     a, b = parse(text).devices
     assert (a.connect_retries, a.timeouts.device, a.timeouts.connect, a.ssh.agent) == (5, 30.0, 10.0, False)
     assert (b.connect_retries, b.timeouts.device) == (0, 90.0)
+    assert (a.ssh.persist, b.ssh.persist) == (0.0, 600.0)
     assert override(a) == a
     changed = override(a, connect_retries=1, deadline=4.5)
     assert (changed.connect_retries, changed.timeouts.device, changed.timeouts.command) == (1, 4.5, 600.0)

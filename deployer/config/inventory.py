@@ -79,6 +79,7 @@ class SshOptions:
     host_key_checking: str  # one of schema.HOST_KEY_CHECKING
     options: Mapping[str, str]
     agent: bool = True  # also offer the keys of the SSH agent at SSH_AUTH_SOCK, when one is running
+    persist: float = 0.0  # seconds the connection master keeps the connection open unused; 0: none (docs/inventory.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +246,7 @@ def _builtin() -> dict[str, object]:
         "connect_retries": 2,
         "opencl": {"platform": None, "device": None, "device_type": "any", "library": None},
         "ssh": {"known_hosts": os.path.expanduser("~/.ssh/known_hosts"), "host_key_checking": "strict",
-                "agent": True},
+                "agent": True, "persist": 0.0},
         "timeouts": {"connect": 10.0, "command": 600.0, "device": None},
     }
 
@@ -339,7 +340,8 @@ def _device(
         remote_dir=merged["remote_dir"],
         opencl=OpenCLSelection(opencl["platform"], opencl["device"], opencl["device_type"], opencl["library"]),
         ssh=SshOptions(
-            ssh["known_hosts"], ssh["host_key_checking"], MappingProxyType(ssh.get("options", {})), ssh["agent"]
+            ssh["known_hosts"], ssh["host_key_checking"], MappingProxyType(ssh.get("options", {})), ssh["agent"],
+            ssh["persist"],
         ),
         timeouts=Timeouts(timeouts["connect"], timeouts["command"], timeouts["device"]),
         env=MappingProxyType(merged.get("env", {})),

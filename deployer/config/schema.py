@@ -9,6 +9,7 @@ from yaml.nodes import Node
 
 from deployer.config.fields import (
     Parser,
+    as_finite,
     optional,
     parse_bool,
     parse_choice,
@@ -25,7 +26,7 @@ from deployer.config.fields import (
     parse_word,
     section,
 )
-from deployer.config.yamlnodes import Context, show_node
+from deployer.config.yamlnodes import Context, scalar, show_node
 
 DEVICE_TYPES = ("gpu", "cpu", "accelerator", "any")
 HOST_KEY_CHECKING = ("strict", "accept-new")
@@ -41,6 +42,17 @@ def _parse_library(node: Node, ctx: Context) -> str:
     return value
 
 
+MAX_PERSIST_S = 7 * 86400
+
+
+def _parse_persist(node: Node, ctx: Context) -> float:
+    """`ssh.persist`: seconds the connection master keeps an unused connection (0: off; docs/inventory.md)."""
+    value = as_finite(scalar(node, ctx))
+    if value is None or not 0 <= value <= MAX_PERSIST_S or isinstance(scalar(node, ctx), bool):
+        raise ctx.error(node, f"expected seconds from 0 (off) to {MAX_PERSIST_S} (got {show_node(node)})")
+    return value
+
+
 OPENCL: dict[str, Parser] = {
     "platform": parse_index_or_text,
     "device": parse_index_or_text,
@@ -53,6 +65,7 @@ SSH: dict[str, Parser] = {
     "host_key_checking": parse_choice(*HOST_KEY_CHECKING),
     "options": parse_text_map(None, "an option name"),
     "agent": parse_bool,
+    "persist": _parse_persist,
 }
 
 TIMEOUTS: dict[str, Parser] = {"connect": parse_seconds, "command": parse_seconds, "device": optional(parse_seconds)}

@@ -21,19 +21,29 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from deployer.config.files import MAX_SSH_CONFIG, read_user_file
 from deployer.errors import InputError, Where
 
-# paramiko.config imports invoke (~35 ms) only to run `Match exec`, which deployer refuses before Paramiko sees
-# the config: invoke is kept out of that import (connect/ssh.py does the same for the rest of Paramiko).
-_INVOKE_KEPT_OUT = "invoke" not in sys.modules
-if _INVOKE_KEPT_OUT:
-    sys.modules["invoke"] = None  # type: ignore[assignment]
-import paramiko.config  # noqa: E402  (after the line above, on purpose)
+if TYPE_CHECKING:
+    import paramiko.config
 
-if _INVOKE_KEPT_OUT:
-    del sys.modules["invoke"]  # anyone importing invoke later gets the real one
+
+def _paramiko_config() -> Any:
+    """paramiko.config, imported when a config file is read: Paramiko with its cryptography costs ~50 ms of
+    every start, and a run whose devices go through the connection master never needs it otherwise.
+    paramiko.config imports invoke (~35 ms more) only to run `Match exec`, which deployer refuses before
+    Paramiko sees the config: invoke is kept out of that import (connect/ssh.py does the same)."""
+    kept_out = "invoke" not in sys.modules
+    if kept_out:
+        sys.modules["invoke"] = None  # type: ignore[assignment]
+    try:
+        import paramiko.config
+    finally:
+        if kept_out:
+            del sys.modules["invoke"]  # anyone importing invoke later gets the real one
+    return paramiko.config
 
 
 DEFAULT_PATH = "~/.ssh/config"
@@ -126,7 +136,7 @@ class SshConfig:
         name = alias.lower()
         try:
             found = self.config.lookup(name)
-        except paramiko.config.ConfigParseError as exc:  # kept as a net: the lines were checked already
+        except _paramiko_config().ConfigParseError as exc:  # kept as a net: the lines were checked already
             raise InputError(Where(self.path), None, str(exc)) from None
         return _host_config(alias, name, found, self)
 
@@ -136,8 +146,8 @@ def parse_ssh_config(text: str, path: str = "<ssh_config>") -> SshConfig:
     `Match exec`, or an `Include` that cannot be read."""
     lines, ports = _expand(text, path, 0)
     try:
-        config = paramiko.config.SSHConfig.from_text("\n".join(lines))
-    except paramiko.config.ConfigParseError as exc:  # every line was checked above: kept as a net
+        config = _paramiko_config().SSHConfig.from_text("\n".join(lines))
+    except _paramiko_config().ConfigParseError as exc:  # every line was checked above: kept as a net
         raise InputError(Where(path), None, f"cannot read this ssh config: {exc}") from None
     hosts: dict[str, None] = {}
     for line in lines:
@@ -175,8 +185,8 @@ def _expand(text: str, path: str, depth: int) -> tuple[list[str], list[tuple[str
             raise InputError(where, "Host", f"empty pattern in {' '.join(words)!r}")
         if keyword == "match":
             try:  # Paramiko's checks of the criteria, on this line alone so that the error names it
-                paramiko.config.SSHConfig.from_text(raw.strip())
-            except paramiko.config.ConfigParseError as exc:
+                _paramiko_config().SSHConfig.from_text(raw.strip())
+            except _paramiko_config().ConfigParseError as exc:
                 raise InputError(where, "Match", str(exc)) from None
         if keyword in ("host", "match"):
             header = raw.strip()

@@ -7,11 +7,14 @@ need not pass it along: only the fan-out sets it, only the transport reads it.
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+
+from deployer.errors import DeadlineExceeded
 
 INTERRUPTED = "interrupted (Ctrl-C)"
 
@@ -105,3 +108,19 @@ def deadline_scope(seconds: float | None) -> Iterator[Deadline]:
     finally:
         deadline.cancel()
         _current.reset(token)
+
+
+BACKOFF_S = 0.5  # the first wait before a connect retry; each next one doubles
+
+
+def backoff_delays(retries: int, cap: float, *, jitter: bool = True) -> list[float]:
+    """The waits before each retry: 0.5 s, 1 s, 2 s, ... each at most `cap`, times a jitter in [0.5, 1)
+    so that a fleet refused at once does not come back at once (without `jitter`: the longest they can be)."""
+    return [min(BACKOFF_S * 2**n, max(cap, BACKOFF_S)) * (random.uniform(0.5, 1.0) if jitter else 1.0)
+            for n in range(retries)]
+
+
+def raise_if_expired(deadline: Deadline | None, cause: BaseException | None = None) -> None:
+    """After a connection broke: if the device's deadline closed it, say so instead."""
+    if deadline is not None and deadline.expired:
+        raise DeadlineExceeded(f"{deadline.reason}: the connection was closed") from cause

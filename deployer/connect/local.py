@@ -10,8 +10,7 @@ import time
 
 from deployer.config.inventory import Device
 from deployer.connect.channel import READ_CHUNK, STDERR_TAIL, BufferedReader
-from deployer.connect.deadline import Deadline, current_deadline
-from deployer.connect.ssh import _raise_if_expired
+from deployer.connect.deadline import Deadline, current_deadline, raise_if_expired
 from deployer.errors import CommandTimeout, TransportError
 
 
@@ -55,7 +54,7 @@ class LocalChannel(BufferedReader):
             self._keep_stderr(os.read(err, READ_CHUNK))
         chunk = os.read(fd, size)
         if not chunk:
-            _raise_if_expired(self._deadline)
+            raise_if_expired(self._deadline)
         return chunk
 
     def write(self, data: bytes) -> None:
@@ -64,7 +63,7 @@ class LocalChannel(BufferedReader):
             self._process.stdin.write(data)
             self._process.stdin.flush()
         except BrokenPipeError as exc:
-            _raise_if_expired(self._deadline, exc)
+            raise_if_expired(self._deadline, exc)
             raise TransportError(f"{self._what}: the command closed its input") from exc
         self.bytes_sent += len(data)
 

@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import random
 import select
 import socket
 import sys
@@ -28,8 +27,8 @@ from pathlib import Path
 from deployer.config.files import unfit_file
 from deployer.config.inventory import Device
 from deployer.connect.channel import READ_CHUNK, STDERR_TAIL, BufferedReader
-from deployer.connect.deadline import Deadline, current_deadline
-from deployer.errors import AuthError, CommandTimeout, ConnectError, DeadlineExceeded, HostKeyError, TransportError
+from deployer.connect.deadline import Deadline, backoff_delays, current_deadline, raise_if_expired
+from deployer.errors import AuthError, CommandTimeout, ConnectError, HostKeyError, TransportError
 
 # paramiko.config imports invoke (~35 ms at every start, on a push's critical path) only to run ssh_config's
 # `Match exec`; the tool reads ssh_config itself (config/sshconfig.py), so invoke is kept out of that one import.
@@ -44,7 +43,6 @@ if _INVOKE_KEPT_OUT:
 
 SEND_SLICE = 1 << 16  # at least one SSH packet's worth; what `send` does not take is offered again
 MAX_KEY_FILE = 1 << 20  # a private key is a few KiB; anything far larger is not one
-BACKOFF_S = 0.5  # the first wait before a connect retry; each next one doubles
 
 # Paramiko logs tracebacks of its own failures (a missing banner, a reset); ours say what happened, and
 # Python's last-resort handler would otherwise print theirs on the user's terminal.
@@ -82,13 +80,13 @@ class SshChannel(BufferedReader):
                     if time.monotonic() >= end:
                         raise
         except TimeoutError as exc:
-            _raise_if_expired(self._deadline, exc)
+            raise_if_expired(self._deadline, exc)
             raise CommandTimeout(f"{self._what}: no answer within {self._timeout:g} s") from exc
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            _raise_if_expired(self._deadline, exc)
+            raise_if_expired(self._deadline, exc)
             raise self._lost("reading", exc) from exc
         if not data:
-            _raise_if_expired(self._deadline)
+            raise_if_expired(self._deadline)
             if not self._channel.eof_received:
                 # Closed without the server's EOF: the connection itself died (a reset, a cut cable), not
                 # the command; reporting it as the command's exit status (-1) would blame the agent.
@@ -99,10 +97,10 @@ class SshChannel(BufferedReader):
         try:
             self._send_all(data)
         except TimeoutError as exc:
-            _raise_if_expired(self._deadline, exc)
+            raise_if_expired(self._deadline, exc)
             raise CommandTimeout(f"{self._what}: could not send within {self._timeout:g} s") from exc
         except (OSError, EOFError, paramiko.SSHException) as exc:  # paramiko raises a bare EOFError on a reset
-            _raise_if_expired(self._deadline, exc)
+            raise_if_expired(self._deadline, exc)
             raise self._lost("sending", exc) from exc
         self.bytes_sent += len(data)
 
@@ -195,12 +193,6 @@ class _Endpoint:
         return f"jump host {self.jump!r} ({self.address})" if self.jump else self.address
 
 
-def backoff_delays(retries: int, cap: float) -> list[float]:
-    """The waits before each retry: 0.5 s, 1 s, 2 s, ... each at most `cap`, times a jitter in [0.5, 1)
-    so that a fleet refused at once does not come back at once."""
-    return [min(BACKOFF_S * 2**n, max(cap, BACKOFF_S)) * random.uniform(0.5, 1.0) for n in range(retries)]
-
-
 class SshTransport:
     """One SSH connection to one device, opened at construction (through its jump hosts, if any), reused
     for every channel. Connecting is retried after a transient failure (refused, reset, timed out, no
@@ -235,11 +227,11 @@ class SshTransport:
                 return self._connect_once()
             except TransportError as exc:
                 self._close_attempt()
-                _raise_if_expired(self._deadline, exc)
+                raise_if_expired(self._deadline, exc)
                 if not (isinstance(exc, ConnectError) and exc.transient) or attempt > len(delays):
                     raise _after_attempts(exc, attempt) from exc
                 if self._deadline is not None and self._deadline.sleep(delays[attempt - 1]):
-                    _raise_if_expired(self._deadline, exc)
+                    raise_if_expired(self._deadline, exc)
                 elif self._deadline is None:
                     time.sleep(delays[attempt - 1])
 
@@ -411,14 +403,32 @@ class SshTransport:
                             f"(`ssh-add {encrypted[0]}`) and run again, or use an unencrypted key; {refused}")
         raise AuthError(refused)
 
-    def exec(self, command: str) -> SshChannel:
+    def open_channel(self, command: str) -> paramiko.Channel:
+        """`command` started on the device, as Paramiko's channel (the connection master relays it as is)."""
         try:
             channel = self._transport.open_session(timeout=self._device.timeouts.connect)
             channel.exec_command(command)
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            _raise_if_expired(self._deadline, exc)
+            raise_if_expired(self._deadline, exc)
             raise TransportError(f"{self._what}: cannot start a command ({exc})") from exc
-        return SshChannel(channel, f"device {self._device.name!r}", self._device.timeouts.command, self._deadline)
+        return channel
+
+    def exec(self, command: str) -> SshChannel:
+        return SshChannel(self.open_channel(command), f"device {self._device.name!r}", self._device.timeouts.command,
+                          self._deadline)
+
+    @property
+    def active(self) -> bool:
+        """Whether the connection (and every jump host's) is still up, as far as Paramiko knows."""
+        with self._lock:
+            return not self._closed and all(t.is_active() for t in self._open)
+
+    def keepalive(self, seconds: int) -> None:
+        """Send a keepalive every `seconds` on the connection and its jump hosts: a held connection whose
+        board went away is then seen to be dead while idle, not only when a command is sent on it."""
+        with self._lock:
+            for transport in self._open:
+                transport.set_keepalive(seconds)
 
     def _close_attempt(self) -> None:
         with self._lock:
@@ -543,9 +553,3 @@ def _relabel(exc: TransportError, prefix: str = "", suffix: str = "") -> Transpo
 
 def _after_attempts(exc: TransportError, attempts: int) -> TransportError:
     return exc if attempts == 1 else _relabel(exc, suffix=f" (after {attempts} attempts)")
-
-
-def _raise_if_expired(deadline: Deadline | None, cause: BaseException | None = None) -> None:
-    """After a connection broke: if the device's deadline closed it, say so instead."""
-    if deadline is not None and deadline.expired:
-        raise DeadlineExceeded(f"{deadline.reason}: the connection was closed") from cause
