@@ -142,11 +142,27 @@ def test_runs_share_one_connection_per_device(setup: Setup, mux_dir: Path) -> No
         assert code == 0, err
         assert [d["shell_noop"] for d in report["devices"]] == [True, True]  # the board's shell answered
     assert delta(before, setup.sshd()) == {(1, 3)}  # one connection for three runs; a command each
-    answer = mux.hello(master_path(mux_dir), wire.code_digest())
-    assert answer is not None and (answer["held"], answer["handshakes"], answer["reuses"]) == (2, 2, 4)
-    master_pid(mux_dir)
+    pid = master_pid(mux_dir)
     info = os.stat(mux_dir)
     assert info.st_mode & 0o777 == 0o700 and os.stat(master_path(mux_dir)).st_mode & 0o777 == 0o600
+    code, shown = connections(mux_dir, "--json")
+    assert code == 0 and shown["running"] and shown["pid"] == pid
+    assert (shown["held"], shown["handshakes"], shown["reuses"]) == (2, 2, 4)
+    assert sorted(c["device"].split(" ")[0] for c in shown["connections"]) == list(NAMES)
+    assert all(c["users"] == 0 and c["persist_s"] == 60 for c in shown["connections"])
+    code, shown = connections(mux_dir, "--stop", "--json")
+    assert code == 0 and shown["stopped"] and not shown["running"]
+    assert wait_gone(pid, 10) and not master_path(mux_dir).exists()
+    assert connections(mux_dir, "--json") == (0, {**shown, "stopped": False, **dict.fromkeys(
+        ("pid", "held", "handshakes", "reuses", "connections"))})
+
+
+def connections(mux_dir: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    env = {**os.environ, "DEPLOY_MUX_DIR": str(mux_dir), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "deployer", "connections", *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert "Traceback" not in done.stderr
+    return done.returncode, json.loads(done.stdout) if done.returncode == 0 else {"stderr": done.stderr}
 
 
 def test_a_stale_socket_is_replaced_by_a_new_master(setup: Setup, mux_dir: Path) -> None:
@@ -227,6 +243,8 @@ def test_a_foreign_socket_is_never_used(setup: Setup, mux_dir: Path, foreign: st
         assert all(d["ok"] for d in report["devices"])
         assert delta(before, setup.sshd()) == {(1, 1)}  # a connection of the run's own
         assert not [p for p in mux_dir.iterdir() if p.suffix == ".lock"]  # no master was started beside it
+        code, shown = connections(mux_dir, "--stop")  # nor is it asked to stop: local state unusable, said
+        assert code == 3 and expected in shown["stderr"]
     finally:
         if fake is not None:
             fake.stop()

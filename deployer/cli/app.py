@@ -24,7 +24,8 @@ DEFAULT_SIM_DIR = Path(".deploy-sim")
 # Each command and the module of deployer.cli that adds it, in the order `deploy --help` lists them. A command
 # imports only its own module (cli/main.py): the others, and what they import, would cost every start.
 COMMANDS = {"push": "push", "rollback": "push", "collect": "collect", "compare": "history", "report": "report",
-            "run": "run", "inventory": "inventory", "sim": "sim", "cache": "cache", "history": "history"}
+            "run": "run", "inventory": "inventory", "sim": "sim", "cache": "cache", "history": "history",
+            "connections": "connections"}
 
 
 class _Listed(TyperGroup):

@@ -42,6 +42,7 @@ class Held:
 
     transport: SshTransport
     persist: float
+    label: str  # the device as the first run that asked for it named it, and its address
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,14 +107,19 @@ class Master:
     def _answer(self, client: socket.socket, request: dict[str, Any], rest: bytearray) -> None:
         op = request.get("op")
         if op == "hello":
+            now = time.monotonic()
+            with self._lock:
+                held = [{"device": h.label, "users": h.users, "idle_s": round(now - h.last_used, 1),
+                         "persist_s": h.persist} for h in self._held.values()]
             wire.send_line(client, {"deployer_master": wire.PROTOCOL, "digest": self.digest, "pid": os.getpid(),
-                                    "held": len(self._held), "handshakes": self.handshakes, "reuses": self.reuses})
+                                    "held": len(held), "connections": held, "handshakes": self.handshakes,
+                                    "reuses": self.reuses})
         elif op == "stop":
             self._stopping = True
             wire.send_line(client, {"ok": True})
             with self._lock:
-                held, self._held = list(self._held.values()), {}
-            for each in held:
+                closing, self._held = list(self._held.values()), {}
+            for each in closing:
                 each.transport.close()
             self._listener.close()
         elif op == "exec":
@@ -170,7 +176,8 @@ class Master:
                 return held, True
         transport = SshTransport(wire.device_from_wire(device_wire), accept_new_host_keys=bool(request["accept_new"]))
         transport.keepalive(KEEPALIVE_S)
-        fresh = Held(transport, persist, users=1)
+        label = f"{device_wire['name']} ({device_wire['user']}@{device_wire['host']}:{device_wire['port']})"
+        fresh = Held(transport, persist, label, users=1)
         with self._lock:
             stale = self._held.get(key)
             self._held[key] = fresh
