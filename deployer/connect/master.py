@@ -1,5 +1,5 @@
 """The connection master: a process of the user's own that keeps SSH connections open between runs, as
-OpenSSH's ControlMaster with ControlPersist does (docs/design.md section 12).
+OpenSSH's ControlMaster with ControlPersist does (docs/design.md section 15).
 
 A run whose devices say `ssh.persist` asks the master (`connect/mux.py`) to run each command; the master
 opens the device's connection the first time (the same `SshTransport`, host keys checked as strictly) and

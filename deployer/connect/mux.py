@@ -1,5 +1,5 @@
 """A device's commands run through the connection master (`connect/master.py`), which keeps its SSH
-connection open between runs, as OpenSSH's ControlMaster does (docs/design.md section 12).
+connection open between runs, as OpenSSH's ControlMaster does (docs/design.md section 15).
 
 The first run that needs the master starts it, detached; later runs find its socket and check it is this
 user's own. A socket nobody answers on (its master died) is stale: a new master replaces it. A socket or

@@ -1,6 +1,6 @@
 """What the connection master (`connect/master.py`) and its clients (`connect/mux.py`) share: where its socket
 lives and how a client makes sure it is ours, the frames on that socket, and a device's connection settings
-and errors as JSON (docs/design.md section 12).
+and errors as JSON (docs/design.md section 15).
 
 The socket is the master's only door, and whoever can open it runs commands on every board the master holds:
 so its folder must be the user's own (mode 0700, as tmux and OpenSSH's ControlPath expect), and each end
