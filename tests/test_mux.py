@@ -27,7 +27,8 @@ import yaml
 from deployer.connect import mux
 from deployer.connect import muxwire as wire
 from deployer.sim.fleet import DeviceSpec, Fleet, start_fleet
-from tests.conftest import KERNELS, REPO
+from tests.conftest import KERNELS, REPO, Cli
+from tests.test_kill import Rig, check_device, heavy_library, push_in_process, wait_until
 
 NAMES = ("mux-01", "mux-02")
 
@@ -287,3 +288,69 @@ def test_a_refused_host_key_reads_the_same_through_the_master(setup: Setup, mux_
     errors = [[d["error"] for d in run[1]["devices"]] for run in (direct, through)]
     assert errors[0] == errors[1] and all("unknown host key for" in e for e in errors[0])
     master_pid(mux_dir)
+
+
+# --- interruptions through the master (tests/test_kill.py's rig: a device of the test's own) ------------------
+
+
+@pytest.fixture
+def persisted_rig(make_fleet: Any, tmp_path: Path, mux_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    """test_kill's rig, its inventory saying `ssh.persist`, every run (in-process or not) on `mux_dir`."""
+    monkeypatch.setenv("DEPLOY_MUX_DIR", str(mux_dir))
+    made = Rig(make_fleet([DeviceSpec("sim-01")]), tmp_path)
+    data = yaml.safe_load(made.fleet.inventory.read_text())
+    data["defaults"]["ssh"]["persist"] = 60
+    made.fleet.inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    yield made
+    made.stop_all()
+
+
+def _compiling(rig: Rig) -> subprocess.Popen[bytes]:
+    process = rig.start(heavy_library(rig.tmp / "heavy"), extra=["--smoke", "never"])
+    assert wait_until(lambda: "sim-01 compile" in rig.output(process)[1] or process.poll() is not None, 60)
+    time.sleep(1.0)  # well inside the compile
+    assert process.poll() is None, rig.output(process)
+    return process
+
+
+@pytest.mark.slow
+def test_ctrl_c_through_the_master_stops_the_board_and_keeps_the_connection(persisted_rig: Rig, cli: Cli,
+                                                                            mux_dir: Path) -> None:
+    """Ctrl-C closes the run's sockets: the master closes the command's channel (the agent sees its input end,
+    drops the release it began), and keeps the connection for the next run."""
+    rig = persisted_rig
+    old = push_in_process(cli, rig, rig.library(), "--smoke", "never")["release"]
+    pid = master_pid(mux_dir)
+    process = _compiling(rig)
+    os.killpg(process.pid, signal.SIGINT)
+    start = time.monotonic()
+    code = process.wait(timeout=30)
+    assert time.monotonic() - start < 5.0, time.monotonic() - start
+    out, err = rig.output(process)
+    assert code == 130 and json.loads(out)["devices"][0]["error"].startswith("compile: interrupted (Ctrl-C)"), err
+    assert wait_until(rig.agent_gone, 10)
+    assert check_device(rig.remote()) == old
+    answer = mux.hello(master_path(mux_dir), wire.code_digest())
+    assert answer is not None and answer["pid"] == pid and answer["held"] == 1
+    again = push_in_process(cli, rig, rig.library(), "--smoke", "never")
+    assert check_device(rig.remote()) == again["release"] != old
+    assert mux.hello(master_path(mux_dir), wire.code_digest())["handshakes"] == 1  # type: ignore[index]
+
+
+@pytest.mark.slow
+def test_a_master_killed_mid_compile_fails_the_run_at_once(persisted_rig: Rig, cli: Cli, mux_dir: Path) -> None:
+    """The master SIGKILLed while a command of the run is on its connection: the device fails with the lost
+    connection within seconds (not at the command's timeout), the board's agent ends with the connection,
+    and the next run starts a master of its own."""
+    rig = persisted_rig
+    old = push_in_process(cli, rig, rig.library(), "--smoke", "never")["release"]
+    first = master_pid(mux_dir)
+    process = _compiling(rig)
+    os.kill(first, signal.SIGKILL)
+    start = time.monotonic()
+    code, devices = rig.finish(process, timeout=60)
+    assert time.monotonic() - start < 5.0, time.monotonic() - start
+    assert code == 1 and "connection lost" in devices["sim-01"]["error"], devices
+    assert wait_until(rig.agent_gone, 20) and check_device(rig.remote()) == old
+    again = push_in_process(cli, rig, rig.library(), "--smoke", "never")
+    assert check_device(rig.remote()) == again["release"] and master_pid(mux_dir) != first

@@ -47,6 +47,12 @@ def master_socket() -> Path | None:
         return _found[str(path)]
 
 
+def forget(path: Path) -> None:
+    """The master at `path` is gone: the next `master_socket()` looks (and starts one) again."""
+    with _lock:
+        _found.pop(str(path), None)
+
+
 def _note(message: str) -> None:
     print(f"deploy: {message}", file=sys.stderr)
 
@@ -146,11 +152,12 @@ class MuxTransport:
     def exec(self, command: str) -> Channel:
         if self._direct is not None:
             return self._direct.exec(command)
-        try:
-            sock = dial(self._path)
-        except (wire.Foreign, OSError):
-            sock = None
-        if sock is None:  # the master went away since this run found it: nothing ran yet, so go direct
+        sock = self._dial()
+        if sock is None:  # the master went away since this run found it: nothing ran yet, so a new master
+            forget(self._path)  # (this run's next devices find it too), else a connection of this run's own
+            path = master_socket()
+            sock = self._dial() if path == self._path else None
+        if sock is None:
             from deployer.connect.ssh import SshTransport  # Paramiko: only when needed (~50 ms)
 
             self._direct = SshTransport(self._device, accept_new_host_keys=self._accept_new)
@@ -165,6 +172,12 @@ class MuxTransport:
                                      "accept_new": self._accept_new, "persist": self._device.ssh.persist,
                                      "command": command}, self._answer_within())
         return channel
+
+    def _dial(self) -> socket.socket | None:
+        try:
+            return dial(self._path)
+        except (wire.Foreign, OSError):
+            return None
 
     def _answer_within(self) -> float:
         """How long the master may take to answer: its connect, with every retry and backoff, and a margin."""
