@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,7 +142,8 @@ def test_any_change_the_shell_cannot_vouch_for_goes_to_the_agent(deployed: Deplo
     before = deployed.current()
     probe = (deployed.rd / "noop.probe").read_text()
     if change == "driver":  # the size, mtime or inode of an ICD file or a library: here a new mtime second
-        icd = next(p for p in re.findall(r"'([^']+\.icd)'", probe))
+        stat = next(line for line in probe.splitlines() if line.startswith("stat "))
+        icd = next(p for p in shlex.split(stat) if p.endswith(".icd"))
         os.utime(icd, (os.stat(icd).st_atime, os.stat(icd).st_mtime + 5))
     elif change == "current":  # another deploy (or a hand) moved `current`, even to the same content
         shutil.copytree(deployed.rd / "releases" / before, deployed.rd / "releases" / COPY, symlinks=True)

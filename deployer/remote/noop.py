@@ -13,6 +13,7 @@ records, another release, a driver or file the probe sees changed, no `cksum`) f
 import json
 import os
 import re
+import shlex
 import subprocess
 
 from . import environ
@@ -39,19 +40,14 @@ def forget(rd):
         pass
 
 
-def _quote(text):
-    # type: (str) -> str
-    return "'" + text.replace("'", "'\"'\"'") + "'"
-
-
 def probe_script(paths):
     # type: (List[str]) -> bytes
     """The probe: its output changes when anything it covers changes (and `stat` fails if a path is gone)."""
     return "\n".join([
         "# written by the deployer agent (docs/design.md section 11); the shell's no-op compares its checksum",
         "uname -r || exit 1",
-        "stat -L -c '%n %s %Y %i' -- " + " ".join(_quote(p) for p in paths) + " || exit 1",
-        "env | grep -E %s | sort" % _quote(DRIVER_ENV_GREP),
+        "stat -L -c '%n %s %Y %i' -- " + " ".join(shlex.quote(p) for p in paths) + " || exit 1",
+        "env | grep -E %s | sort" % shlex.quote(DRIVER_ENV_GREP),
         "",
     ]).encode("utf-8")
 
