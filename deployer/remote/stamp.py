@@ -13,11 +13,15 @@ MYPY = False
 if MYPY:  # type comments only: typing is not imported on the board
     from typing import List  # noqa: F401
 
-DRIVER_ENV_RE = re.compile(r"(OCL_|POCL_|CUDA_|OPENCL|CL_|GPU_|HSA_|ROC|MALI|ADRENO|LD_LIBRARY_PATH$|LD_PRELOAD$)")
-# The same variables as `env` prints them (NAME=value), for the shell's probe (remote/noop.py); and the
-# agent's own choice of library
-DRIVER_ENV_GREP = "^(OCL_|POCL_|CUDA_|OPENCL|CL_|GPU_|HSA_|ROC|MALI|ADRENO|LD_LIBRARY_PATH=|LD_PRELOAD=" \
-                  "|DEPLOYER_OPENCL_LIBRARY=)"
+# The driver-related variables, spelled once: a name prefix, or a whole name when it ends in "=" (as `env`
+# prints it, NAME=value). Plain identifier characters only: each is a regex in Python and in `grep -E` alike.
+DRIVER_ENV = ("OCL_", "POCL_", "CUDA_", "OPENCL", "CL_", "GPU_", "HSA_", "ROC", "MALI", "ADRENO",
+              "LD_LIBRARY_PATH=", "LD_PRELOAD=")
+# For the stamp: matched (re.match) against a variable's name
+DRIVER_ENV_RE = re.compile("(" + "|".join(p[:-1] + "$" if p.endswith("=") else p for p in DRIVER_ENV) + ")")
+# For the shell's probe (remote/noop.py): the same variables as `env` prints them, and the agent's own
+# choice of library
+DRIVER_ENV_GREP = "^(" + "|".join(DRIVER_ENV + ("DEPLOYER_OPENCL_LIBRARY=",)) + ")"
 
 LIBRARY_GLOBS = ("/usr/lib", "/usr/lib/*-linux-*", "/usr/lib64", "/lib", "/lib/*-linux-*", "/lib64",
                  "/usr/local/lib", "/vendor/lib64", "/vendor/lib", "/system/vendor/lib64", "/system/lib64")
