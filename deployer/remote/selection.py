@@ -26,10 +26,15 @@ if MYPY:  # type comments only: typing is not imported on the board
 # ----- why there is no platform -------------------------------------------------------------------
 
 
+def icd_folder():
+    # type: () -> str
+    """Where the ICD loader looks: $OCL_ICD_VENDORS (a dir or one file) or /etc/OpenCL/vendors."""
+    return os.environ.get("OCL_ICD_VENDORS") or "/etc/OpenCL/vendors"
+
+
 def icd_files():
-    """(where searched, .icd files) as the ICD loader sees them: $OCL_ICD_VENDORS (a dir or one file)
-    or /etc/OpenCL/vendors."""
-    where = os.environ.get("OCL_ICD_VENDORS") or "/etc/OpenCL/vendors"
+    """(where searched, .icd files) as the ICD loader sees them, in icd_folder()."""
+    where = icd_folder()
     label = where + (" ($OCL_ICD_VENDORS)" if os.environ.get("OCL_ICD_VENDORS") else "")
     if os.path.isfile(where):
         return label, [where]

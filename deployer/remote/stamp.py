@@ -7,7 +7,7 @@ import os
 import re
 
 from .layout import AGENT_VERSION
-from .selection import icd_files, icd_library
+from .selection import icd_files, icd_folder, icd_library
 
 MYPY = False
 if MYPY:  # type comments only: typing is not imported on the board
@@ -88,8 +88,7 @@ def driver_stamp(selection):
 def probe_paths(selection):
     """What the shell's probe stats (remote/noop.py): the ICD folder (or file) and each ICD file, then for
     each library they name and for the loader, the folders searched before it and the library itself."""
-    where = os.environ.get("OCL_ICD_VENDORS") or "/etc/OpenCL/vendors"
-    paths = [where]
+    paths = [icd_folder()]
     _, files = icd_files()
     for path in files:
         paths.append(path)
