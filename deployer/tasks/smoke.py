@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -180,15 +180,21 @@ def _user_frame(exc: BaseException, references: ModuleType) -> Where:
     return Where(file, line or 0)
 
 
+def smoke_kernels(library: Library) -> Iterator[tuple[Program, Variant, KernelSpec]]:
+    """Every kernel of every variant, in the smoke plan's order (the plan and `Smoke.outline` both walk it)."""
+    for program in library.programs:
+        for variant in program.variants:
+            for spec in program.kernels:
+                yield program, variant, spec
+
+
 def plan_smoke(library: Library, references: ModuleType | None) -> SmokePlan:
     """Every kernel of every variant, with inputs from the library's seed (same bytes on every run)."""
     import numpy as np
     plan = SmokePlan()
     rng = np.random.default_rng(library.seed)
-    for program in library.programs:
-        for variant in program.variants:
-            for spec in program.kernels:
-                plan.cases.append(_plan_case(plan, program, spec, variant, references, rng))
+    for program, variant, spec in smoke_kernels(library):
+        plan.cases.append(_plan_case(plan, program, spec, variant, references, rng))
     return plan
 
 
@@ -201,7 +207,7 @@ class Smoke:
     def __init__(self, library: Library, plan: SmokePlan | None = None) -> None:
         self.library = library
         self.outline = [(case_name(program, spec, variant), program.key(variant))
-                        for program in library.programs for variant in program.variants for spec in program.kernels]
+                        for program, variant, spec in smoke_kernels(library)]
         self._plan = plan
         self._lock = threading.Lock()
 
