@@ -178,6 +178,11 @@ def _sha(value: Any) -> str | None:
         else None
 
 
+def read_current(value: Any) -> str | None:
+    """A board's word for its current release, as `state` (or the shell's no-op) gives it: shown on one line."""
+    return one_line(value, 80) if isinstance(value, str) else None
+
+
 def parse_state(reply: Reply) -> RemoteState:
     try:
         state = json.loads(reply.payload)
@@ -204,7 +209,7 @@ def parse_state(reply: Reply) -> RemoteState:
     fingerprint = state.get("fingerprint")
     blobs: list[Any] = state["blobs"] if isinstance(state.get("blobs"), list) else []
     return RemoteState(
-        current=one_line(current, 80) if isinstance(current, str) else None,
+        current=read_current(current),
         files=files, programs=programs, cache_sha256=_sha(manifest.get("cache_sha256")),
         mace_version=manifest.get("mace_version") if isinstance(manifest.get("mace_version"), str) else None,
         mace_format=str(manifest.get("mace_format", "pb")) if manifest else None,

@@ -46,6 +46,7 @@ from deployer.tasks.plan import (
     parse_state,
     plan_device,
     program_specs,
+    read_current,
 )
 from deployer.tasks.progress import Progress
 from deployer.tasks.runner import INTERNAL, NOT_STARTED, Connect, DeviceWork, FleetOutcome, OnFailure, Outcome, Work
@@ -190,6 +191,12 @@ class Planned:
     skipped: Mapping[str, str]  # program key -> why this device skips it (unmet `requires`)
     build_keys: Mapping[str, str]  # program key -> build key, for the programs this device builds
 
+    def at(self, current: str) -> Planned:
+        """This plan for a board whose current release is `current` (a no-op offer's is settled before the
+        board answers): only the release id changes, no build key is hashed again."""
+        release = read_current(current)
+        return replace(self, state=replace(self.state, current=release), plan=replace(self.plan, current=release))
+
 
 @dataclass(frozen=True, slots=True)
 class Built:
@@ -245,8 +252,7 @@ def push_stages(context: PushContext) -> None:
     offer = noop_offer(context) if not work.opened else None
     session = work.session(offer.token if offer else None)
     if offer is not None and session.shell_noop is not None:  # the board's shell: nothing changed
-        planned = shown(context, settle(context, noop.as_state(offer.records, job.files, session.shell_noop),
-                                        offer.records.fingerprint))
+        planned = shown(context, offer.planned.at(session.shell_noop))
         outcome.shell_noop = True
     else:
         planned = plan_stage(context, session)
@@ -341,7 +347,7 @@ def settle(context: PushContext, state: RemoteState, fingerprint: dict[str, Any]
 @dataclass(frozen=True, slots=True)
 class NoopOffer:
     token: str
-    records: noop.Records
+    planned: Planned  # settled from the local records with current "?": `Planned.at` puts the board's answer in
 
 
 def noop_allowed(job: PushJob) -> bool:
@@ -366,7 +372,7 @@ def noop_offer(context: PushContext) -> NoopOffer | None:
     planned = _planned_from_records(context, records, "?") if records else None  # current: the board's answer
     if armed is None or records is None or planned is None:
         return None
-    return NoopOffer(armed, records) if noop.token(device, job.files, planned.build_keys, records) == armed else None
+    return NoopOffer(armed, planned) if noop.token(device, job.files, planned.build_keys, records) == armed else None
 
 
 def arm_stage(context: PushContext, session: AgentSession, planned: Planned, built: Built) -> None:
