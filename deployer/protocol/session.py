@@ -53,13 +53,13 @@ def agent_failure(reply: Reply) -> AgentError | None:
 class AgentSession:
     """One running agent on one device, spoken to over one exec channel."""
 
-    def __init__(self, channel: Channel, device: Device) -> None:
+    def __init__(self, channel: Channel, device: Device, *, noop_offered: bool = False) -> None:
         self._channel = channel
         self._device = device
         self.hello: Reply | None = None
         self._broken = False
         self.agent_uploaded = False
-        self.noop_offered = False
+        self.noop_offered = noop_offered  # the remote command lets the board's shell answer a no-op
         self.shell_noop: str | None = None  # the release the board's shell answered for: no agent runs
 
     @classmethod
@@ -67,8 +67,8 @@ class AgentSession:
               noop_token: str | None = None) -> AgentSession:
         """One remote command when the device has this agent; two (run, then bootstrap) when it has not.
         `noop_token`: the shell may answer instead of the agent (`shell_noop` then says for which release)."""
-        session = cls(transport.exec(run_command(device, check=check, noop_token=noop_token)), device)
-        session.noop_offered = noop_token is not None
+        session = cls(transport.exec(run_command(device, check=check, noop_token=noop_token)), device,
+                      noop_offered=noop_token is not None)
         try:
             try:
                 session._handshake()
@@ -120,8 +120,7 @@ class AgentSession:
         if not isinstance(current, str) or not RELEASE_ID_RE.fullmatch(current) or len(current) > 200:
             raise AgentError(f"the board's shell answered a no-op for a release that is no id: {show(current)}",
                              kind="bad_reply")
-        self._broken = True  # the command has ended: there is no agent to say goodbye to
-        return current
+        return current  # the command has ended: `shell_noop` stops every request, `bye` included
 
     def _write(self, header: Mapping[str, Any], payload: bytes = b"") -> None:
         fields = dict(header)
@@ -209,8 +208,9 @@ class AgentSession:
 
     def bye(self) -> None:
         """A goodbye, so the agent cleans up before it answers; none after a broken exchange (it would only
-        wait out another timeout): closing its input makes the agent clean up all the same."""
-        if not self._broken:
+        wait out another timeout): closing its input makes the agent clean up all the same. None either when
+        the board's shell answered: no agent runs."""
+        if not self._broken and self.shell_noop is None:
             try:
                 self.request("bye")
             except (AgentError, TransportError):
