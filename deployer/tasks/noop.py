@@ -10,6 +10,9 @@ push reports the device from the records. A push that went through the agent and
 records say arms the board for the next one. The inventory's `env` is not in the token (the token goes on
 a command line, and `env` may hold secrets): a salted digest of it stays in the local record, and a push
 whose `env` differs offers nothing.
+
+The push's side of it (`noop_offer`, `arm_stage`) is here too; tasks/push.py passes its `settle` in, so this
+module needs nothing of push.py at run time.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployer.cache.store import CACHE_FILE, FINGERPRINT_FILE, MANIFEST_FILE, device_dir, read_json, write_json
 from deployer.config.inventory import Device
@@ -29,6 +32,11 @@ from deployer.protocol.bundle import agent_bundle
 from deployer.protocol.reply import Reply
 from deployer.protocol.session import AgentSession
 from deployer.tasks.plan import LocalFile, RemoteState, parse_state
+
+if TYPE_CHECKING:  # push.py imports this module: its types only, for the annotations
+    from deployer.tasks.push import Built, Planned, PushContext, PushJob
+
+    Settle = Callable[[PushContext, RemoteState, dict[str, Any]], Planned]  # push.settle
 
 RECORD_FILE = "noop.json"  # in the device's local folder: the token the board was armed with, the env digest
 
@@ -118,3 +126,51 @@ def arm(session: AgentSession, cache: Path, device: Device, value: str, current:
     except LocalStateError:
         pass
 
+
+# ----- the push: offered from the local records, armed after a push through the agent -----
+
+
+@dataclass(frozen=True, slots=True)
+class NoopOffer:
+    token: str
+    planned: Planned  # settled from the local records with current "?": `Planned.at` puts the board's answer in
+
+
+def noop_allowed(job: PushJob) -> bool:
+    """A push whose no-op runs nothing on the board: smoke `changed` or `never`, no check, bench or smoke step."""
+    return not (job.check or job.smoke_only or job.bench is not None) and job.smoke_mode in ("changed", "never")
+
+
+def _planned_from_records(context: PushContext, settle: Settle, records: Records, current: str) -> Planned | None:
+    """The plan the records make, when it is a no-op whose cache file the local cache holds; else None."""
+    planned = settle(context, as_state(records, context.job.files, current), records.fingerprint)
+    if planned.plan.new_release or planned.state.cache_sha256 != records.cache_sha256:
+        return None
+    return planned
+
+
+def noop_offer(context: PushContext, settle: Settle) -> NoopOffer | None:
+    """The token to offer the board's shell: the one it was armed with, when the local records of the device
+    still make a no-op of this push."""
+    job, device = context.job, context.device
+    armed = armed_token(job.cache, device) if noop_allowed(job) else None
+    records = local_records(job.cache, device.name) if armed else None
+    # current: "?" until the board answers (Planned.at puts its answer in)
+    planned = _planned_from_records(context, settle, records, "?") if records else None
+    if armed is None or records is None or planned is None:
+        return None
+    return NoopOffer(armed, planned) if token(device, job.files, planned.build_keys, records) == armed else None
+
+
+def arm_stage(context: PushContext, settle: Settle, session: AgentSession, planned: Planned, built: Built) -> None:
+    """After a push through the agent: arm the board when the local records now describe it (their plan is
+    a no-op for this push, their cache file is the board's), so the next no-op is the shell's."""
+    job, device, outcome = context.job, context.device, context.outcome
+    records = local_records(job.cache, device.name)
+    current = outcome.release
+    replanned = _planned_from_records(context, settle, records, current) if records is not None and current else None
+    if records is None or replanned is None or current is None or records.cache_sha256 != built.cache_sha256 \
+            or records.fingerprint.get("id") != planned.fingerprint.get("id"):
+        forget(job.cache, device.name)
+        return
+    arm(session, job.cache, device, token(device, job.files, replanned.build_keys, records), current)

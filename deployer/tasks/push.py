@@ -33,10 +33,11 @@ from deployer.protocol import ops
 from deployer.protocol.fingerprint import parse_fingerprint
 from deployer.protocol.session import AgentSession
 from deployer.protocol.spool import Spool
-from deployer.tasks import noop, runner
+from deployer.tasks import runner
 from deployer.tasks.bench import BenchItem, BenchPlan
 from deployer.tasks.fleet import fail_limit
 from deployer.tasks.models import ModelPlan, ModelResult
+from deployer.tasks.noop import arm_stage, noop_allowed, noop_offer
 from deployer.tasks.plan import (
     DevicePlan,
     FileContents,
@@ -249,7 +250,7 @@ class PushContext:
 def push_stages(context: PushContext) -> None:
     """One device's push, stage by stage; an error raised in a stage is that device's failure there."""
     job, work, outcome = context.job, context.work, context.outcome
-    offer = noop_offer(context) if not work.opened else None
+    offer = noop_offer(context, settle) if not work.opened else None
     session = work.session(offer.token if offer else None)
     if offer is not None and session.shell_noop is not None:  # the board's shell: nothing changed
         planned = shown(context, offer.planned.at(session.shell_noop))
@@ -287,7 +288,7 @@ def push_stages(context: PushContext) -> None:
     outcome.cache_file = str(device_dir(job.cache, context.device.name) / CACHE_FILE)
     if noop_allowed(job) and not outcome.shell_noop:
         with work.stage("arm"):
-            arm_stage(context, session, planned, built)
+            arm_stage(context, settle, session, planned, built)
 
 
 def record_failure(context: PushContext, exc: DeviceError) -> None:
@@ -339,54 +340,6 @@ def settle(context: PushContext, state: RemoteState, fingerprint: dict[str, Any]
         for spec in program_specs(job.library, skipped)}
     plan = plan_device(job.files, build_keys, state, mace_version=mace_version, mace_format=job.mace_format)
     return Planned(state, plan, fingerprint, mace_version, skipped, build_keys)
-
-
-# ----- the shell's no-op: offered from the local records, armed after a push through the agent -----
-
-
-@dataclass(frozen=True, slots=True)
-class NoopOffer:
-    token: str
-    planned: Planned  # settled from the local records with current "?": `Planned.at` puts the board's answer in
-
-
-def noop_allowed(job: PushJob) -> bool:
-    """A push whose no-op runs nothing on the board: smoke `changed` or `never`, no check, bench or smoke step."""
-    return not (job.check or job.smoke_only or job.bench is not None) and job.smoke_mode in ("changed", "never")
-
-
-def _planned_from_records(context: PushContext, records: noop.Records, current: str) -> Planned | None:
-    """The plan the records make, when it is a no-op whose cache file the local cache holds; else None."""
-    planned = settle(context, noop.as_state(records, context.job.files, current), records.fingerprint)
-    if planned.plan.new_release or planned.state.cache_sha256 != records.cache_sha256:
-        return None
-    return planned
-
-
-def noop_offer(context: PushContext) -> NoopOffer | None:
-    """The token to offer the board's shell: the one it was armed with, when the local records of the device
-    still make a no-op of this push."""
-    job, device = context.job, context.device
-    armed = noop.armed_token(job.cache, device) if noop_allowed(job) else None
-    records = noop.local_records(job.cache, device.name) if armed else None
-    planned = _planned_from_records(context, records, "?") if records else None  # current: the board's answer
-    if armed is None or records is None or planned is None:
-        return None
-    return NoopOffer(armed, planned) if noop.token(device, job.files, planned.build_keys, records) == armed else None
-
-
-def arm_stage(context: PushContext, session: AgentSession, planned: Planned, built: Built) -> None:
-    """After a push through the agent: arm the board when the local records now describe it (their plan is
-    a no-op for this push, their cache file is the board's), so the next no-op is the shell's."""
-    job, device, outcome = context.job, context.device, context.outcome
-    records = noop.local_records(job.cache, device.name)
-    current = outcome.release
-    replanned = _planned_from_records(context, records, current) if records is not None and current else None
-    if records is None or replanned is None or current is None or records.cache_sha256 != built.cache_sha256 \
-            or records.fingerprint.get("id") != planned.fingerprint.get("id"):
-        noop.forget(job.cache, device.name)
-        return
-    noop.arm(session, job.cache, device, noop.token(device, job.files, replanned.build_keys, records), current)
 
 
 # ----- upload: only what the current release does not hold -----
