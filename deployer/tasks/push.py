@@ -122,7 +122,7 @@ def prepare_push(kernels: Path, models: Sequence[Path], cache: Path, *, check: b
     index = HashIndex(None if check else cache / HASH_INDEX)
     checked = None if check else CheckedReferences(cache / CHECKED_REFERENCES, library.folder, index.sha256)
     smoke = prepare_smoke(library, checked)  # runs the user's references unless these ran before: input errors first
-    files = local_files(release_paths(library, model_files), index)
+    files = local_files(release_paths(library, model_files), index, checked.hashed if checked else None)
     return PushJob(library=library, smoke=smoke, files=files, cache=cache, check=check,
                    models=tuple(plan_model(m, library) for m in loaded), **settings)
 

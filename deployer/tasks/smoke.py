@@ -248,8 +248,10 @@ class CheckedReferences:
     def __init__(self, path: Path, folder: Path, sha256: Callable[[Path], tuple[int, str]]) -> None:
         self.path = path
         parts: list[Any] = [sys.version, _file_stamp(Path(__file__)), _numpy_stamp()]
+        self.hashed: dict[Path, tuple[int, str]] = {}  # (size, sha256) by file: local_files reuses them
         for file in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-            parts.append([str(file.relative_to(folder)), *sha256(file)])
+            self.hashed[file] = sha256(file)
+            parts.append([str(file.relative_to(folder)), *self.hashed[file]])
         self.digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def _known(self) -> list[str]:
