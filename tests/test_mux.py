@@ -24,8 +24,11 @@ from typing import Any
 import pytest
 import yaml
 
+from deployer.config.inventory import load_inventory
 from deployer.connect import mux
 from deployer.connect import muxwire as wire
+from deployer.connect.transport import open_transport
+from deployer.errors import TransportError
 from deployer.sim.fleet import DeviceSpec, Fleet, start_fleet
 from tests.conftest import KERNELS, REPO, Cli
 from tests.test_kill import Rig, check_device, heavy_library, push_in_process, wait_until
@@ -354,3 +357,31 @@ def test_a_master_killed_mid_compile_fails_the_run_at_once(persisted_rig: Rig, c
     assert wait_until(rig.agent_gone, 20) and check_device(rig.remote()) == old
     again = push_in_process(cli, rig, rig.library(), "--smoke", "never")
     assert check_device(rig.remote()) == again["release"] and master_pid(mux_dir) != first
+
+
+def test_a_refused_session_leaves_the_commands_running_on_the_connection(make_fleet: Any, mux_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """sshd refuses a session past its MaxSessions (50 in the sim) on a held connection: that command fails,
+    and the 50 running on the same connection (other runs' commands, say) go on to their end."""
+    monkeypatch.setenv("DEPLOY_MUX_DIR", str(mux_dir))
+    fleet = make_fleet([DeviceSpec("sim-01")])
+    data = yaml.safe_load(fleet.inventory.read_text())
+    data["defaults"]["ssh"]["persist"] = 60
+    fleet.inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    transport = open_transport(load_inventory(fleet.inventory).devices[0])
+    assert isinstance(transport, mux.MuxTransport)
+    try:
+        running = [transport.exec("read line; echo \"$line\"") for _ in range(50)]
+        with pytest.raises(TransportError, match="cannot start a command"):
+            transport.exec("true")
+        for number, channel in enumerate(running):
+            channel.write(f"{number}\n".encode())
+            assert channel.read_line(100) == f"{number}\n".encode()
+            assert channel.finish(10)[0] == 0
+        second = transport.exec("echo again")  # the connection is still the one held
+        assert second.read_line(100) == b"again\n" and second.finish(10)[0] == 0
+    finally:
+        transport.close()
+    answer = mux.hello(master_path(mux_dir), wire.code_digest())
+    assert answer is not None and answer["handshakes"] == 1
+    master_pid(mux_dir)

@@ -145,8 +145,10 @@ class Master:
 
     def _open(self, key: str, device_wire: dict[str, Any],
               request: dict[str, Any]) -> tuple[Held, paramiko.Channel, bool]:
-        """A channel running the command on the device's connection: the held one if it is alive (a held one
-        that cannot open a channel is replaced once: nothing ran on it), else a new one."""
+        """A channel running the command on the device's connection: the held one if it is alive, else a new
+        one. A held connection that cannot open a channel is replaced once (nothing ran on it), unless other
+        commands are running on it: then the server refused one more session (sshd's MaxSessions), and
+        closing it would cut them off."""
         with self._lock:
             opening = self._opening.setdefault(key, threading.Lock())
         with opening:
@@ -158,8 +160,11 @@ class Master:
                 except TransportError:
                     with self._lock:
                         held.users -= 1
-                        if self._held.get(key) is held:
+                        busy = held.users > 0 and held.transport.active
+                        if not busy and self._held.get(key) is held:
                             del self._held[key]
+                    if busy:
+                        raise
                     held.transport.close()
                     if not reused or attempt == 2:
                         raise
