@@ -133,11 +133,21 @@ def ensure_sim_user() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+_HANDED_OUT: set[int] = set()  # ports given to a server or proxy of this process, which may not have bound yet
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free now and not handed out before by this process: a device's server binds its port only once
+    it has started, and the kernel would hand that port out again meanwhile (a proxy of 32 devices once got
+    the port of a server still starting, and failed with "address already in use")."""
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise SimError("no free port on 127.0.0.1 that this process has not handed out already")
 
 
 def _keygen(path: Path, comment: str) -> None:
