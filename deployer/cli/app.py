@@ -5,17 +5,20 @@ Heavy modules (paramiko, numpy, the push stages) are imported inside commands: `
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from deployer.config.inventory import Device
 
 
@@ -65,10 +68,49 @@ class SmokeMode(str, Enum):
     always = "always"
     never = "never"
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+class LazyConsole:
+    """A Rich console made on first use: a run that prints only JSON and plain progress lines (a no-op push
+    from cron or CI) never imports Rich (~45 ms of its start). Whether it is a terminal is answered without
+    Rich when Rich's answer cannot differ: not a tty, and none of the variables that force one."""
 
-# Off a terminal (logs, CI, pipes) Rich would assume 80 columns and fold the summary table.
-stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    _FORCING = ("FORCE_TERMINAL", "FORCE_COLOR", "TTY_INTERACTIVE", "TTY_COMPATIBLE", "JPY_PARENT_PID")
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+        self._lock = threading.Lock()  # worker threads print too: one console, made once
+
+    @property
+    def console(self) -> Console:
+        with self._lock:
+            if self._console is None:
+                from rich.console import Console
+
+                # Off a terminal (logs, CI, pipes) Rich would assume 80 columns and fold the summary table.
+                width = None if self._stderr or self.file.isatty() else 160
+                self._console = Console(stderr=self._stderr, highlight=False, soft_wrap=True, width=width)
+            return self._console
+
+    @property
+    def file(self) -> IO[str]:
+        """Where it writes: the stream of this moment (a test may swap sys.stdout), as Rich's own does."""
+        if self._console is not None:
+            return self._console.file
+        return sys.stderr if self._stderr else sys.stdout
+
+    @property
+    def is_terminal(self) -> bool:
+        isatty = getattr(self.file, "isatty", None)
+        if self._console is None and not (isatty and isatty()) and not any(map(os.environ.get, self._FORCING)):
+            return False
+        return self.console.is_terminal
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+stderr = LazyConsole(stderr=True)
+stdout = LazyConsole()
 
 FleetOption = Annotated[Path, typer.Option("--fleet", "-f", help="The inventory: our YAML, an Ansible inventory "
                                            "(INI, YAML or a folder), MACE's devices.yml, or ssh:alias,alias.")]

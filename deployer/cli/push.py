@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from deployer import DEFAULT_MACE_VERSION
 from deployer.cli.app import (
@@ -187,6 +186,8 @@ def _changes(o: DeviceOutcome) -> str:
 
 
 def _print_summary(result: FleetResult) -> None:
+    from rich.table import Table
+
     from deployer.tasks.progress import human_bytes
 
     table = Table(title="deploy push", title_justify="left")

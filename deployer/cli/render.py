@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from rich.markup import escape
 
 from deployer.cli.app import stderr, stdout
 from deployer.text import visible
@@ -32,6 +31,8 @@ MAX_SHOWN = 8000  # characters of one value: a board's multi-megabyte log is cut
 
 def shown(value: object, limit: int = MAX_SHOWN) -> str:
     """A value for a Rich console: made visible, then its markup escaped."""
+    from rich.markup import escape  # Rich only when something is shown (cli/app.py LazyConsole)
+
     return escape(visible(str(value), limit))  # deployer.text: the one implementation, shared with the boundary
 
 

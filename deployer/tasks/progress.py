@@ -13,12 +13,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import IO, TYPE_CHECKING, Protocol
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.markup import escape
-from rich.progress_bar import ProgressBar
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console, Group
+
+
+class Screen(Protocol):
+    """Where progress goes: a Rich console, or one made on first use (cli/app.py `LazyConsole`): plain lines
+    need only its file, so a run off a terminal never imports Rich."""
+
+    @property
+    def file(self) -> IO[str]: ...
+
+    @property
+    def is_terminal(self) -> bool: ...
+
 
 Traffic = Callable[[], tuple[int, int]]  # (bytes sent, bytes received) so far
 
@@ -46,7 +56,7 @@ class Progress:
 class PlainProgress(Progress):
     """One line per event, for logs and CI: `[  1.2s] pi-01 compile`."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Screen) -> None:
         self.console = console
         self.started = time.monotonic()
         self.lock = threading.Lock()
@@ -79,11 +89,14 @@ class _Row:
 class LiveProgress(Progress):
     """A table redrawn a few times a second: a row per device (stage, bytes, elapsed) and an overall bar."""
 
-    def __init__(self, console: Console, devices: Sequence[str], title: str) -> None:
-        self.console, self.title = console, title
+    def __init__(self, console: Screen, devices: Sequence[str], title: str) -> None:
+        from rich.live import Live
+
+        self.console: Console = getattr(console, "console", console)  # type: ignore[arg-type]  # LazyConsole's
+        self.title = title
         self.rows = {name: _Row() for name in devices}
         self.lock = threading.Lock()
-        self.live = Live(console=console, transient=True, refresh_per_second=4, get_renderable=self._render)
+        self.live = Live(console=self.console, transient=True, refresh_per_second=4, get_renderable=self._render)
 
     def __enter__(self) -> Progress:
         self.live.start()
@@ -110,6 +123,11 @@ class LiveProgress(Progress):
             row.ok, row.ended, row.counter, row.detail = ok, time.monotonic(), None, detail or ""
 
     def _render(self) -> Group:
+        from rich.console import Group
+        from rich.markup import escape
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
         with self.lock:
             rows = list(self.rows.items())
             done = sum(r.ok is not None for _, r in rows)
@@ -147,7 +165,7 @@ def human_bytes(size: int) -> str:
     return f"{value:.1f} GiB"
 
 
-def make_progress(console: Console, devices: Sequence[str], *, title: str, quiet: bool) -> Progress:
+def make_progress(console: Screen, devices: Sequence[str], *, title: str, quiet: bool) -> Progress:
     """The display for this run: nothing with --quiet, a live table on a terminal, plain lines otherwise."""
     if quiet:
         return Progress()
