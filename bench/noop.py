@@ -52,7 +52,6 @@ from push import (  # noqa: E402  (bench/push.py, beside this file)
     make_payload,
     measure,
     remote_compile_s,
-    ssh_base,
     start_fleet,
     write_floor,
     write_shell,
@@ -135,14 +134,8 @@ def write_warm_floor(fleet: Any, work: Path) -> Path:
     (ControlPersist) by the priming run."""
     control = work / "ctl"
     control.mkdir(exist_ok=True)
-    ssh = " ".join([*ssh_base(fleet), "-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%p",
-                    "-o", "ControlPersist=600"])
-    lines = ["#!/bin/bash", "pids=()"]
-    lines += [f"{ssh} -p {port} deploysim@127.0.0.1 true & pids+=($!)" for _, port in hosts(fleet)]
-    lines += ["rc=0", 'for p in "${pids[@]}"; do wait "$p" || rc=1; done', "exit $rc"]
-    path = work / "floor-warm.sh"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_floor(fleet, work, ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%p",
+                                     "-o", "ControlPersist=600"], name="floor-warm.sh")
 
 
 def persisted(inventory: Path) -> Path:

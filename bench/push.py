@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,12 +182,13 @@ def ssh_base(fleet: Any) -> list[str]:
     return ["ssh", *SSH_OPTS, "-o", f"UserKnownHostsFile={fleet.known_hosts}", "-i", str(fleet.folder / "client_key")]
 
 
-def write_floor(fleet: Any, work: Path) -> Path:
-    ssh = " ".join(ssh_base(fleet))
+def write_floor(fleet: Any, work: Path, options: Sequence[str] = (), name: str = "floor.sh") -> Path:
+    """`ssh true` to every device at once (`options`: more ssh options, e.g. a ControlMaster's)."""
+    ssh = " ".join([*ssh_base(fleet), *options])
     lines = ["#!/bin/bash", "pids=()"]
     lines += [f"{ssh} -p {port} deploysim@127.0.0.1 true & pids+=($!)" for _, port in hosts(fleet)]
     lines += ["rc=0", 'for p in "${pids[@]}"; do wait "$p" || rc=1; done', "exit $rc"]
-    path = work / "floor.sh"
+    path = work / name
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -282,6 +284,9 @@ def deploy_inventory(fleet: Any, work: Path, *, share: bool = False) -> Path:
     import yaml
     inventory = yaml.safe_load(fleet.inventory.read_text())
     inventory["defaults"]["env"] = {"POCL_KERNEL_CACHE": "0"}  # every compile cold, as for the others
+    # No request limit below the bench's own, as the others have none: at N = 32 one board's 16 builds take
+    # ~390 s on the fleet's one core, past the sim inventory's 300 s (and deploy failed there, not slower).
+    inventory["defaults"].setdefault("timeouts", {})["command"] = RUN_TIMEOUT_S
     if share:  # one compile per program per fingerprint, its binary given to the others (docs/inventory.md)
         inventory["defaults"]["share_builds"] = True
     path = work / f"deploy-inventory{'-share' if share else ''}.yml"

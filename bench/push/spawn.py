@@ -13,12 +13,39 @@ import subprocess
 import sys
 import time
 
+
+def kill_tree(leader: int) -> None:
+    """At the time limit: the command's process group, and every descendant that left it (Ansible's workers
+    outlived a killed ansible-playbook at N = 32 and took the fleet's core from the next tool's run)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            parents[int(entry)] = int(stat.rsplit(") ", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+    tree, grown = {leader}, True
+    while grown:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grown = bool(more)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 timeout, out, err = int(float(sys.argv[1])), sys.argv[2], sys.argv[3]
 argv = sys.argv[sys.argv.index("--") + 1:]
 with open(out, "wb") as stdout, open(err, "wb") as stderr:
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True)
-    signal.signal(signal.SIGALRM, lambda *_: os.killpg(proc.pid, signal.SIGKILL))
+    signal.signal(signal.SIGALRM, lambda *_: kill_tree(proc.pid))
     signal.alarm(timeout)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
