@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import deployer
+from deployer import child_env
 from deployer.config.inventory import Device
 from deployer.connect import muxwire as wire
 from deployer.connect.channel import READ_CHUNK, STDERR_TAIL, BufferedReader, Channel, Transport
@@ -95,18 +95,23 @@ def dial(path: Path) -> socket.socket | None:
     return sock
 
 
+def _exchange(sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+    """One request to the master on `sock` (closed after) and its answer line."""
+    with sock:
+        sock.settimeout(HELLO_TIMEOUT_S)
+        wire.send_line(sock, request)
+        return wire.read_line(sock, bytearray())
+
+
 def hello(path: Path, digest: str) -> dict[str, Any] | None:
     """The master's hello (its pid, connections held, handshakes, reuses); None if none listens."""
     sock = dial(path)
     if sock is None:
         return None
-    with sock:
-        sock.settimeout(HELLO_TIMEOUT_S)
-        try:
-            wire.send_line(sock, {"op": "hello"})
-            answer = wire.read_line(sock, bytearray())
-        except (OSError, EOFError, ValueError) as exc:
-            raise wire.Foreign(f"what listens on {path} does not answer as a connection master ({exc})") from exc
+    try:
+        answer = _exchange(sock, {"op": "hello"})
+    except (OSError, EOFError, ValueError) as exc:
+        raise wire.Foreign(f"what listens on {path} does not answer as a connection master ({exc})") from exc
     if answer.get("deployer_master") != wire.PROTOCOL or answer.get("digest") != digest:
         raise wire.Foreign(f"what listens on {path} is not this deploy's connection master")
     return answer
@@ -115,10 +120,8 @@ def hello(path: Path, digest: str) -> dict[str, Any] | None:
 def start_master(path: Path) -> subprocess.Popen[bytes]:
     """The master, detached from this run (its own session: Ctrl-C here does not reach it); its stderr goes
     to a log beside the socket. It imports the deployer this run imports."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(deployer.__file__).parents[1]), env.get("PYTHONPATH")]))
     with open(path.with_suffix(".log"), "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "deployer.connect.master", str(path)], cwd="/", env=env,
+        return subprocess.Popen([sys.executable, "-m", "deployer.connect.master", str(path)], cwd="/", env=child_env(),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                 start_new_session=True, close_fds=True)
 
@@ -128,10 +131,7 @@ def stop_master(path: Path, digest: str) -> dict[str, Any] | None:
     answer = hello(path, digest)
     sock = dial(path) if answer else None
     if sock is not None:
-        with sock:
-            sock.settimeout(HELLO_TIMEOUT_S)
-            wire.send_line(sock, {"op": "stop"})
-            wire.read_line(sock, bytearray())
+        _exchange(sock, {"op": "stop"})
     return answer
 
 
@@ -146,7 +146,6 @@ class MuxTransport:
         self._channels: list[MuxChannel] = []
         self._direct: Transport | None = None
         self._closed = False
-        self.reused: bool | None = None  # whether the last command ran on a connection the master held
         self._unwatch = self._deadline.on_expiry(self.close) if self._deadline else None
 
     def exec(self, command: str) -> Channel:
@@ -168,9 +167,8 @@ class MuxTransport:
             closed = self._closed
         if closed:
             channel.close()
-        self.reused = channel.start({"op": "exec", "device": wire.device_wire(self._device),
-                                     "accept_new": self._accept_new, "persist": self._device.ssh.persist,
-                                     "command": command}, self._answer_within())
+        channel.start({"op": "exec", "device": wire.device_wire(self._device), "accept_new": self._accept_new,
+                       "persist": self._device.ssh.persist, "command": command}, self._answer_within())
         return channel
 
     def _dial(self) -> socket.socket | None:
@@ -210,9 +208,9 @@ class MuxChannel(BufferedReader):
         self._status: int | None = None
         self.bytes_sent = 0
 
-    def start(self, request: dict[str, Any], within: float) -> bool:
-        """Send the request and read the master's answer: whether it reused a held connection. The master's
-        connect error is raised as the same error a direct connect raises."""
+    def start(self, request: dict[str, Any], within: float) -> None:
+        """Send the request and read the master's answer. The master's connect error is raised as the same
+        error a direct connect raises."""
         try:
             self._sock.settimeout(within)
             wire.send_line(self._sock, request)
@@ -225,7 +223,6 @@ class MuxChannel(BufferedReader):
             raise TransportError(f"{self._what}: the connection master broke off ({exc})") from exc
         if answer.get("ok") is not True:
             raise wire.error_from_wire(answer.get("error"))
-        return answer.get("reused") is True
 
     def _frame(self, end: float) -> tuple[bytes, bytes] | None:
         """The next frame from the master, or None if none came by `end`."""

@@ -9,6 +9,7 @@ asks the kernel who the other is (SO_PEERCRED) and talks only to its own user.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -51,13 +52,20 @@ def socket_folder() -> Path:
     return Path(runtime) / "deployer" if runtime else Path(f"/tmp/deployer-{os.getuid()}")
 
 
+@functools.cache
+def _source_digest() -> str:
+    """deployer/connect's source, read once a process (a run asks for every device it connects to)."""
+    digest = hashlib.sha256()
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(module.name.encode() + b"\0" + module.read_bytes())
+    return digest.hexdigest()
+
+
 def code_digest() -> str:
     """A digest of the code both ends run and of what a connection depends on beyond its device's settings
     (the Python, the SSH agent): a master started by other code or for another agent is not spoken to."""
-    digest = hashlib.sha256(f"{PROTOCOL} {sys.executable} {os.environ.get('SSH_AUTH_SOCK', '')}".encode())
-    for module in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(module.name.encode() + b"\0" + module.read_bytes())
-    return digest.hexdigest()[:16]
+    parts = f"{PROTOCOL} {sys.executable} {os.environ.get('SSH_AUTH_SOCK', '')} {_source_digest()}"
+    return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
 
 def socket_path(digest: str) -> Path:
