@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from deployer import child_env
 from deployer.errors import InputError, SimError
 from deployer.sim import netsim
 
@@ -388,12 +389,9 @@ def _start_proxy(device: SimDevice) -> None:
     argv = [sys.executable, "-m", "deployer.sim.netsim", "proxy", "--listen", f"127.0.0.1:{device.port}",
             "--to", f"{device.server_host}:{device.server_port}", "--delay-ms", str(device.rtt_ms / 2),
             "--stats", str(stats), "--cut-after-bytes", str(device.spec.cut_after_bytes)]
-    # The child imports this very package, wherever the controller's Python would find another copy.
-    package_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with open(folder / "proxy.log", "ab") as out:
         device.proxy_pid = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True).pid
+                                            env=child_env(), start_new_session=True).pid
     device.proxy_stats = str(stats)
 
 
